@@ -1,0 +1,425 @@
+"""
+Robot episodes for nanoOFT: the chunked HDF5 dataset, action statistics, synthetic demo episodes and a data check.
+
+Check a directory of RoboTwin episodes (episode_*.hdf5) before a long run starts:
+$ python data.py /path/to/place_shoe --cameras head_camera_image,left_wrist_image --chunk 8 --action_dim 14
+Write synthetic episodes in exactly the same layout, learnable by a tiny model in minutes on a CPU:
+$ python data.py --make-demo demo_data --episodes 48 --seed 0
+"""
+import argparse
+import glob
+import itertools
+import json
+import os
+import re
+import sys
+import time
+
+import h5py
+import numpy as np
+import torch
+
+ALL_CAMERAS = ["head_camera_image", "left_wrist_image", "right_wrist_image", "low_cam_image"]
+DEFAULT_CAMERAS = ["head_camera_image", "left_wrist_image"]
+ACTION_NAMES = [f"{arm}_{j}" for arm in ("left", "right") for j in ("j1", "j2", "j3", "j4", "j5", "j6", "gripper")]
+ACTION_OFFSET_HELP = ("the target of frame t is action[t+o : t+o+chunk]. RoboTwin's action[t] is the joint target "
+                      "recorded at frame t, close to the state the frame already shows, and RoboTwin's own converters "
+                      "train on action[t+1]: 1 may suit it")
+
+
+class DataError(ValueError):
+    """Bad input data; the message holds one line per problem, each naming the file."""
+
+
+def _natural(path):
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", str(path))]
+
+
+def list_episodes(data_dir_or_paths):
+    """episode_*.hdf5 files of a directory (or of several, or explicit files), episode_2 before episode_10."""
+    items = [data_dir_or_paths] if isinstance(data_dir_or_paths, (str, os.PathLike)) else list(data_dir_or_paths)
+    paths = []
+    for item in map(str, items):
+        paths += glob.glob(os.path.join(item, "episode_*.hdf5")) if os.path.isdir(item) else [item]
+    if not paths:
+        raise DataError(f"{', '.join(map(str, items)) or '(no path given)'}: no episode_*.hdf5 files found")
+    return sorted(paths, key=_natural)
+
+
+def check_episodes(paths, cameras, chunk, action_dim, action_offset=0):
+    """Validate every file up front (so a broken one fails now, not hours into training); return the usable ones."""
+    unknown = [c for c in cameras if c not in ALL_CAMERAS]
+    if unknown or not cameras:
+        raise DataError(f"unknown camera(s) {', '.join(unknown) or '(none given)'}; use {', '.join(ALL_CAMERAS)}")
+    if chunk < 1 or action_offset < 0 or action_dim < 1:
+        raise DataError(f"need chunk >= 1, action_offset >= 0 and action_dim >= 1; got {chunk}, {action_offset}, "
+                        f"{action_dim}")
+    problems, usable, frame_shape = [], [], None
+    for p in paths:
+        if not os.path.isfile(p):
+            problems.append(f"{p}: no such file or directory")
+            continue
+        try:
+            with h5py.File(p, "r") as f:
+                missing = [k for k in ["action", *cameras] if k not in f]
+                if missing:
+                    problems.append(f"{p}: missing {', '.join(missing)}")
+                    continue
+                action, videos = f["action"][()], [f[c] for c in cameras]
+                lengths, shapes = [len(v) for v in videos], {v.shape[1:] for v in videos} | ({frame_shape} - {None})
+                if action.ndim != 2 or action.shape[1] != action_dim:
+                    problems.append(f"{p}: action has shape {action.shape}, expected (T, {action_dim}) (--action_dim)")
+                elif any(v.ndim != 4 or v.shape[3] != 3 or v.dtype != np.uint8 for v in videos):
+                    problems.append(f"{p}: camera frames must be uint8 (T, H, W, 3), found "
+                                    + ", ".join(f"{c} {v.dtype} {v.shape}" for c, v in zip(cameras, videos)))
+                elif set(lengths) != {len(action)}:
+                    problems.append(f"{p}: cameras and action differ in length: action {len(action)}, "
+                                    + ", ".join(f"{c} {n}" for c, n in zip(cameras, lengths)))
+                elif len(shapes) > 1:
+                    problems.append(f"{p}: frame sizes differ: {sorted(shapes)} (all cameras, all episodes must agree)")
+                elif not np.isfinite(action).all():
+                    problems.append(f"{p}: action holds NaN or inf")
+                else:
+                    frame_shape = shapes.pop()
+                    for v in videos:
+                        v[-1:]  # the last frame must decode: catches cut-off data and missing compression filters
+                    if len(action) >= chunk + action_offset:
+                        usable.append(p)
+                    else:
+                        print(f"warning: {p}: {len(action)} frames, too short for one chunk of {chunk} at offset "
+                              f"{action_offset}; skipped", file=sys.stderr)
+        except (OSError, ValueError) as e:
+            problems.append(f"{p}: not a readable HDF5 file or truncated ({str(e).splitlines()[0]})")
+    if problems:
+        raise DataError("\n".join(problems))
+    if not usable:
+        raise DataError(f"{os.path.dirname(paths[0]) or '.'}: no episode is long enough for one chunk of {chunk}")
+    return usable
+
+
+def split_episodes(paths, val_episodes, seed):
+    """Hold out whole episodes (frames of one episode are near copies, so a frame split would leak)."""
+    paths = sorted(paths, key=_natural)
+    if not 0 <= val_episodes < len(paths):
+        raise DataError(f"--val_episodes {val_episodes}: need 0 <= N < {len(paths)} (the number of episodes)")
+    val = set(np.random.default_rng(seed).permutation(len(paths))[:val_episodes].tolist())
+    return [p for i, p in enumerate(paths) if i not in val], [p for i, p in enumerate(paths) if i in val]
+
+
+def compute_stats(paths):
+    a = np.concatenate([_read(p, "action") for p in paths])
+    return {"mean": a.mean(0).tolist(), "std": a.std(0).tolist(), "max": a.max(0).tolist(), "min": a.min(0).tolist(),
+            "q01": np.quantile(a, 0.01, axis=0).tolist(), "q99": np.quantile(a, 0.99, axis=0).tolist(),
+            "mask": [True] * a.shape[1]}
+
+
+def save_stats(path, action_stats, dataset_name="place_shoe", num_transitions=None, num_trajectories=None):
+    """dataset_statistics.json in OpenVLA's norm_stats layout, so deployment finds the training normalization.
+    The counts are informational (nothing reads them back); they are written when given."""
+    counts = {"num_transitions": num_transitions, "num_trajectories": num_trajectories}
+    entry = {"action": action_stats, **{k: int(v) for k, v in counts.items() if v is not None}}
+    with open(path, "w") as f:
+        json.dump({dataset_name: entry}, f, indent=2)
+
+
+def load_stats(path, dataset_name=None):
+    """The action block of a dataset_statistics.json; dataset_name picks one when the file holds several."""
+    with open(path) as f:
+        stats = json.load(f)
+    if dataset_name is None and len(stats) == 1:
+        dataset_name = next(iter(stats))
+    entry = stats.get(dataset_name) if isinstance(stats.get(dataset_name), dict) else {}
+    action = entry.get("action", {})
+    missing = {"min", "max", "q01", "q99"} - set(action)
+    if missing:
+        raise DataError(f"{path}: expected OpenVLA norm_stats {{name: {{'action': {{'min', 'max', 'q01', 'q99'}}}}}} "
+                        f"with one dataset, or a dataset_name; found {list(stats)[:5]}, missing {sorted(missing)}")
+    return action
+
+
+def _prepare(actions, stats, mode):
+    if mode not in ("bounds", "q99"):
+        raise ValueError(f"unknown normalization {mode!r}: use bounds or q99")
+    lo, hi = (stats["min"], stats["max"]) if mode == "bounds" else (stats["q01"], stats["q99"])
+    if torch.is_tensor(actions):
+        dtype = torch.float64 if actions.dtype == torch.float64 else torch.float32
+        out = actions.dtype if actions.is_floating_point() else torch.float32
+        cast = lambda v: torch.as_tensor(v, dtype=dtype, device=actions.device)
+        back, where = lambda y: y.to(out), torch.where
+    else:
+        out = np.result_type(np.asarray(actions).dtype, np.float32)
+        cast = lambda v: np.asarray(v, dtype=np.float64)
+        back, where = lambda y: y.astype(out), np.where
+    lo, hi = cast(lo), cast(hi)
+    raw = cast(stats.get("mask", [True] * len(lo))) == 0  # OpenVLA's mask: False dims pass through untouched
+    return cast(actions), lo, hi - lo, (hi - lo) < 1e-8, raw, where, back
+
+
+def normalize(actions, stats, mode="bounds"):
+    """Actions to [-1, 1]: bounds maps min/max (absolute joints are never clipped); q99 maps q01/q99 and clips."""
+    x, lo, span, flat, raw, where, back = _prepare(actions, stats, mode)
+    y = 2 * (x - lo) / where(flat, 1.0, span) - 1
+    if mode == "q99":
+        y = y.clip(-1, 1)
+    return back(where(raw, x, where(flat, 0.0, y)))
+
+
+def unnormalize(actions, stats, mode="bounds"):
+    y, lo, span, flat, raw, where, back = _prepare(actions, stats, mode)
+    return back(where(raw, y, where(flat, lo, (y + 1) / 2 * span + lo)))
+
+
+def read_instructions(f, key):
+    """Instruction variants stored as a vlen UTF-8 array, a fixed-length bytes array or a single string."""
+    if key not in f:
+        return []
+    v = f[key][()]
+    items = [v] if f[key].shape == () else list(v)
+    return [s for s in (x.decode() if isinstance(x, bytes) else str(x) for x in items) if s.strip()]
+
+
+def _read(path, key):
+    with h5py.File(path, "r") as f:
+        return f[key][()]
+
+
+def _frames(dsets, t):
+    return torch.from_numpy(np.stack([d[t] for d in dsets]).transpose(0, 3, 1, 2).copy())
+
+
+def read_episode(path, cameras=DEFAULT_CAMERAS):
+    """A whole episode for stepping through it: actions in memory, frames(t) -> uint8 (N, 3, H, W) read on demand."""
+    f = h5py.File(path, "r")
+    dsets = [f[c] for c in cameras]
+    return {"length": len(f["action"]), "actions": f["action"][()], "seen": read_instructions(f, "seen"),
+            "unseen": read_instructions(f, "unseen"), "frames": lambda t: _frames(dsets, t), "close": f.close}
+
+
+class EpisodeDataset(torch.utils.data.Dataset):
+    """One sample per frame t with a full chunk: camera frames at t, an instruction, actions[t+o : t+o+chunk]."""
+
+    def __init__(self, paths, cameras=DEFAULT_CAMERAS, chunk=8, action_dim=14, stats=None, norm="bounds",
+                 action_offset=0, instructions="seen", instruction_variant=None, seed=0):
+        self.paths = check_episodes(list_episodes(paths), cameras, chunk, action_dim, action_offset)
+        self.cameras, self.chunk, self.action_offset, self.norm = list(cameras), chunk, action_offset, norm
+        self.stats = stats if stats is not None else compute_stats(self.paths)
+        if len(self.stats["min"]) != action_dim:
+            raise DataError(f"the statistics have {len(self.stats['min'])} action dimensions, not {action_dim}")
+        self.instruction_variant, self.seed, self.epoch = instruction_variant, seed, 0
+        self.actions, self.instructions, self.lengths, problems = [], [], [], []
+        for p in self.paths:  # actions and texts are small: keep them; frames stay on disk
+            with h5py.File(p, "r") as f:
+                action = f["action"][()]
+                self.instructions.append(read_instructions(f, instructions))
+            if not self.instructions[-1]:
+                problems.append(f"{p}: no '{instructions}' instructions")
+            self.actions.append(normalize(action, self.stats, norm).astype(np.float32))
+            self.lengths.append(len(action))
+        if problems:
+            raise DataError("\n".join(problems))
+        self.index = [(e, t) for e, n in enumerate(self.lengths) for t in range(n - chunk - action_offset + 1)]
+        self._files, self._pid = {}, None
+
+    def __getstate__(self):  # spawned workers get no h5py handles (they cannot be pickled); they open their own
+        return {**self.__dict__, "_files": {}, "_pid": None}
+
+    def set_epoch(self, epoch):
+        """New instruction draws each epoch (effective in workers that are re-created per epoch, the default)."""
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        i = range(len(self.index))[i]  # negative indices too: i seeds the instruction draw
+        e, t = self.index[i]
+        if self._pid != os.getpid():  # h5py handles must not cross a fork: each worker opens its own, once
+            self._files, self._pid = {}, os.getpid()
+        if e not in self._files:
+            f = h5py.File(self.paths[e], "r")
+            self._files[e] = (f, [f[c] for c in self.cameras])
+        texts = self.instructions[e]
+        if self.instruction_variant is None:  # seeded per sample, so the draw does not depend on the worker count
+            k = np.random.default_rng([self.seed, self.epoch, i]).integers(len(texts))
+        else:
+            k = self.instruction_variant % len(texts)
+        start = t + self.action_offset
+        return {"images": _frames(self._files[e][1], t), "instruction": texts[k],
+                "actions": torch.from_numpy(self.actions[e][start:start + self.chunk]), "episode": e, "t": t}
+
+
+# ---- synthetic demo episodes: a top-down table, a red shoe, a green mat, two arms ----
+
+BASES = np.array([[40.0, 248.0], [216.0, 248.0]])  # arm shoulders in head-camera pixels (x, y)
+LOW_BASES = np.array([[40.0, 120.0], [216.0, 120.0]])  # and in the side view
+FLOOR, TABLE, MAT, SHOE, WALL = (50, 50, 60), (205, 185, 145), (30, 150, 60), (210, 25, 25), (165, 190, 220)
+LINK, JAW, OPEN, CLOSED = (110, 110, 125), (25, 25, 25), np.array([250, 215, 0]), np.array([200, 0, 220])
+SEEN = [f"{v} {o} {d}.".capitalize() for v in ("place", "put", "set", "move", "drop")
+        for o in ("the shoe", "the sneaker", "the red shoe", "the lone shoe")
+        for d in ("on the mat", "onto the green mat", "on top of the mat")]
+UNSEEN = [f"{v} {o} and leave it {d}.".capitalize() for v in ("grab", "take", "pick up", "lift", "fetch")
+          for o in ("the footwear", "that shoe", "the crimson sneaker", "the trainer")
+          for d in ("on the pad", "atop the green rug", "over the target area")]
+
+
+def _blob(img, x, y, rx, ry, color):
+    """Fill ellipses in all frames of img (T, H, W, 3) at once; x, y: (T,) or (T, n) centres; color: (3,) or (T, 3)."""
+    T, H, W, _ = img.shape
+    x, y, rx, ry = np.broadcast_arrays(*[np.asarray(v, float).reshape(T, -1) if np.ndim(v) else np.float64(v)
+                                         for v in (x, y, rx, ry)])
+    reach = int(np.ceil(max(rx.max(), ry.max())))
+    d = np.arange(-reach, reach + 1)
+    cx, cy = np.rint(x).astype(int), np.rint(y).astype(int)
+    ex, ey = ((cx - x)[..., None] + d) / rx[..., None], ((cy - y)[..., None] + d) / ry[..., None]  # (T, n, window)
+    t, k, iy, ix = np.nonzero(ey[..., :, None] ** 2 + ex[..., None, :] ** 2 <= 1)
+    py, px = cy[t, k] + d[iy], cx[t, k] + d[ix]
+    ok = (px >= 0) & (px < W) & (py >= 0) & (py < H)
+    color = np.asarray(color)
+    img.reshape(-1, 3)[((t * H + py) * W + px)[ok]] = color[t[ok]] if color.ndim == 2 else color
+
+
+def _arm(img, base, x, y, radius, grip):
+    """One arm in every frame: a link of discs from the shoulder to the gripper, whose blob is yellow when open and
+    purple when closed, with two dark jaws whose gap also shows the opening. x, y, radius, grip: (T,)."""
+    s = np.linspace(0, 1, 24)
+    _blob(img, base[0] + s * (x[:, None] - base[0]), base[1] + s * (y[:, None] - base[1]), 5, 5, LINK)
+    _blob(img, x, y, radius, radius, (CLOSED + grip[:, None] * (OPEN - CLOSED)).astype(np.uint8))
+    gap = 0.35 * radius + 10 * grip
+    _blob(img, x[:, None] + np.stack([-gap, gap], 1), np.repeat(y[:, None], 2, 1), 4, 6, JAW)
+
+
+def _joints(p, base):
+    """A fixed smooth nonlinear stand-in for inverse kinematics: joint angles agree with the drawn gripper position."""
+    u, v, z = (p[:, 0] - base[0]) / 256, (base[1] - p[:, 1]) / 256, p[:, 2]
+    r, yaw = np.hypot(u, v), np.arctan2(u, v)
+    return np.stack([yaw, 1.8 * r - 0.6 * z, 0.9 * z - 1.5 * r ** 2 - 0.4, 0.5 * np.sin(2 * yaw) * (1 - z),
+                     0.5 * r - 0.7 * z, 0.5 * yaw + 0.3], 1)
+
+
+def _demo_episode(rng, videos, canvas):
+    """Reach the shoe, close, carry it to the mat, open, retreat. Draws the four cameras into videos[:, :T] (reused
+    buffers: fresh 35 MB arrays cost more in page faults than the drawing) and returns actions (T, 14)."""
+    side = rng.integers(2)  # the arm on the shoe's side does the work, the other one stays home
+    shoe = np.array([rng.uniform(35, 100), rng.uniform(40, 125)])
+    shoe[0] = 256 - shoe[0] if side else shoe[0]
+    mat = np.array([128, 186]) + rng.uniform(-8, 8, 2)
+    home = np.array([[60, 205, 0.8, 1], [196, 205, 0.8, 1]]) + rng.uniform(-1, 1, (2, 4)) * [8, 8, 0.05, 0]
+    hover = rng.uniform(0.55, 0.75)
+    wp = np.array([home[side], home[side], [*shoe, hover, 1], [*shoe, 0.05, 1], [*shoe, 0.05, 0], [*shoe, hover, 0],
+                   [*mat, hover, 0], [*mat, 0.1, 0], [*mat, 0.1, 1], [*mat, hover, 1], home[side], home[side]])
+    frames = np.array([8, 36, 14, 10, 12, 40, 12, 8, 10, 30, 6]) * rng.uniform(0.83, 1.1) * rng.uniform(0.9, 1.1, 11)
+    n = np.maximum(2, np.rint(frames)).astype(int)  # so T <= 231
+    seg = np.repeat(np.arange(len(n)), n)
+    ease = (1 - np.cos(np.pi * np.concatenate([np.arange(k) / k for k in n]))) / 2
+    arm = wp[seg] + ease[:, None] * (wp[seg + 1] - wp[seg])  # (T, 4): x, y, height, grip
+    T, idle = len(arm), home[1 - side][None]
+    held = (seg >= 4) & (seg < 7)  # from the closed grip until the gripper starts to open
+    shoe_pos = np.where((seg < 4)[:, None], [*shoe, 0.0], [*mat, 0.0])
+    shoe_pos[held] = arm[held, :3] - [0, 0, 0.05]
+    state = [idle.repeat(T, 0)] * 2  # left, right
+    state[side] = arm
+    actions = np.concatenate([np.hstack([_joints(state[a], BASES[a]), state[a][:, 3:]]) for a in range(2)], 1)
+    canvas, head, left, right, low = canvas[:T], *videos[:, :T]
+
+    # head camera, from above: a canvas with a 32 px margin lets the wrist views crop around any gripper position
+    top = lambda p: (p[:, 0] + 32, p[:, 1] + 32, 7 + 12 * p[:, 2], p[:, 3])  # closer to the camera looks bigger
+    bg = np.empty((320, 320, 3), np.uint8)
+    bg[:] = FLOOR
+    bg[32:268, 40:280] = TABLE
+    bg[int(mat[1]) + 10:int(mat[1]) + 54, int(mat[0]) - 4:int(mat[0]) + 68] = MAT
+    still = bg.copy()  # the idle arm never moves: draw it once
+    _arm(still[None], BASES[1 - side] + 32, *top(idle))
+    moved = (still != bg).any(-1)
+    canvas[:] = bg
+    grow = 1 + 0.6 * shoe_pos[:, 2]
+    _blob(canvas, shoe_pos[:, 0] + 32, shoe_pos[:, 1] + 32, 18 * grow, 11 * grow, SHOE)
+    for (a, wrist), t in itertools.product(enumerate((left, right)), range(T)):  # a 2x zoom of the scene below
+        x, y = np.clip(np.rint(state[a][t, :2]).astype(int) - 32, 0, 192)
+        zoom = wrist[t].reshape(128, 2, 256, 3)
+        zoom[:, 0, 0::2] = zoom[:, 0, 1::2] = canvas[t, y:y + 128, x:x + 128]
+        zoom[:, 1] = zoom[:, 0]
+        gap = int(30 + 60 * state[a][t, 3])  # the jaws sit fixed in a wrist camera's view
+        wrist[t, 190:, 92 - gap:128 - gap] = wrist[t, 190:, 128 + gap:164 + gap] = JAW
+    canvas[:, moved] = still[moved]
+    _arm(canvas, BASES[side] + 32, *top(arm))
+    head[:] = canvas[:, 32:288, 32:288]
+
+    # low camera: a side view from the front, height upwards
+    front = lambda p: (p[:, 0], 178 - 150 * p[:, 2], np.full(len(p), 11.0), p[:, 3])
+    bg = np.empty((256, 256, 3), np.uint8)
+    bg[:] = WALL
+    bg[200:] = TABLE
+    bg[196:201, int(mat[0]) - 36:int(mat[0]) + 36] = MAT
+    _arm(bg[None], LOW_BASES[1 - side], *front(idle))
+    low[:] = bg
+    _blob(low, shoe_pos[:, 0], 192 - 150 * shoe_pos[:, 2], 18, 9, SHOE)
+    _arm(low, LOW_BASES[side], *front(arm))
+    return actions
+
+
+def make_demo(out_dir, episodes=48, seed=0):
+    os.makedirs(out_dir, exist_ok=True)
+    if glob.glob(os.path.join(out_dir, "episode_*.hdf5")):  # stale extra episodes would silently join the data
+        raise DataError(f"{out_dir}: already holds episode_*.hdf5 files; remove them or choose another directory")
+    t0, total = time.time(), 0
+    videos, canvas = np.empty((4, 256, 256, 256, 3), np.uint8), np.empty((256, 320, 320, 3), np.uint8)  # T <= 231
+    for i in range(episodes):
+        rng = np.random.default_rng([seed, i])
+        actions = _demo_episode(rng, videos, canvas)
+        rel = np.diff(actions, axis=0, append=actions[-1:])
+        rel[-1] = rel[-2]
+        with h5py.File(os.path.join(out_dir, f"episode_{i}.hdf5"), "w") as f:
+            for name, video in zip(ALL_CAMERAS, videos[:, :len(actions)]):  # gzip 1: flat colours shrink ~100x, fast
+                f.create_dataset(name, data=video, chunks=(1, 256, 256, 3), compression="gzip", compression_opts=1)
+            f["action"], f["relative_action"] = actions, rel
+            for key, texts in (("seen", SEEN), ("unseen", UNSEEN)):
+                f.create_dataset(key, data=list(rng.permutation(texts)[:50]), dtype=h5py.string_dtype())
+        total += len(actions)
+    print(f"wrote {episodes} demo episodes ({total} frames) to {out_dir} in {time.time() - t0:.1f}s")
+
+
+def summarize(data_dir, cameras, chunk, action_dim, action_offset):
+    paths = check_episodes(list_episodes(data_dir), cameras, chunk, action_dim, action_offset)
+    lengths, texts = [], {"seen": [], "unseen": []}
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            lengths.append(len(f["action"]))
+            shape = f[cameras[0]].shape[1:3]
+            for key in texts:
+                texts[key].append(read_instructions(f, key))
+    stats = compute_stats(paths)
+    samples = sum(n - chunk - action_offset + 1 for n in lengths)
+    print(f"{len(paths)} episodes, {sum(lengths)} frames (length {min(lengths)}-{max(lengths)}, "
+          f"mean {np.mean(lengths):.0f}), {samples} samples (chunk {chunk}, action offset {action_offset})")
+    print(f"cameras: {', '.join(cameras)} at {shape[0]}x{shape[1]}")
+    print(f"{'action':<16}{'min':>9}{'max':>9}{'mean':>9}{'std':>9}")
+    names = ACTION_NAMES if action_dim == len(ACTION_NAMES) else [f"dim_{i}" for i in range(action_dim)]
+    for i, name in enumerate(names):
+        print(f"{name:<16}" + "".join(f"{stats[k][i]:9.3f}" for k in ("min", "max", "mean", "std")))
+    for key, per_episode in texts.items():
+        counts, examples = [len(t) for t in per_episode], [s for t in per_episode for s in t][:2]
+        print(f"{key}: {min(counts)}-{max(counts)} variants per episode, e.g. " + " | ".join(examples) if max(counts)
+              else f"{key}: none")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir", nargs="?", help="directory of episode_*.hdf5 files to check")
+    parser.add_argument("--make-demo", metavar="DIR", help="write synthetic demo episodes into DIR instead")
+    parser.add_argument("--episodes", type=int, default=48, help="number of demo episodes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the demo episodes")
+    parser.add_argument("--cameras", default=",".join(DEFAULT_CAMERAS),
+                        help="comma-separated, in order, any of " + ", ".join(ALL_CAMERAS))
+    parser.add_argument("--chunk", type=int, default=8, help="actions per sample")
+    parser.add_argument("--action_dim", type=int, default=14, help="action width every file must have")
+    parser.add_argument("--action_offset", type=int, default=0, help=ACTION_OFFSET_HELP)
+    args = parser.parse_args()
+    try:
+        if args.make_demo:
+            make_demo(args.make_demo, args.episodes, args.seed)
+        elif args.data_dir:
+            summarize(args.data_dir, args.cameras.split(","), args.chunk, args.action_dim, args.action_offset)
+        else:
+            parser.error("give a directory to check, or --make-demo DIR")
+    except DataError as e:
+        sys.exit(str(e))
