@@ -1,0 +1,622 @@
+"""
+nanoOFT's model: OpenVLA-7B (DINOv2 + SigLIP towers -> fused-GELU projector -> Llama-2) owned in plain PyTorch and
+loaded straight from the published safetensors (no remote code, no timm), plus K learned action queries whose
+final hidden states feed an L1 regression head: one forward pass gives a normalized (chunk, action_dim) action chunk.
+
+    import torch
+    from model import VLA, add_lora, openvla_7b_config, save_trained
+    vla = VLA.from_pretrained("openvla/openvla-7b", dtype=torch.bfloat16, device="cuda")  # or a local directory
+    add_lora(vla, rank=32)                              # in place: LoRA on every linear, head + queries train fully
+    chunk = vla(images, ["pick up the shoe"])           # images uint8 (B, N cameras, 3, H, W) -> (B, 8, 14) float32
+    save_trained(vla, "checkpoints/step-1000")          # adapter_model.safetensors + action_head.safetensors
+
+    vla = VLA.from_config(openvla_7b_config(), torch.bfloat16, "cuda")  # 7B-shaped, random weights, no download
+
+Command line:
+
+    python model.py --make-tiny tiny-openvla            # tiny random OpenVLA-format twin (CPU demo and tests)
+    python model.py --merge checkpoints/step-1000 --base openvla/openvla-7b --out out/merged --device cpu
+"""
+import argparse
+import json
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from torch.utils.checkpoint import checkpoint
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# -----------------------------------------------------------------------------
+# configuration
+
+PATCH = 14
+TOWERS = ("featurizer", "fused_featurizer")  # DINOv2 first, then SigLIP: the order of the fused channels
+# the checkpoint's timm_model_ids -> tower settings; the tiny twin's towers run through the same code
+VIT = {
+    "vit_large_patch14_reg4_dinov2.lvd142m":
+        dict(width=1024, depth=24, heads=16, mlp=4096, cls=True, regs=4, layer_scale=True, attn_pool=False),
+    "vit_so400m_patch14_siglip_224":
+        dict(width=1152, depth=27, heads=16, mlp=4304, cls=False, regs=0, layer_scale=False, attn_pool=True),
+    "nanooft_tiny_dinov2_reg4":
+        dict(width=64, depth=3, heads=2, mlp=256, cls=True, regs=4, layer_scale=True, attn_pool=False),
+    "nanooft_tiny_siglip":
+        dict(width=96, depth=3, heads=2, mlp=384, cls=False, regs=0, layer_scale=False, attn_pool=True),
+}
+# the shipped preprocessor_config.json's tvf_normalize_params (bf16-rounded values), used when the file has none
+NORMALIZE = [dict(mean=[0.484375, 0.455078125, 0.40625], std=[0.228515625, 0.2236328125, 0.224609375]),
+             dict(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])]
+HEAD = ("action_head.", "action_queries")
+
+
+def openvla_7b_config():
+    """The config.json fields of openvla/openvla-7b that matter (text_config is a diff from LlamaConfig())."""
+    return dict(
+        model_type="openvla", architectures=["OpenVLAForActionPrediction"],
+        vision_backbone_id="dinosiglip-vit-so-224px", llm_backbone_id="llama2-7b-pure",
+        arch_specifier="no-align+fused-gelu-mlp", use_fused_vision_backbone=True,
+        image_resize_strategy="resize-naive", image_sizes=[224, 224],
+        timm_model_ids=["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
+        timm_override_act_layers=[None, None],
+        text_config=dict(model_type="llama", vocab_size=32064, pad_token_id=32000),
+        pad_token_id=32000, pad_to_multiple_of=64, n_action_bins=256, llm_max_length=2048, norm_stats={})
+
+
+def tiny_config(tokenizer):
+    pad = tokenizer.token_to_id("<PAD>")
+    vocab = -(-tokenizer.get_vocab_size() // 64) * 64  # padded to 64 rows, as OpenVLA pads 32001 to 32064
+    return {**openvla_7b_config(), "vision_backbone_id": "nanooft-tiny-dinosiglip-224px",
+            "llm_backbone_id": "nanooft-tiny-llama", "pad_token_id": pad,
+            "timm_model_ids": ["nanooft_tiny_dinov2_reg4", "nanooft_tiny_siglip"],
+            "text_config": dict(model_type="llama", vocab_size=vocab, pad_token_id=pad, hidden_size=128,
+                                intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=4)}
+
+
+def default_preprocessor(config):
+    size = config["image_sizes"][0]
+    return dict(image_processor_type="PrismaticImageProcessor", use_fused_vision_backbone=True,
+                image_resize_strategy="resize-naive", input_sizes=[[3, size, size]] * 2,
+                interpolations=["bicubic", "bicubic"], tvf_normalize_params=NORMALIZE)
+
+
+def skipped_prefixes(config):
+    """The only checkpoint keys the loader ignores: the features come from the second-to-last block, un-normed."""
+    out = []
+    for name, tid in zip(TOWERS, config["timm_model_ids"]):
+        spec = VIT[tid]
+        out += [f"vision_backbone.{name}.blocks.{spec['depth'] - 1}.", f"vision_backbone.{name}.norm."]
+        out += [f"vision_backbone.{name}.attn_pool."] if spec["attn_pool"] else []
+    return out
+
+# -----------------------------------------------------------------------------
+# modules
+
+
+class LayerScale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.scale_factor = nn.Parameter(torch.ones(d))  # timm's `gamma`; OpenVLA renamed it so HF would not mangle it
+
+    def forward(self, x):
+        return x * self.scale_factor
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, mlp, layer_scale):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(d, 3 * d), proj=nn.Linear(d, d)))
+        self.ls1 = LayerScale(d) if layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(d, mlp), fc2=nn.Linear(mlp, d)))
+        self.ls2 = LayerScale(d) if layer_scale else nn.Identity()
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.attn.qkv(self.norm1(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, d)
+        x = x + self.ls1(self.attn.proj(a))
+        return x + self.ls2(self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)))))
+
+
+class ViT(nn.Module):
+    def __init__(self, spec, image_size):
+        super().__init__()
+        w = spec["width"]
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, w, PATCH, PATCH)))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, w)) if spec["cls"] else None
+        self.reg_token = nn.Parameter(torch.zeros(1, spec["regs"], w)) if spec["regs"] else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, (image_size // PATCH) ** 2, w))
+        # the last block only feeds the final norm / pooling that OpenVLA never reads, so it is not built
+        self.blocks = nn.ModuleList(Block(w, spec["heads"], spec["mlp"], spec["layer_scale"])
+                                    for _ in range(spec["depth"] - 1))
+        self.grad_ckpt = False
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # pos_embed covers patches only
+        prefix = [t.expand(len(x), -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        x = torch.cat(prefix + [x], 1)
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_ckpt and self.training else block(x)
+        return x[:, sum(t.shape[1] for t in prefix):]
+
+
+class ResBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + F.relu(self.fc(self.norm(x)))
+
+
+@torch.no_grad()
+def init_weights(named_parameters):
+    for name, p in named_parameters:
+        if name.endswith("bias"):
+            p.zero_()
+        elif p.ndim == 1:  # norm weights and layer scales
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02)
+
+# -----------------------------------------------------------------------------
+# the VLA
+
+
+class VLA(nn.Module):
+    def __init__(self, config, chunk=8, action_dim=14, bidirectional=False, tokenizer=None, preprocessor=None):
+        super().__init__()
+        for tid in config["timm_model_ids"]:
+            if tid not in VIT:
+                raise ValueError(f"unknown vision tower {tid!r} in config.json; known: {', '.join(VIT)}")
+        self.config, self.tokenizer = config, tokenizer
+        self.preprocessor = preprocessor or default_preprocessor(config)
+        self.bidirectional = bidirectional
+        self.image_size = config["image_sizes"][0]
+        specs = [VIT[tid] for tid in config["timm_model_ids"]]
+        self.vision_backbone = nn.ModuleDict({n: ViT(s, self.image_size) for n, s in zip(TOWERS, specs)})
+        vision = sum(s["width"] for s in specs)
+        # sdpa takes the boolean 4D mask of bidirectional queries as is (eager would want an additive one)
+        text = LlamaConfig(**config["text_config"], attn_implementation="sdpa")
+        d = text.hidden_size
+        self.projector = nn.ModuleDict(dict(fc1=nn.Linear(vision, 4 * vision), fc2=nn.Linear(4 * vision, d),
+                                            fc3=nn.Linear(d, d)))
+        self.language_model = LlamaForCausalLM(text)
+        self.new_head(chunk, action_dim, torch.get_default_device())
+
+    def new_head(self, chunk, action_dim, device):
+        """(Re)build the K action queries and the head in float32, like peft's adapters: they train fully."""
+        d = self.llm.config.hidden_size
+        with torch.device(device):
+            self.action_queries = nn.Parameter(torch.empty(chunk, d))
+            self.action_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.ReLU(), ResBlock(d), ResBlock(d),
+                                             nn.LayerNorm(d), nn.Linear(d, action_dim))
+        init_weights([("action_queries", self.action_queries), *self.action_head.named_parameters()])
+        self.chunk, self.action_dim = chunk, action_dim
+
+    @property
+    def llm(self):
+        return self.language_model
+
+    @property
+    def device(self):
+        return self.action_queries.device
+
+    def embed_images(self, images):
+        if images.dtype != torch.uint8 or images.ndim != 5:
+            raise ValueError(f"images must be uint8 (B, N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        B, N = images.shape[:2]
+        x = images.to(self.device).flatten(0, 1).float()
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            # the reference resizes PIL uint8 images (bicubic, antialiased), so round back to whole levels
+            x = F.interpolate(x, size=self.image_size, mode="bicubic", antialias=True).round().clamp(0, 255)
+        x = x / 255
+        feats = []
+        for tower, p in zip(self.vision_backbone.values(), self.preprocessor["tvf_normalize_params"]):
+            mean, std = (torch.tensor(p[k], device=x.device).view(3, 1, 1) for k in ("mean", "std"))
+            feats.append(tower(((x - mean) / std).to(tower.pos_embed.dtype)))
+        p = self.projector
+        x = p.fc3(F.gelu(p.fc2(F.gelu(p.fc1(torch.cat(feats, -1))))))
+        return x.reshape(B, N * x.shape[1], x.shape[2])
+
+    def tokenize(self, instructions):
+        bos, space = self.tokenizer.token_to_id("<s>"), self.tokenizer.token_to_id("▁")
+        ids = []
+        for s in instructions:
+            prompt = f"In: What action should the robot take to {s.lower()}?\nOut:"
+            t = [bos] + self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            ids.append(t + [space] * (t[-1] != space))  # OpenVLA's action prediction appends the bare "▁"
+        return ids
+
+    def forward(self, images, instructions):
+        patches = self.embed_images(images)
+        ids = self.tokenize(instructions)
+        B, P, K, dev = len(ids), patches.shape[1], self.chunk, patches.device
+        n = torch.tensor([len(t) for t in ids], device=dev)  # BOS + prompt tokens
+        T = max(len(t) for t in ids)
+        tokens = torch.tensor([t + [self.config["pad_token_id"]] * (T - len(t)) for t in ids], device=dev)
+        emb = self.llm.model.embed_tokens(tokens)
+        x = torch.cat([emb[:, :1], patches.to(emb.dtype), emb[:, 1:], emb.new_zeros(B, K, emb.shape[2])], 1)
+        # right padding: each sample's queries follow its own prompt, so every real token sits at the position it
+        # would have alone, and causal attention never reaches the padding after it: no mask needed (flash sdpa)
+        rows = torch.arange(B, device=dev)[:, None]
+        q_pos = P + n[:, None] + torch.arange(K, device=dev)
+        x = x.index_put((rows, q_pos), self.action_queries.to(x.dtype).expand(B, K, -1))
+        mask = None
+        if self.bidirectional:  # causal, plus each sample's K queries see each other
+            pos = torch.arange(x.shape[1], device=dev)
+            query = (pos >= (P + n)[:, None]) & (pos < (P + n + K)[:, None])
+            mask = ((pos[:, None] >= pos[None, :]) | (query[:, :, None] & query[:, None, :]))[:, None]
+        h = self.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state  # no lm_head
+        return self.action_head(h[rows, q_pos].float())
+
+    @classmethod
+    def _meta(cls, config, dtype, chunk, action_dim, bidirectional, tokenizer, preprocessor):
+        with torch.device("meta"):  # no memory: shapes only, weights arrive later
+            vla = cls(config, chunk, action_dim, bidirectional, tokenizer, preprocessor)
+        return vla.to(dtype)
+
+    def _finish(self, device):
+        # rotary inv_freq is not in checkpoints: recompute it (float32) on the real device
+        rope = self.llm.model.rotary_emb
+        with torch.device(device):
+            self.llm.model.rotary_emb = type(rope)(rope.config)
+        self.new_head(self.chunk, self.action_dim, device)
+
+    @classmethod
+    def from_config(cls, config, dtype=torch.float32, device="cpu", chunk=8, action_dim=14, bidirectional=False,
+                    tokenizer=None):
+        """Random weights built directly on `device` (benchmarks, the tiny twin); default: the tiny tokenizer."""
+        vla = cls._meta(config, dtype, chunk, action_dim, bidirectional, tokenizer or make_tokenizer(), None)
+        vla.to_empty(device=device)
+        init_weights(vla.named_parameters())
+        vla._finish(device)
+        return vla
+
+    @classmethod
+    def from_pretrained(cls, path="openvla/openvla-7b", dtype=torch.float32, device="cpu", chunk=8, action_dim=14,
+                        bidirectional=False):
+        """A local OpenVLA-format directory or a hub id. An action_head.safetensors there (a merged export) is
+        loaded too, and its chunk / action_dim / bidirectional win over the arguments."""
+        path = resolve(path)
+        config = read_json(os.path.join(path, "config.json"))
+        tok = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tok):
+            raise FileNotFoundError(f"{path}: missing tokenizer.json")
+        pre = os.path.join(path, "preprocessor_config.json")
+        pre = read_json(pre) if os.path.exists(pre) else None
+        vla = cls._meta(config, dtype, chunk, action_dim, bidirectional, Tokenizer.from_file(tok), pre)
+        load_weights(vla, path, dtype, device)
+        vla._finish(device)
+        if os.path.exists(os.path.join(path, "action_head.safetensors")):
+            load_head(vla, os.path.join(path, "action_head.safetensors"))
+        return vla
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*", "*_tokens*.json",
+             "preprocessor_config.json", "action_head.safetensors"]
+
+
+def resolve(path):
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        return path
+    if path.startswith(("/", ".")) or path.count("/") != 1 or os.path.isdir(path.split("/")[0]):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    from huggingface_hub import snapshot_download
+    try:  # weights, config and tokenizer only: the repo's .py remote code is never fetched
+        return snapshot_download(path, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline, unknown repo, gated...: one line that says what to do
+        raise RuntimeError(f"cannot download {path} from the Hugging Face Hub ({type(e).__name__}; offline?): "
+                           f"fetch it where there is internet (hf download {path} --local-dir DIR) "
+                           f"and pass --vla_path DIR") from None
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"missing {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"corrupt {path}: {e}") from None
+
+
+def open_safetensors(path, device="cpu"):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"missing {path}")
+    try:
+        return safe_open(path, framework="pt", device=str(device))
+    except Exception as e:
+        raise ValueError(f"corrupt safetensors file {path}: {e}") from None
+
+
+def _listing(keys):
+    return ", ".join(keys[:20]) + (f" ... ({len(keys)} in all)" if len(keys) > 20 else "")
+
+
+def check_keys(vla, keys, where):
+    """The checkpoint's keys must be the model's, plus at most the skip list; returns the keys to load."""
+    wanted = {k for k in vla.state_dict() if not k.startswith(HEAD)}
+    skip = tuple(skipped_prefixes(vla.config))
+    missing = sorted(wanted - set(keys))
+    unexpected = sorted(k for k in set(keys) - wanted if not k.startswith(skip))
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match the model: missing keys [{_listing(missing)}]; "
+                         f"unexpected keys [{_listing(unexpected)}]")
+    return wanted
+
+
+def load_weights(vla, path, dtype, device):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+    else:
+        shards = sorted(f for f in os.listdir(path) if f.startswith("model") and f.endswith(".safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{path}: no model*.safetensors weights")
+    shards = [os.path.join(path, s) for s in shards]
+    keys = []  # from the headers only: a bad checkpoint fails before gigabytes are read
+    for shard in shards:
+        with open_safetensors(shard) as f:
+            keys += f.keys()
+    wanted = check_keys(vla, keys, path)
+    # one shard at a time, straight into the target dtype and device: never two copies of the model
+    for shard in shards:
+        with open_safetensors(shard, device) as f:
+            vla.load_state_dict({k: f.get_tensor(k).to(dtype) for k in f.keys() if k in wanted},
+                                strict=False, assign=True)
+
+
+def save_head(vla, path):
+    d = vla.llm.config.hidden_size
+    meta = dict(chunk=vla.chunk, action_dim=vla.action_dim, hidden=d, bidirectional=vla.bidirectional)
+    sd = {k: v.detach().contiguous() for k, v in vla.state_dict().items() if k.startswith(HEAD)}
+    save_file(sd, path, metadata={k: json.dumps(v) for k, v in meta.items()})
+
+
+def load_head(vla, path):
+    with open_safetensors(path) as f:
+        meta, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        meta = {k: json.loads(meta[k]) for k in ("chunk", "action_dim", "hidden", "bidirectional")}
+    except (KeyError, ValueError):
+        raise ValueError(f"{path}: no action-head config in its metadata (not written by save_trained?)") from None
+    if meta["hidden"] != vla.llm.config.hidden_size:
+        raise ValueError(f"{path}: head width {meta['hidden']} != LLM width {vla.llm.config.hidden_size}")
+    if (meta["chunk"], meta["action_dim"]) != (vla.chunk, vla.action_dim):
+        vla.new_head(meta["chunk"], meta["action_dim"], vla.device)
+    vla.bidirectional = meta["bidirectional"]
+    wanted = sorted(k for k in vla.state_dict() if k.startswith(HEAD))
+    if sorted(sd) != wanted:
+        raise ValueError(f"{path}: head keys [{_listing(sorted(sd))}] != expected [{_listing(wanted)}]")
+    vla.load_state_dict(sd, strict=False)
+
+# -----------------------------------------------------------------------------
+# LoRA and what trains
+
+
+def _inject(vla, lora_config):
+    inject_adapter_in_model(lora_config, vla)
+    for name, p in vla.named_parameters():
+        p.requires_grad = "lora_" in name or name.startswith(HEAD)
+        if p.requires_grad:
+            p.data = p.data.float()  # peft would cast adapters to a bf16 base's dtype; keep what trains in fp32
+
+
+def add_lora(vla, rank=32):
+    """peft LoRA on every nn.Linear of the towers, the projector and the LLM layers (not lm_head, not the head)."""
+    targets = [n for n, m in vla.named_modules() if isinstance(m, nn.Linear)
+               and n.startswith(("vision_backbone.", "projector.", "language_model.model.layers."))]
+    _inject(vla, LoraConfig(r=rank, lora_alpha=min(rank, 16), lora_dropout=0.0, init_lora_weights="gaussian",
+                            target_modules=targets))
+    return vla
+
+
+def enable_grad_ckpt(vla):
+    """Non-reentrant activation checkpointing (works under DDP) of every decoder layer and ViT block."""
+    vla.llm.activation_checkpointing_enable({"use_reentrant": False})
+    for tower in vla.vision_backbone.values():
+        tower.grad_ckpt = True
+
+
+def param_report(vla):
+    parts = {"vision towers": ("vision_backbone.",), "projector": ("projector.",), "llm": ("language_model.",),
+             "action head+queries": HEAD, "total": ("",)}
+    lines = [f"{'part':20s} {'total':>15s} {'trainable':>15s}"]
+    for part, prefixes in parts.items():
+        ps = [p for n, p in vla.named_parameters() if n.startswith(prefixes)]
+        lines.append(f"{part:20s} {sum(p.numel() for p in ps):15,d} "
+                     f"{sum(p.numel() for p in ps if p.requires_grad):15,d}")
+    return "\n".join(lines)
+
+
+def merge_lora(vla):
+    """Fold LoRA into the base weights in place and drop the adapter modules (for deployment / export)."""
+    for name, m in list(vla.named_modules()):
+        if isinstance(m, LoraLayer):
+            m.merge()
+            parent, child = name.rsplit(".", 1)
+            setattr(vla.get_submodule(parent), child, m.get_base_layer())
+    vla.__dict__.pop("peft_config", None)
+    return vla
+
+# -----------------------------------------------------------------------------
+# saving
+
+
+def save_trained(vla, ckpt_dir):
+    """What training changed: the LoRA adapter in peft's format and the head + queries with their config."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    sd = get_peft_model_state_dict(vla)  # peft's own key names, with PeftModel's prefix so peft tools read it
+    save_file({f"base_model.model.{k}": v.detach().contiguous() for k, v in sd.items()},
+              os.path.join(ckpt_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    vla.peft_config["default"].save_pretrained(ckpt_dir)
+    save_head(vla, os.path.join(ckpt_dir, "action_head.safetensors"))
+
+
+def load_trained(vla, ckpt_dir):
+    read_json(os.path.join(ckpt_dir, "adapter_config.json"))  # a clear error if missing or corrupt
+    if not hasattr(vla, "peft_config"):
+        _inject(vla, LoraConfig.from_pretrained(ckpt_dir))
+    path = os.path.join(ckpt_dir, "adapter_model.safetensors")
+    with open_safetensors(path) as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    result = set_peft_model_state_dict(vla, sd)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path} does not match the model's LoRA: missing [{_listing(missing)}]; "
+                       f"unexpected [{_listing(result.unexpected_keys)}]")
+    load_head(vla, os.path.join(ckpt_dir, "action_head.safetensors"))
+    return vla
+
+
+def save_pretrained(vla, out_dir, max_shard_bytes=4 << 30):
+    """A full OpenVLA-format directory (+ action_head.safetensors) that from_pretrained reloads."""
+    if hasattr(vla, "peft_config"):
+        raise ValueError("the model still has LoRA adapters: merge_lora(vla) before save_pretrained")
+    os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):  # stale shards of an earlier export would be picked up by the loader
+        if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
+            os.remove(os.path.join(out_dir, f))
+    shards, size = [{}], 0
+    for k, v in vla.state_dict().items():
+        if k.startswith(HEAD):
+            continue
+        if size + v.nbytes > max_shard_bytes and shards[-1]:
+            shards, size = shards + [{}], 0
+        shards[-1][k], size = v.detach().contiguous(), size + v.nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = dict(metadata=dict(total_size=sum(v.nbytes for s in shards for v in s.values())),
+                     weight_map={k: name for name, s in zip(names, shards) for k in s})
+        _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
+    _write_json(os.path.join(out_dir, "config.json"), vla.config)
+    _write_json(os.path.join(out_dir, "preprocessor_config.json"), vla.preprocessor)
+    vla.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    special = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<PAD>")
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"),
+                dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, legacy=False,
+                     model_max_length=vla.config["llm_max_length"], padding_side="right", **special))
+    save_head(vla, os.path.join(out_dir, "action_head.safetensors"))
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+# -----------------------------------------------------------------------------
+# the tiny twin
+
+
+CORPUS = """In: What action should the robot take to pick up the shoe and place it on the mat?\nOut:
+pick up the shoe and place it on the mat. grab the left shoe and put it onto the pad.
+use the left arm to grasp the red sneaker, lift it and set it down on the blue mat.
+move the right gripper to the black boot, close the gripper, raise it, then release it on the target.
+place the shoe on the green mat with its toe pointing left. put the white shoe on top of the square rug.
+take the brown sandal from the table and drop it in the middle of the yellow carpet.
+open the gripper, reach forward, hold the object, turn it, push it, slide it towards the center.
+the robot should carefully position the shoe at the marked spot near the edge of the desk.
+stack the block, pour the cup, wipe the plate, press the button, hang the mug, stamp the seal.
+a an the to of in on at by with from into onto over under behind beside between front back top bottom
+one two three first second third small large big tiny short long left right middle center side corner
+red orange yellow green blue purple pink white black gray grey brown dark light shiny wooden plastic metal
+shoe shoes sneaker boot sandal slipper heel mat rug pad carpet table desk box bowl cup bottle block object item
+Pick Put Place Move Grab Use Take Lift Open Close Push Set Drop Hold.
+The quick fox jumps over the lazy dog, 0123456789"""
+
+
+def make_tokenizer():
+    """A Llama-like tokenizer trained offline on CORPUS: <unk>=0, <s>=1, </s>=2, byte pieces 3..258, BPE merges,
+    Metaspace "▁" words, byte fallback for anything else, <PAD> added last."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
+                                                                      show_progress=False))
+    # put the 256 byte pieces right after the specials, as Llama-2 does, so byte fallback finds them
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    words = [t for t in sorted(vocab, key=vocab.get) if t not in specials]
+    data["model"]["vocab"] = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + words)}
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<PAD>"])
+    return tok
+
+
+def make_tiny(out_dir, seed=0):
+    """A complete, random, OpenVLA-format checkpoint small enough to train on one CPU core."""
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    vla = VLA.from_config(tiny_config(tok), tokenizer=tok)
+    save_pretrained(vla, out_dir)
+    os.remove(os.path.join(out_dir, "action_head.safetensors"))  # a base checkpoint, like openvla-7b: no head
+    # a real checkpoint also holds the tower keys OpenVLA never reads: write them so the skip list is exercised
+    path, extra = os.path.join(out_dir, "model.safetensors"), {}
+    for name, tid in zip(TOWERS, vla.config["timm_model_ids"]):
+        s, w = VIT[tid], VIT[tid]["width"]
+        block = vla.vision_backbone[name].blocks[0]
+        shapes = {f"blocks.{s['depth'] - 1}.{k}": v.shape for k, v in block.state_dict().items()}
+        shapes |= {"norm.weight": (w,), "norm.bias": (w,)}
+        if s["attn_pool"]:
+            shapes |= {f"attn_pool.{k}": v for k, v in dict(
+                latent=(1, 1, w), **{"q.weight": (w, w), "q.bias": (w,), "kv.weight": (2 * w, w), "kv.bias": (2 * w,),
+                                     "proj.weight": (w, w), "proj.bias": (w,), "norm.weight": (w,), "norm.bias": (w,),
+                                     "mlp.fc1.weight": (s["mlp"], w), "mlp.fc1.bias": (s["mlp"],),
+                                     "mlp.fc2.weight": (w, s["mlp"]), "mlp.fc2.bias": (w,)}).items()}
+        extra |= {f"vision_backbone.{name}.{k}": 0.02 * torch.randn(shape) for k, shape in shapes.items()}
+    save_file(load_file(path) | extra, path, metadata={"format": "pt"})
+    return out_dir
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--make-tiny", metavar="DIR", help="write the tiny random twin checkpoint to DIR")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the tiny twin's random weights")
+    ap.add_argument("--merge", metavar="CKPT_DIR", help="save_trained checkpoint whose LoRA to fold into --base")
+    ap.add_argument("--base", default="openvla/openvla-7b", help="base checkpoint (directory or hub id) for --merge")
+    ap.add_argument("--out", metavar="DIR", help="where --merge writes the merged OpenVLA-format export")
+    ap.add_argument("--device", default="cpu", help="device to merge on (cpu keeps the GPUs free)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="dtype of the merged export")
+    args = ap.parse_args()
+    if args.make_tiny:
+        make_tiny(args.make_tiny, args.seed)
+        vla = add_lora(VLA.from_pretrained(args.make_tiny))
+        print(f"wrote {args.make_tiny}; with LoRA rank 32:\n{param_report(vla)}")
+    elif args.merge:
+        if not args.out:
+            ap.error("--merge needs --out")
+        vla = VLA.from_pretrained(args.base, getattr(torch, args.dtype), args.device)
+        merge_lora(load_trained(vla, args.merge))
+        save_pretrained(vla, args.out)
+        for f in os.listdir(args.merge):  # normalization stats and run args must travel with the weights
+            if f.endswith(".json") and f != "adapter_config.json" and not os.path.exists(os.path.join(args.out, f)):
+                shutil.copy(os.path.join(args.merge, f), args.out)
+        print(f"merged {args.merge} into {args.base} -> {args.out}")
+    else:
+        ap.print_help()
