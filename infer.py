@@ -1,0 +1,223 @@
+"""
+Run a trained policy step by step through a recorded episode and report how well it tracks the recorded actions.
+
+    python infer.py --checkpoint out/demo/step_000600 --episode out/demo_data/episode_5.hdf5 --out out/demo/infer
+    python infer.py --checkpoint CKPT --episode EP.hdf5 --instruction unseen --execute 4
+    python infer.py --checkpoint CKPT --episode EP.hdf5 --ensemble          # ACT-style temporal ensembling
+
+This is open-loop replay: the policy sees the recorded frames, not the consequences of its own actions, so it shows
+whether the model learned the data, not whether the task succeeds. In your own control loop:
+
+    from infer import Policy
+    policy = Policy.from_checkpoint("out/shoe/step_050000", device="cuda")
+    action = policy.act({"head_camera_image": head_rgb, "left_wrist_image": wrist_rgb}, "place the shoe on the mat")
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from collections import deque
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import model
+
+CHECKPOINT_FILES = ["args.json", "dataset_statistics.json", "action_head.safetensors"]
+
+
+def check_checkpoint(ckpt_dir):
+    """One-line error for a checkpoint that cannot work, before any model is loaded."""
+    if not os.path.isdir(ckpt_dir):
+        sys.exit(f"error: --checkpoint {ckpt_dir}: not a directory")
+    missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(ckpt_dir, f))]
+    merged = os.path.isfile(os.path.join(ckpt_dir, "config.json"))
+    if not merged:
+        missing += [f for f in ["adapter_config.json", "adapter_model.safetensors"]
+                    if not os.path.isfile(os.path.join(ckpt_dir, f))]
+    if missing:
+        sys.exit(f"error: checkpoint {ckpt_dir} is missing {', '.join(missing)}")
+    with open(os.path.join(ckpt_dir, "args.json")) as f:
+        return json.load(f)
+
+
+def ensemble(recent, decay=0.01):
+    """ACT's temporal ensembling: each recent chunk (oldest first) votes for this step, the oldest weighing most."""
+    n = len(recent)  # chunk i was predicted n-1-i steps ago, so its row n-1-i is this step
+    w = np.exp(-decay * np.arange(n))
+    return (w / w.sum()) @ np.stack([c[n - 1 - i] for i, c in enumerate(recent)])
+
+
+class Policy:
+    """A trained nanoOFT policy: raw camera frames and an instruction in, raw joint-space actions out."""
+
+    def __init__(self, vla, stats, train_args, device, execute=1, ensemble=False):
+        self.vla, self.stats, self.args, self.device = vla, stats, train_args, device
+        self.cameras = train_args["cameras"].split(",")
+        self.execute, self.ensemble = execute, ensemble
+        dtype = next(vla.parameters()).dtype
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        self.reset()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, device="auto", vla_path=None, dtype=None, **kw):
+        """A training checkpoint (base named in args.json + adapter + head) or a merged export (`model.py --merge`)."""
+        train_args = check_checkpoint(ckpt_dir)
+        device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                              "cpu" if device == "auto" else device)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        merged = os.path.isfile(os.path.join(ckpt_dir, "config.json"))
+        vla = model.VLA.from_pretrained(ckpt_dir if merged else vla_path or train_args["vla_path"], dtype=dtype,
+                                        device=device, chunk=train_args["chunk"], action_dim=train_args["action_dim"],
+                                        bidirectional=train_args["bidirectional"])
+        if not merged:  # an export already holds LoRA folded in and its head
+            model.load_trained(vla, ckpt_dir)
+        vla.eval()
+        return cls(vla, data.load_stats(os.path.join(ckpt_dir, "dataset_statistics.json")), train_args, device, **kw)
+
+    @torch.no_grad()
+    def predict(self, images, instruction):
+        """images: camera name -> HxWx3 uint8 frame. Returns the chunk in raw action units, (chunk, action_dim)."""
+        missing = [c for c in self.cameras if c not in images]
+        if missing:
+            raise KeyError(f"predict: missing camera {', '.join(missing)} (the policy was trained on {self.cameras})")
+        frames = torch.from_numpy(np.stack([np.asarray(images[c]) for c in self.cameras])).permute(0, 3, 1, 2)
+        with self.autocast:
+            pred = self.vla(frames[None].to(self.device), [instruction])[0].float().cpu().numpy()
+        return data.unnormalize(pred, self.stats, self.args["norm"])
+
+    def reset(self):
+        """Forget the plan; call at the start of every episode."""
+        self.plan = deque()  # actions still to execute open-loop
+        self.recent = deque(maxlen=self.args["chunk"])  # the chunks that still cover the coming step
+
+    def act(self, images, instruction):
+        """One control step: the next action, re-planning every `execute` steps or ensembling every step."""
+        if self.ensemble:
+            self.recent.append(self.predict(images, instruction))
+            return ensemble(self.recent)
+        if not self.plan:
+            self.plan.extend(self.predict(images, instruction)[:self.execute])
+        return self.plan.popleft()
+
+
+def replay(policy, episode, instruction, progress=True):
+    """Step through a recorded episode: every frame's full chunk (for per-position errors) and the executed actions."""
+    offset, k = policy.args["action_offset"], policy.args["chunk"]
+    steps = episode["length"] - offset  # frames whose action at t+offset is recorded
+    chunks, executed, latency = [], [], []
+    policy.reset()
+    for t in range(steps):
+        images = dict(zip(policy.cameras, episode["frames"](t).permute(0, 2, 3, 1).numpy()))  # as a robot gives them
+        t0 = time.perf_counter()
+        chunks.append(policy.predict(images, instruction))
+        if policy.device.type == "cuda":
+            torch.cuda.synchronize()
+        latency.append(time.perf_counter() - t0)
+        if policy.ensemble:
+            policy.recent.append(chunks[-1])
+            executed.append(ensemble(policy.recent))
+        else:
+            executed.append(chunks[t - t % policy.execute][t % policy.execute])
+        if progress and (t % 10 == 0 or t == steps - 1):
+            print(f"\rstep {t + 1}/{steps} | {1000 * np.mean(latency):.1f} ms per chunk", end="", flush=True)
+    if progress:
+        print()
+    recorded = episode["actions"][offset:offset + steps]
+    return np.stack(chunks), np.stack(executed), recorded, np.array(latency[1:] or latency)  # first call warms up
+
+
+def report(chunks, executed, recorded, latency, stats, train_args):
+    norm = train_args["norm"]
+    n_exec, n_rec = data.normalize(executed, stats, norm), data.normalize(recorded, stats, norm)
+    k, steps = chunks.shape[1], len(recorded)
+    per_position = [float(np.mean([np.abs(data.normalize(chunks[t, j], stats, norm) - n_rec[t + j]).mean()
+                                   for t in range(steps - j)])) for j in range(min(k, steps))]
+    names = data.ACTION_NAMES if recorded.shape[1] == len(data.ACTION_NAMES) else \
+        [f"dim {i}" for i in range(recorded.shape[1])]
+    grippers = [i for i, n in enumerate(names) if "gripper" in n]
+    agree = float(np.mean((executed[:, grippers] > 0.5) == (recorded[:, grippers] > 0.5))) if grippers else None
+    ms = 1000 * latency
+    return {"l1": float(np.abs(n_exec - n_rec).mean()), "l1_raw": float(np.abs(executed - recorded).mean()),
+            "l1_per_dim_raw": {n: float(v) for n, v in zip(names, np.abs(executed - recorded).mean(0))},
+            "l1_per_position": {f"t+{j}": v for j, v in enumerate(per_position)},
+            "gripper_agreement": agree,
+            "latency_ms": {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)),
+                           "p95": float(np.percentile(ms, 95))}, "chunks_per_s": float(1000 / ms.mean()),
+            "names": names, "executed": executed.tolist(), "recorded": recorded.tolist()}
+
+
+def plot(executed, recorded, names, stats, path, title):
+    """One panel per action dimension, recorded (grey) vs executed (blue), on the dimension's range in the training
+    data, so that a joint that barely moves looks flat instead of blowing its noise up to full height."""
+    cols, pw, ph, pad = 2, 560, 150, 28
+    rows = (len(names) + cols - 1) // cols
+    img = Image.new("RGB", (cols * pw, rows * ph + 30), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 8), title, fill="black")
+    for i, name in enumerate(names):
+        x0, y0 = (i % cols) * pw, 30 + (i // cols) * ph
+        lo = min(stats["min"][i], recorded[:, i].min(), executed[:, i].min())
+        hi = max(stats["max"][i], recorded[:, i].max(), executed[:, i].max())
+        span = hi - lo or 1.0
+        draw.rectangle([x0 + pad, y0 + 16, x0 + pw - 10, y0 + ph - 10], outline="#bbbbbb")
+        draw.text((x0 + pad, y0 + 2), f"{name}   [{lo:.2f}, {hi:.2f}]", fill="black")
+        for series, colour in [(recorded[:, i], "#888888"), (executed[:, i], "#1f5fd0")]:
+            xs = x0 + pad + np.arange(len(series)) * (pw - pad - 12) / max(len(series) - 1, 1)
+            ys = y0 + ph - 12 - (series - lo) / span * (ph - 30)
+            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colour, width=2)
+    draw.text((cols * pw - 260, 8), "grey: recorded   blue: executed", fill="black")
+    img.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a step_NNNNNN directory or a merged export")
+    p.add_argument("--episode", required=True, help="an episode_*.hdf5 file")
+    p.add_argument("--instruction", default="seen", help="seen or unseen (first variant of that set), or the text")
+    p.add_argument("--execute", type=int, default=1, help="actions executed per chunk before re-planning")
+    p.add_argument("--ensemble", action="store_true", help="temporal ensembling over overlapping chunks (ACT)")
+    p.add_argument("--vla_path", help="base model, overriding the one named in the checkpoint's args.json")
+    p.add_argument("--out", default="out/infer", help="where plot.png and report.json go")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    train_args = check_checkpoint(args.checkpoint)
+    if not 1 <= args.execute <= train_args["chunk"]:
+        p.error(f"--execute must be between 1 and the chunk length {train_args['chunk']}, got {args.execute}")
+    cameras = train_args["cameras"].split(",")
+    try:
+        data.check_episodes([args.episode], cameras, train_args["chunk"], train_args["action_dim"],
+                            train_args["action_offset"])
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    episode = data.read_episode(args.episode, cameras)
+    instruction = episode[args.instruction][0] if args.instruction in ("seen", "unseen") else args.instruction
+
+    policy = Policy.from_checkpoint(args.checkpoint, device=args.device, vla_path=args.vla_path,
+                                    execute=args.execute, ensemble=args.ensemble)
+    print(f"{args.episode}: {episode['length']} frames | instruction: {instruction!r}")
+    chunks, executed, recorded, latency = replay(policy, episode, instruction)
+    result = report(chunks, executed, recorded, latency, policy.stats, train_args)
+    result |= {"checkpoint": args.checkpoint, "episode": args.episode, "instruction": instruction,
+               "execute": args.execute, "ensemble": args.ensemble, "device": str(policy.device)}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(result, f)
+    mode = "ensemble" if args.ensemble else f"execute {args.execute}"
+    plot(executed, recorded, result["names"], policy.stats, os.path.join(args.out, "plot.png"),
+         f"{os.path.basename(args.episode)} | {mode} | L1 {result['l1']:.3f} (normalized)")
+    lat = result["latency_ms"]
+    print(f"L1 {result['l1']:.4f} normalized, {result['l1_raw']:.4f} raw | gripper agreement "
+          f"{result['gripper_agreement']} | latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, "
+          f"{result['chunks_per_s']:.1f} chunks/s")
+    print("per chunk position: " + " ".join(f"{k} {v:.3f}" for k, v in result["l1_per_position"].items()))
+    print("per dimension (raw): " + " | ".join(f"{k} {v:.3f}" for k, v in result["l1_per_dim_raw"].items()))
+    print(f"wrote {args.out}/report.json and {args.out}/plot.png")
+
+
+if __name__ == "__main__":
+    main()

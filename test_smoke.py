@@ -1,0 +1,982 @@
+"""
+nanoOFT's test suite: CPU only, a few minutes on 2 cores, on the tiny twin checkpoint and synthetic demo episodes.
+
+    pip install -r requirements.txt && python -m pytest -q test_smoke.py
+"""
+import glob
+import json
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import data
+import infer
+import model
+import train
+from model import (VLA, Block, ViT, add_lora, check_keys, enable_grad_ckpt, load_trained, make_tiny, merge_lora,
+                   openvla_7b_config, param_report, save_pretrained, save_trained, skipped_prefixes)
+
+torch.set_num_threads(1)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo"))
+    data.make_demo(out, episodes=6, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo(demo_dir):
+    return data.list_episodes(demo_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return make_tiny(str(tmp_path_factory.mktemp("tiny-openvla")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py
+
+def write_episode(path, T=20, cameras=data.ALL_CAMERAS, res=8, width=14, frames=None, seen=("pick it", "place it")):
+    """A tiny episode in the real layout (8x8 frames keep the tests fast); seen=None leaves the instructions out."""
+    rng = np.random.default_rng(T)
+    with h5py.File(path, "w") as f:
+        for c in cameras:
+            f[c] = rng.integers(0, 256, (frames or T, res, res, 3), dtype=np.uint8)
+        if width:
+            f["action"] = rng.normal(size=(T, width))
+        if seen is not None:
+            f.create_dataset("seen", data=list(seen), dtype=h5py.string_dtype())
+    return str(path)
+
+
+def actions_of(path):
+    with h5py.File(path, "r") as f:
+        return f["action"][()]
+
+
+def run_cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(HERE, "data.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_demo_has_the_real_layout(demo):
+    assert len(demo) == 6
+    lengths = []
+    for p in demo:
+        with h5py.File(p, "r") as f:
+            assert set(f) == {*data.ALL_CAMERAS, "action", "relative_action", "seen", "unseen"}
+            T = len(f["action"])
+            lengths.append(T)
+            for c in data.ALL_CAMERAS:
+                assert f[c].shape == (T, 256, 256, 3) and f[c].dtype == np.uint8 and f[c].chunks == (1, 256, 256, 3)
+                assert f[c].compression in ("gzip", "lzf")
+            a, rel = f["action"][()], f["relative_action"][()]
+            assert a.shape == (T, 14) and a.dtype == np.float64 and rel.shape == (T, 14) and rel.dtype == np.float64
+            np.testing.assert_allclose(rel[:-1], a[1:] - a[:-1])
+            np.testing.assert_array_equal(rel[-1], rel[-2])
+            for key in ("seen", "unseen"):
+                assert f[key].ndim == 1 and h5py.check_string_dtype(f[key].dtype).encoding == "utf-8"
+                assert len(set(f[key].asstr()[()])) >= 24
+            assert not set(f["seen"].asstr()[()]) & set(f["unseen"].asstr()[()])
+            grips = a[:, [6, 13]]
+            assert grips.min() == 0 and grips.max() == 1 and ((grips >= 0) & (grips <= 1)).all()
+            joints = [i for i in range(14) if i not in (6, 13)]
+            assert np.abs(rel[:, joints]).max() < 0.15 and np.abs(rel).max() < 0.35  # smooth motion, no jumps
+            # the frames change while the arm moves: the cameras show what the actions do
+            assert not np.array_equal(f["head_camera_image"][0], f["head_camera_image"][T // 2])
+    assert 140 <= min(lengths) and max(lengths) <= 240 and len(set(lengths)) > 1
+
+
+def test_demo_is_reproducible_by_seed(tmp_path):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        data.make_demo(str(tmp_path / name), episodes=1, seed=seed)
+    a, b, c = (actions_of(tmp_path / name / "episode_0.hdf5") for name in "abc")
+    np.testing.assert_array_equal(a, b)
+    assert a.shape != c.shape or not np.array_equal(a, c)
+    with pytest.raises(data.DataError, match="already holds"):
+        data.make_demo(str(tmp_path / "a"), episodes=1)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_sample_counts_and_targets(demo, offset):
+    ds = data.EpisodeDataset(demo, chunk=8, action_offset=offset)
+    lengths = [len(actions_of(p)) for p in demo]
+    assert len(ds) == sum(T - 8 - offset + 1 for T in lengths)
+    last = max(i for i, (e, _) in enumerate(ds.index) if e == 2)
+    for i in (0, 57, last):
+        s = ds[i]
+        rows = actions_of(demo[s["episode"]])[s["t"] + offset:s["t"] + offset + 8]
+        assert len(rows) == 8
+        np.testing.assert_allclose(data.unnormalize(s["actions"].numpy(), ds.stats), rows, atol=1e-5)
+    assert ds[last]["t"] == lengths[2] - 8 - offset
+    assert ds[-1]["t"] == ds.index[-1][1] and ds[-1]["instruction"] == ds[len(ds) - 1]["instruction"]
+
+
+def test_sample_shapes_and_camera_order(demo):
+    ds = data.EpisodeDataset(demo[:2], cameras=["low_cam_image", "head_camera_image", "right_wrist_image"])
+    s = ds[40]
+    assert s["images"].dtype == torch.uint8 and s["images"].shape == (3, 3, 256, 256)
+    assert s["actions"].dtype == torch.float32 and s["actions"].shape == (8, 14)
+    assert isinstance(s["instruction"], str) and s["instruction"]
+    assert (s["episode"], s["t"]) == ds.index[40]
+    with h5py.File(demo[s["episode"]], "r") as f:
+        for k, c in enumerate(ds.cameras):
+            assert torch.equal(s["images"][k], torch.from_numpy(f[c][s["t"]]).permute(2, 0, 1))
+    assert s["actions"].abs().max() <= 1
+
+
+def test_q99_dataset_round_trip_clips(demo):
+    ds = data.EpisodeDataset(demo[:2], norm="q99")
+    e, t = ds.index[-1]
+    s = ds[len(ds) - 1]
+    lo, hi = np.array(ds.stats["q01"]), np.array(ds.stats["q99"])
+    rows = actions_of(demo[e])[t:t + 8]
+    flat = hi - lo < 1e-8
+    expect = np.where(flat, lo, np.clip(rows, lo, hi))
+    np.testing.assert_allclose(data.unnormalize(s["actions"], ds.stats, "q99").numpy(), expect, atol=1e-5)
+
+
+def test_normalize_modes_zero_range_mask_and_types():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 4))
+    a[:, 2] = 0.25  # a constant dimension
+    stats = {"min": a.min(0).tolist(), "max": a.max(0).tolist(), "q01": np.quantile(a, 0.01, 0).tolist(),
+             "q99": np.quantile(a, 0.99, 0).tolist(), "mask": [True] * 4}
+    n = data.normalize(a, stats)
+    assert isinstance(n, np.ndarray) and n.dtype == np.float64
+    assert n.min() == pytest.approx(-1) and n.max() == pytest.approx(1) and (n[:, 2] == 0).all()
+    np.testing.assert_allclose(data.unnormalize(n, stats), a, atol=1e-12)
+    q = data.normalize(a, stats, "q99")
+    assert q.min() == -1 and q.max() == 1 and (q[:, 2] == 0).all()
+    clipped = np.clip(a, stats["q01"], stats["q99"])
+    np.testing.assert_allclose(data.unnormalize(q, stats, "q99"), clipped, atol=1e-12)
+    assert (np.abs(a - clipped).max(0)[[0, 1, 3]] > 0).all()  # the clipping really happened
+    t = torch.tensor(a, dtype=torch.float32)
+    nt = data.normalize(t, stats)
+    assert torch.is_tensor(nt) and nt.dtype == torch.float32
+    np.testing.assert_allclose(nt.numpy(), n, atol=1e-5)
+    back = data.unnormalize(nt, stats)
+    assert torch.is_tensor(back) and torch.allclose(back, t, atol=1e-5) and (back[:, 2] == 0.25).all()
+    assert data.normalize(a.astype(np.float32), stats).dtype == np.float32
+    raw = {**stats, "mask": [True, False, True, True]}  # OpenVLA's mask leaves False dims untouched
+    np.testing.assert_array_equal(data.normalize(a, raw)[:, 1], a[:, 1])
+    np.testing.assert_array_equal(data.unnormalize(n, raw)[:, 1], n[:, 1])
+    with pytest.raises(ValueError, match="bounds or q99"):
+        data.normalize(a, stats, "minmax")
+
+
+def test_stats_match_numpy_and_save_load(demo, tmp_path):
+    stats = data.compute_stats(demo[:3])
+    a = np.concatenate([actions_of(p) for p in demo[:3]])
+    for key, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max)):
+        np.testing.assert_allclose(stats[key], fn(a, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats["q01"], np.quantile(a, 0.01, axis=0))
+    np.testing.assert_allclose(stats["q99"], np.quantile(a, 0.99, axis=0))
+    assert stats["mask"] == [True] * 14
+    path = tmp_path / "dataset_statistics.json"
+    data.save_stats(path, stats, num_transitions=len(a), num_trajectories=3)
+    saved = json.loads(path.read_text())
+    assert saved == {"place_shoe": {"action": stats, "num_transitions": len(a), "num_trajectories": 3}}
+    assert data.load_stats(path) == stats
+    data.save_stats(path, stats, "other")  # counts unknown: only the action block
+    assert json.loads(path.read_text()) == {"other": {"action": stats}} and data.load_stats(path) == stats
+    path.write_text(json.dumps({"a": saved["place_shoe"], "b": saved["place_shoe"]}))
+    assert data.load_stats(path, "b") == stats
+    with pytest.raises(data.DataError, match="dataset_statistics.json"):
+        data.load_stats(path)
+    path.write_text(json.dumps({"action": {"min": [0]}}))
+    with pytest.raises(data.DataError, match="dataset_statistics.json"):
+        data.load_stats(path)
+
+
+def test_dataset_uses_given_stats(demo):
+    stats = data.compute_stats(demo)
+    ds = data.EpisodeDataset(demo[:1], stats=stats)
+    assert ds.stats is stats
+    np.testing.assert_allclose(ds[0]["actions"].numpy(), data.normalize(actions_of(demo[0])[:8], stats), atol=1e-6)
+    with pytest.raises(data.DataError, match="13"):
+        data.EpisodeDataset(demo[:1], stats={k: v[:13] for k, v in stats.items()})
+
+
+def test_split_by_episode(demo):
+    train, val = data.split_episodes(demo, 2, seed=0)
+    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == sorted(demo)
+    assert data.split_episodes(demo[::-1], 2, seed=0) == (train, val)
+    assert len({tuple(data.split_episodes(demo, 2, seed=s)[1]) for s in range(8)}) > 1
+    assert data.split_episodes(demo, 0, seed=0) == (demo, [])
+    with pytest.raises(data.DataError, match="val_episodes"):
+        data.split_episodes(demo, 6, seed=0)
+
+
+def test_list_episodes_natural_order(tmp_path):
+    for i in (10, 2, 1):
+        write_episode(tmp_path / f"episode_{i}.hdf5")
+    (tmp_path / "notes.txt").write_text("not an episode")
+    names = [os.path.basename(p) for p in data.list_episodes(str(tmp_path))]
+    assert names == ["episode_1.hdf5", "episode_2.hdf5", "episode_10.hdf5"]
+    explicit = [str(tmp_path / "episode_10.hdf5"), str(tmp_path / "episode_2.hdf5")]
+    assert data.list_episodes(explicit) == explicit[::-1]
+
+
+@pytest.mark.parametrize("form", ["vlen", "fixed_bytes", "scalar_str", "scalar_bytes"])
+def test_instruction_storage_forms(tmp_path, form):
+    texts = ["pick up the shoe", "put the shoe on the mat", "move the shoe"]
+    path = write_episode(tmp_path / "episode_0.hdf5", seen=None)
+    with h5py.File(path, "a") as f:
+        if form == "vlen":
+            f.create_dataset("seen", data=texts, dtype=h5py.string_dtype())
+        elif form == "fixed_bytes":
+            f["seen"] = np.array([t.encode() for t in texts], dtype="S40")
+        elif form == "scalar_str":
+            f["seen"] = texts[1]
+        else:
+            f["seen"] = np.bytes_(texts[1].encode())
+    expect = texts if form in ("vlen", "fixed_bytes") else texts[1:2]
+    with h5py.File(path, "r") as f:
+        assert data.read_instructions(f, "seen") == expect
+    for k in range(4):
+        ds = data.EpisodeDataset([path], instruction_variant=k)
+        assert {ds[i]["instruction"] for i in range(len(ds))} == {expect[k % len(expect)]}
+    drawn = {data.EpisodeDataset([path], seed=s)[i]["instruction"] for s in range(3) for i in range(13)}
+    assert drawn == set(expect)
+
+
+def test_instruction_draws_are_seeded(demo):
+    a, b, c = (data.EpisodeDataset(demo[:2], seed=s) for s in (0, 0, 1))
+    draw = lambda ds: [ds[i]["instruction"] for i in range(0, len(ds), 7)]
+    assert draw(a) == draw(b) and draw(a) != draw(c)
+    b.set_epoch(1)
+    assert draw(a) != draw(b)
+    unseen = data.EpisodeDataset(demo[:1], instructions="unseen", instruction_variant=3)
+    with h5py.File(demo[0], "r") as f:
+        assert unseen[5]["instruction"] == f["unseen"].asstr()[3]
+
+
+def test_workers_yield_the_same_samples(demo):
+    ds = data.EpisodeDataset(demo, seed=5)
+    ds[0]  # the main process holds open handles now: forked workers must not reuse them
+    subset = torch.utils.data.Subset(ds, range(0, len(ds), 61))
+    batches = [list(torch.utils.data.DataLoader(subset, batch_size=4, num_workers=w)) for w in (0, 2)]
+    assert len(batches[0]) == len(batches[1]) >= 4
+    for x, y in zip(*batches):
+        assert x["instruction"] == y["instruction"]
+        for key in ("images", "actions", "episode", "t"):
+            assert torch.equal(x[key], y[key])
+    inherited = ds._files[0][0]
+    ds._pid = -1  # what a forked worker sees: handles opened under another pid, which it must not use
+    ds[0]
+    assert ds._files[0][0] is not inherited and ds._files[0][0].id.valid
+    clone = pickle.loads(pickle.dumps(ds))  # spawned workers receive the dataset pickled, without handles
+    assert clone._files == {} and torch.equal(clone[7]["images"], ds[7]["images"])
+
+
+def test_read_episode(demo):
+    ep = data.read_episode(demo[1], ["head_camera_image", "left_wrist_image"])
+    ds = data.EpisodeDataset(demo[1:2])
+    assert ep["length"] == len(ds) + 7 and ep["actions"].shape == (ep["length"], 14)
+    np.testing.assert_array_equal(ep["actions"], actions_of(demo[1]))
+    assert torch.equal(ep["frames"](30), ds[30]["images"])
+    assert len(ep["seen"]) >= 24 and len(ep["unseen"]) >= 24
+    ep["close"]()
+
+
+@pytest.fixture
+def broken(tmp_path):
+    """One directory with every kind of broken file, named by the problem it has."""
+    good = write_episode(tmp_path / "episode_0.hdf5")
+    (tmp_path / "episode_1.hdf5").write_text("this is not HDF5")
+    with open(good, "rb") as f:
+        (tmp_path / "episode_2.hdf5").write_bytes(f.read()[:3000])  # truncated
+    write_episode(tmp_path / "episode_3.hdf5", cameras=["head_camera_image"])  # no left_wrist_image
+    write_episode(tmp_path / "episode_4.hdf5", width=0)  # no action
+    write_episode(tmp_path / "episode_5.hdf5", frames=19)  # 19 frames, 20 actions
+    write_episode(tmp_path / "episode_6.hdf5", width=13)
+    write_episode(tmp_path / "episode_7.hdf5", T=5)  # too short: a warning, skipped
+    return tmp_path
+
+
+EXPECTED = {1: "not a readable HDF5", 2: "truncated file", 3: "missing left_wrist_image", 4: "missing action",
+            5: "differ in length: action 20, head_camera_image 19", 6: "expected (T, 14)"}
+
+
+def test_check_names_every_broken_file(broken, capsys):
+    paths = data.list_episodes(str(broken))
+    with pytest.raises(data.DataError) as err:
+        data.check_episodes(paths, data.DEFAULT_CAMERAS, 8, 14)
+    lines = str(err.value).splitlines()
+    assert len(lines) == len(EXPECTED)
+    for line, (i, problem) in zip(lines, EXPECTED.items()):
+        assert line.startswith(str(broken / f"episode_{i}.hdf5") + ":") and problem in line
+    assert "episode_7.hdf5" in capsys.readouterr().err
+    with pytest.raises(data.DataError, match="episode_5.hdf5"):
+        data.EpisodeDataset(str(broken))
+
+
+def test_short_episodes_are_skipped_until_none_is_left(tmp_path, capsys):
+    good, short = write_episode(tmp_path / "episode_0.hdf5"), write_episode(tmp_path / "episode_1.hdf5", T=8)
+    assert data.check_episodes([good, short], data.DEFAULT_CAMERAS, 8, 14) == [good, short]
+    assert data.check_episodes([good, short], data.DEFAULT_CAMERAS, 8, 14, action_offset=1) == [good]
+    assert "episode_1.hdf5" in capsys.readouterr().err
+    with pytest.raises(data.DataError, match="no episode is long enough"):
+        data.check_episodes([short], data.DEFAULT_CAMERAS, 8, 14, action_offset=1)
+    with pytest.raises(data.DataError, match="unknown camera"):
+        data.check_episodes([good], ["head_camera_image", "wrist"], 8, 14)
+    with pytest.raises(data.DataError, match="frame sizes differ"):
+        data.check_episodes([good, write_episode(tmp_path / "episode_2.hdf5", res=16)], data.DEFAULT_CAMERAS, 8, 14)
+    with pytest.raises(data.DataError, match="no 'unseen' instructions"):
+        data.EpisodeDataset([good], instructions="unseen")
+
+
+def test_cli_reports_problems_without_traceback(broken, tmp_path):
+    r = run_cli(broken)
+    assert r.returncode != 0 and "Traceback" not in r.stdout + r.stderr
+    for i in EXPECTED:
+        assert str(broken / f"episode_{i}.hdf5") in r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli(empty, "--cameras", "head_camera_image,wrist_cam")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no episode_*.hdf5 files" in r.stderr
+    r = run_cli(broken / "episode_0.hdf5", "--cameras", "head_camera_image,wrist_cam")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "unknown camera(s) wrist_cam" in r.stderr
+
+
+def test_cli_summary(tmp_path):
+    write_episode(tmp_path / "episode_0.hdf5", T=30)
+    write_episode(tmp_path / "episode_1.hdf5", T=5)
+    r = run_cli(tmp_path, "--action_offset", "1")
+    assert r.returncode == 0, r.stderr
+    assert "warning" in r.stderr and "episode_1.hdf5" in r.stderr
+    out = r.stdout
+    assert "1 episodes, 30 frames" in out and "22 samples" in out and "at 8x8" in out
+    assert "right_gripper" in out and "seen: 2-2 variants per episode, e.g. pick it | place it" in out
+
+# ----------------------------------------------------------------------------------------------------
+# model.py
+
+INSTR = ["pick up the shoe", "Grab the left shoe and put it onto the pad next to the blue mat", "place it"]
+
+
+def images(b=len(INSTR), n=2, size=224, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+def lora_vla(tiny_dir, **kw):
+    """The tiny model with LoRA whose B matrices are non-zero, as after some training."""
+    torch.manual_seed(0)
+    vla = add_lora(VLA.from_pretrained(tiny_dir, **kw), rank=32)
+    with torch.no_grad():
+        for n, p in vla.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return vla.eval()
+
+
+def openvla_7b_keys():
+    """openvla-7b's state dict as the facts file describes it, written out independently of model.py."""
+    keys = {}
+
+    def vit(prefix, w, depth, mlp, prefix_tokens, layer_scale, attn_pool):
+        keys[f"{prefix}.patch_embed.proj.weight"], keys[f"{prefix}.patch_embed.proj.bias"] = (w, 3, 14, 14), (w,)
+        keys.update({f"{prefix}.{k}": v for k, v in prefix_tokens.items()})
+        keys[f"{prefix}.pos_embed"] = (1, 256, w)
+        for i in range(depth):
+            b = f"{prefix}.blocks.{i}"
+            keys.update({f"{b}.norm1.weight": (w,), f"{b}.norm1.bias": (w,), f"{b}.norm2.weight": (w,),
+                         f"{b}.norm2.bias": (w,), f"{b}.attn.qkv.weight": (3 * w, w), f"{b}.attn.qkv.bias": (3 * w,),
+                         f"{b}.attn.proj.weight": (w, w), f"{b}.attn.proj.bias": (w,),
+                         f"{b}.mlp.fc1.weight": (mlp, w), f"{b}.mlp.fc1.bias": (mlp,),
+                         f"{b}.mlp.fc2.weight": (w, mlp), f"{b}.mlp.fc2.bias": (w,)})
+            if layer_scale:
+                keys[f"{b}.ls1.scale_factor"], keys[f"{b}.ls2.scale_factor"] = (w,), (w,)
+        keys[f"{prefix}.norm.weight"], keys[f"{prefix}.norm.bias"] = (w,), (w,)
+        if attn_pool:
+            p = f"{prefix}.attn_pool"
+            keys.update({f"{p}.latent": (1, 1, w), f"{p}.q.weight": (w, w), f"{p}.q.bias": (w,),
+                         f"{p}.kv.weight": (2 * w, w), f"{p}.kv.bias": (2 * w,), f"{p}.proj.weight": (w, w),
+                         f"{p}.proj.bias": (w,), f"{p}.norm.weight": (w,), f"{p}.norm.bias": (w,),
+                         f"{p}.mlp.fc1.weight": (mlp, w), f"{p}.mlp.fc1.bias": (mlp,),
+                         f"{p}.mlp.fc2.weight": (w, mlp), f"{p}.mlp.fc2.bias": (w,)})
+
+    vit("vision_backbone.featurizer", 1024, 24, 4096,
+        {"cls_token": (1, 1, 1024), "reg_token": (1, 4, 1024)}, layer_scale=True, attn_pool=False)
+    vit("vision_backbone.fused_featurizer", 1152, 27, 4304, {}, layer_scale=False, attn_pool=True)
+    for i, (o, n) in enumerate([(8704, 2176), (4096, 8704), (4096, 4096)], 1):
+        keys[f"projector.fc{i}.weight"], keys[f"projector.fc{i}.bias"] = (o, n), (o,)
+    lm = "language_model.model"
+    keys[f"{lm}.embed_tokens.weight"], keys["language_model.lm_head.weight"] = (32064, 4096), (32064, 4096)
+    keys[f"{lm}.norm.weight"] = (4096,)
+    for i in range(32):
+        b = f"{lm}.layers.{i}"
+        keys.update({f"{b}.self_attn.{p}_proj.weight": (4096, 4096) for p in "qkvo"})
+        keys.update({f"{b}.mlp.gate_proj.weight": (11008, 4096), f"{b}.mlp.up_proj.weight": (11008, 4096),
+                     f"{b}.mlp.down_proj.weight": (4096, 11008), f"{b}.input_layernorm.weight": (4096,),
+                     f"{b}.post_attention_layernorm.weight": (4096,)})
+    return keys
+
+
+def test_7b_keys_and_shapes_match_the_checkpoint_except_the_skip_list():
+    vla = VLA.from_config(openvla_7b_config(), torch.bfloat16, "meta")  # shapes only, no memory
+    head = {k for k in vla.state_dict() if k.startswith(("action_head.", "action_queries"))}
+    ckpt = {k: torch.empty(s, dtype=torch.bfloat16, device="meta") for k, s in openvla_7b_keys().items()}
+    unused = {k for k in ckpt if k.startswith(("vision_backbone.featurizer.blocks.23.",
+                                               "vision_backbone.featurizer.norm.",
+                                               "vision_backbone.fused_featurizer.blocks.26.",
+                                               "vision_backbone.fused_featurizer.norm.",
+                                               "vision_backbone.fused_featurizer.attn_pool."))}
+    ours = {k: tuple(v.shape) for k, v in vla.state_dict().items() if k not in head}
+    assert ours == {k: tuple(v.shape) for k, v in ckpt.items() if k not in unused}
+    assert {k for k in ckpt if k.startswith(tuple(skipped_prefixes(vla.config)))} == unused
+    check_keys(vla, ckpt.keys(), "openvla-7b")  # the loader's own check accepts it...
+    with pytest.raises(ValueError, match="unexpected keys .*language_model.model.rotary_emb.inv_freq"):
+        check_keys(vla, [*ckpt, "language_model.model.rotary_emb.inv_freq"], "openvla-7b")  # ...and nothing more
+    result = vla.load_state_dict({k: v for k, v in ckpt.items() if k not in unused}, strict=False, assign=True)
+    assert set(result.missing_keys) == head and not result.unexpected_keys  # and no shape mismatch was raised
+    assert sum(p.numel() for p in vla.action_head.parameters()) == pytest.approx(50e6, rel=0.02)
+    assert vla.llm.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_tiny_loads_from_its_directory(tiny_dir):
+    assert not os.path.exists(os.path.join(tiny_dir, "action_head.safetensors"))  # a base checkpoint
+    vla = VLA.from_pretrained(tiny_dir)
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in vla.parameters())
+    ckpt = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    assert any(k.startswith("vision_backbone.fused_featurizer.attn_pool.") for k in ckpt)  # the skip list is used
+    for k, v in vla.state_dict().items():
+        if k in ckpt:
+            assert torch.equal(v, ckpt[k]), k
+    rope = vla.llm.model.rotary_emb.inv_freq
+    hd = vla.llm.config.hidden_size // vla.llm.config.num_attention_heads
+    assert torch.allclose(rope, 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+    ids = vla.tokenize(["Pick up the shoe and place it on the mat"])[0]
+    tok = vla.tokenizer
+    assert ids[0] == tok.token_to_id("<s>") == 1 and ids[-1] == tok.token_to_id("▁")
+    prompt = "In: What action should the robot take to pick up the shoe and place it on the mat?\nOut:"
+    assert tok.decode(ids) == prompt + " "  # + the bare "▁"
+    assert len(ids) < 30  # words are pieces, not bytes
+    pre = json.load(open(os.path.join(tiny_dir, "preprocessor_config.json")))["tvf_normalize_params"]
+    assert pre[0]["mean"] == [0.484375, 0.455078125, 0.40625]
+    assert pre[0]["std"] == [0.228515625, 0.2236328125, 0.224609375]
+    assert pre[1]["mean"] == [0.5] * 3 and pre[1]["std"] == [0.5] * 3
+
+
+def test_forward_shape_and_bf16(tiny_dir):
+    vla = VLA.from_pretrained(tiny_dir)
+    out = vla(images(size=256), INSTR)  # 256x256 frames are resized to 224
+    assert out.shape == (3, 8, 14) and out.dtype == torch.float32 and out.isfinite().all()
+    bf = VLA.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    assert bf.projector.fc1.weight.dtype == torch.bfloat16 and bf.action_head[1].weight.dtype == torch.float32
+    assert bf.llm.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert bf(images(size=256), INSTR).dtype == torch.float32
+
+
+def test_embed_images_shape_camera_order_and_preprocessing(tiny_dir):
+    vla = VLA.from_pretrained(tiny_dir)
+    a, b = images(1, 1, seed=1), images(1, 1, seed=2)
+    ea, eb, eab, eba = (vla.embed_images(x) for x in (a, b, torch.cat([a, b], 1), torch.cat([b, a], 1)))
+    assert eab.shape == (1, 512, vla.llm.config.hidden_size)
+    torch.testing.assert_close(eab, torch.cat([ea, eb], 1))
+    torch.testing.assert_close(eba, torch.cat([eb, ea], 1))
+    # by hand: per-tower normalization from preprocessor_config.json, DINOv2 channels first, GELU projector
+    pre = json.load(open(os.path.join(tiny_dir, "preprocessor_config.json")))["tvf_normalize_params"]
+    x = a[:, 0].float() / 255
+    feats = [tower((x - torch.tensor(p["mean"]).view(3, 1, 1)) / torch.tensor(p["std"]).view(3, 1, 1))
+             for tower, p in zip([vla.vision_backbone.featurizer, vla.vision_backbone.fused_featurizer], pre)]
+    assert feats[0].shape == (1, 256, 64) and feats[1].shape == (1, 256, 96)
+    p = vla.projector
+    torch.testing.assert_close(ea, p.fc3(F.gelu(p.fc2(F.gelu(p.fc1(torch.cat(feats, -1)))))))
+    assert vla.embed_images(images(2, 3, size=200)).shape == (2, 768, vla.llm.config.hidden_size)
+    # 256x256 frames are squashed to 224 like the reference's PIL bicubic resize (antialiased)
+    seen = []
+    vla.vision_backbone.featurizer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    big = images(1, 1, size=256)
+    vla.embed_images(big)
+    mean, std = (torch.tensor(pre[0][k]).view(3, 1, 1) for k in ("mean", "std"))
+    ours = (seen[-1][0] * std + mean) * 255
+    pil = Image.fromarray(big[0, 0].permute(1, 2, 0).numpy()).resize((224, 224), Image.BICUBIC)
+    assert (ours - torch.tensor(np.asarray(pil)).permute(2, 0, 1)).abs().mean() < 1.0
+
+
+def test_vit_block_and_tower_by_hand():
+    torch.manual_seed(0)
+    d, heads, mlp = 8, 2, 16
+    block = Block(d, heads, mlp, layer_scale=True).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_()
+    x = torch.randn(2, 5, d, dtype=torch.float64)
+
+    def ln(t, w, b):
+        mu, var = t.mean(-1, keepdim=True), t.var(-1, unbiased=False, keepdim=True)
+        return (t - mu) / torch.sqrt(var + 1e-6) * w + b
+
+    sd = {k: v.detach() for k, v in block.state_dict().items()}
+    h = ln(x, sd["norm1.weight"], sd["norm1.bias"]) @ sd["attn.qkv.weight"].T + sd["attn.qkv.bias"]
+    q, k, v = h[..., :d], h[..., d:2 * d], h[..., 2 * d:]  # rows [q; k; v], heads contiguous
+    out = []
+    for i in range(heads):
+        s = slice(i * d // heads, (i + 1) * d // heads)
+        att = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(d // heads), -1)
+        out.append(att @ v[..., s])
+    x1 = x + sd["ls1.scale_factor"] * (torch.cat(out, -1) @ sd["attn.proj.weight"].T + sd["attn.proj.bias"])
+    m = ln(x1, sd["norm2.weight"], sd["norm2.bias"]) @ sd["mlp.fc1.weight"].T + sd["mlp.fc1.bias"]
+    m = 0.5 * m * (1 + torch.erf(m / math.sqrt(2)))  # exact GELU
+    expected = x1 + sd["ls2.scale_factor"] * (m @ sd["mlp.fc2.weight"].T + sd["mlp.fc2.bias"])
+    torch.testing.assert_close(block(x), expected)
+
+    # the tower: pos_embed added to the patches, then cls + registers prepended, last block not run, prefix dropped
+    spec = dict(width=d, depth=3, heads=heads, mlp=mlp, cls=True, regs=4, layer_scale=True)
+    vit = ViT(spec, 28).double()
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.normal_(0, 0.5)
+    assert len(vit.blocks) == 2
+    img = torch.randn(1, 3, 28, 28, dtype=torch.float64)
+    w = vit.patch_embed.proj.weight
+    patches = torch.stack([(img[0, :, 14 * r:14 * r + 14, 14 * c:14 * c + 14] * w).sum((1, 2, 3))
+                           for r in range(2) for c in range(2)])[None] + vit.patch_embed.proj.bias + vit.pos_embed
+    t = torch.cat([vit.cls_token, vit.reg_token, patches], 1)
+    torch.testing.assert_close(vit(img), vit.blocks[1](vit.blocks[0](t))[:, 5:])
+
+
+def test_one_step_trains_only_lora_and_head(tiny_dir):
+    torch.manual_seed(0)
+    vla = add_lora(VLA.from_pretrained(tiny_dir), rank=32).train()
+    cfg = vla.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.init_lora_weights) == (32, 16, 0.0, "gaussian")
+    wrapped = {n for n, m in vla.named_modules() if isinstance(m, LoraLayer)}
+    assert len(wrapped) == 2 * 2 * 4 + 3 + 2 * 7  # 2 towers x 2 blocks x 4, projector, 2 LLM layers x 7
+    assert not any(n.startswith(("action_head", "language_model.lm_head")) for n in wrapped)
+    trainable = {n for n, p in vla.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or n.startswith(("action_head.", "action_queries")) for n in trainable)
+    assert {n for n in trainable if not "lora_" in n} == {n for n, _ in vla.named_parameters()
+                                                          if n.startswith(("action_head.", "action_queries"))}
+    assert [n for n, p in vla.named_parameters() if p.requires_grad] == \
+        [n for n, p in add_lora(VLA.from_pretrained(tiny_dir)).named_parameters() if p.requires_grad]  # same order
+    frozen = {n: p.detach().clone() for n, p in vla.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in vla.parameters() if p.requires_grad], lr=1e-3)
+    x, target = images(2), torch.randn(2, 8, 14)
+    out0 = vla(x, INSTR[:2])
+    (out0 - target).abs().mean().backward()
+    for n, p in vla.named_parameters():
+        assert (p.grad is not None) == (n in trainable), n
+    # lora_B starts at zero, so lora_A has no gradient until B has moved: after one step every gradient is non-zero
+    opt.step()
+    opt.zero_grad()
+    out1 = vla(x, INSTR[:2])
+    (out1 - target).abs().mean().backward()
+    assert [n for n, p in vla.named_parameters() if n in trainable and not p.grad.abs().sum() > 0] == []
+    assert not torch.equal(out0, out1)
+    for n, p in vla.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert "trainable" in param_report(vla)
+
+
+def test_grad_ckpt_gives_the_same_gradients(tiny_dir):
+    def grads(ckpt):
+        vla = lora_vla(tiny_dir).train()
+        if ckpt:
+            enable_grad_ckpt(vla)
+        vla(images(1), INSTR[:1]).square().sum().backward()
+        return {n: p.grad for n, p in vla.named_parameters() if p.requires_grad}
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        torch.testing.assert_close(plain[n], ckpt[n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_batched_equals_one_by_one(tiny_dir, bidirectional):
+    vla = VLA.from_pretrained(tiny_dir, bidirectional=bidirectional)
+    assert len({len(t) for t in vla.tokenize(INSTR)}) == 3
+    x = images()
+    batched = vla(x, INSTR)
+    single = torch.cat([vla(x[i:i + 1], INSTR[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+    swapped = vla(x[[0, 0]], [INSTR[0], INSTR[1]])  # same image, another prompt: the prompt matters
+    assert (swapped[0] - swapped[1]).abs().max() > 1e-3
+
+
+def test_bidirectional_and_causal_differ(tiny_dir):
+    vla = VLA.from_pretrained(tiny_dir)
+    x, queries = images(2), vla.action_queries.detach().clone()
+
+    def run(bidirectional, bump):  # bump the last action query and see which chunk steps notice
+        vla.bidirectional = bidirectional
+        with torch.no_grad():
+            vla.action_queries.copy_(queries)
+            vla.action_queries[-1] += bump
+            return vla(x, INSTR[:2])
+    c0, c1, b0, b1 = run(False, 0.0), run(False, 1.0), run(True, 0.0), run(True, 1.0)
+    torch.testing.assert_close(c0[:, :-1], c1[:, :-1], atol=1e-6, rtol=0)  # causal: earlier queries never see it
+    assert (b0[:, :-1] - b1[:, :-1]).abs().amax((0, 2)).min() > 1e-4  # bidirectional: every query sees it
+    assert (c0 - b0)[:, 0].abs().max() > 1e-3
+    one = VLA.from_pretrained(tiny_dir, chunk=1)  # one query: the same either way, as nothing else sees it
+    causal = one(x, INSTR[:2])
+    one.bidirectional = True
+    torch.testing.assert_close(one(x, INSTR[:2]), causal, atol=1e-6, rtol=1e-5)
+
+
+def test_save_and_load_trained_reproduce_outputs(tiny_dir, tmp_path):
+    vla = lora_vla(tiny_dir, chunk=4, action_dim=7, bidirectional=True)
+    x = images(2)
+    out = vla(x, INSTR[:2])
+    save_trained(vla, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["action_head.safetensors", "adapter_config.json",
+                                            "adapter_model.safetensors"]
+    assert all(k.startswith("base_model.model.") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    fresh = VLA.from_pretrained(tiny_dir)  # default chunk 8 x 14, causal: the head's config wins
+    assert not hasattr(fresh, "peft_config")
+    load_trained(fresh, str(tmp_path))
+    assert (fresh.chunk, fresh.action_dim, fresh.bidirectional) == (4, 7, True)
+    assert torch.equal(fresh.eval()(x, INSTR[:2]), out)
+    again = add_lora(VLA.from_pretrained(tiny_dir, chunk=4, action_dim=7))  # resume: LoRA already injected
+    assert torch.equal(load_trained(again, str(tmp_path)).eval()(x, INSTR[:2]), out)
+
+
+def test_merge_matches_lora_and_export_reloads(tiny_dir, tmp_path):
+    vla = lora_vla(tiny_dir)
+    x = images(2)
+    out = vla(x, INSTR[:2])
+    with pytest.raises(ValueError, match="merge_lora"):
+        save_pretrained(vla, str(tmp_path / "export"))
+    merge_lora(vla)
+    assert not any(isinstance(m, LoraLayer) for m in vla.modules())
+    assert set(vla.state_dict()) == set(VLA.from_pretrained(tiny_dir).state_dict())
+    merged = vla(x, INSTR[:2])
+    torch.testing.assert_close(merged, out, atol=1e-5, rtol=1e-4)
+    assert (merged - VLA.from_pretrained(tiny_dir)(x, INSTR[:2])).abs().max() > 1e-3  # LoRA changed something
+    save_pretrained(vla, str(tmp_path / "export"), max_shard_bytes=1 << 20)  # several shards + index
+    assert os.path.exists(tmp_path / "export" / "model.safetensors.index.json")
+    torch.testing.assert_close(VLA.from_pretrained(str(tmp_path / "export"))(x, INSTR[:2]), merged, atol=0, rtol=0)
+
+
+def test_merge_cli(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+    vla = lora_vla(tiny_dir)
+    save_trained(vla, str(tmp_path / "ckpt"))
+    for f in ("dataset_statistics.json", "args.json"):
+        json.dump({"x": 1}, open(tmp_path / "ckpt" / f, "w"))
+    merge_lora(vla)
+    cmd = [sys.executable, "model.py", "--merge", str(tmp_path / "ckpt"), "--base", tiny_dir,
+           "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "float32"]
+    subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert {"dataset_statistics.json", "args.json", "config.json"} <= set(os.listdir(tmp_path / "out"))
+    assert "adapter_config.json" not in os.listdir(tmp_path / "out")
+    x = images(2)
+    torch.testing.assert_close(VLA.from_pretrained(str(tmp_path / "out"))(x, INSTR[:2]), vla(x, INSTR[:2]))
+
+
+def test_broken_checkpoints_give_clear_errors(tiny_dir, tmp_path, monkeypatch):
+    def copy(name):
+        return shutil.copytree(tiny_dir, tmp_path / name)
+
+    d = copy("corrupt")
+    with open(d / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(d / "model.safetensors") // 2)
+    with pytest.raises(ValueError, match="corrupt safetensors file .*model.safetensors"):
+        VLA.from_pretrained(str(d))
+
+    d = tmp_path / "sharded"
+    save_pretrained(VLA.from_pretrained(tiny_dir), str(d), max_shard_bytes=1 << 20)
+    shard = sorted(set(json.load(open(d / "model.safetensors.index.json"))["weight_map"].values()))[1]
+    os.remove(d / shard)
+    with pytest.raises(FileNotFoundError, match=f"missing .*{shard}"):
+        VLA.from_pretrained(str(d))
+
+    for name, edit, match in [
+            ("missing-key", lambda sd: sd.pop("projector.fc2.bias"), r"missing keys \[projector.fc2.bias\]"),
+            ("extra-key", lambda sd: sd.update(extra=torch.zeros(1)), r"unexpected keys \[extra\]")]:
+        d = copy(name)
+        sd = load_file(d / "model.safetensors")
+        edit(sd)
+        save_file(sd, d / "model.safetensors")
+        with pytest.raises(ValueError, match=match):
+            VLA.from_pretrained(str(d))
+
+    d = copy("no-config")
+    os.remove(d / "config.json")
+    with pytest.raises(FileNotFoundError, match="missing .*config.json"):
+        VLA.from_pretrained(str(d))
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt .*config.json"):
+        VLA.from_pretrained(str(d))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        VLA.from_pretrained(str(tmp_path / "nowhere"))
+
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with pytest.raises(RuntimeError, match="offline.*--vla_path"):
+        VLA.from_pretrained("openvla/openvla-7b")
+
+    vla = lora_vla(tiny_dir)
+    save_trained(vla, str(tmp_path / "ckpt"))
+    with open(tmp_path / "ckpt" / "action_head.safetensors", "r+b") as f:
+        f.write(b"\xff" * 16)
+    with pytest.raises(ValueError, match="corrupt safetensors file .*action_head.safetensors"):
+        load_trained(VLA.from_pretrained(tiny_dir), str(tmp_path / "ckpt"))
+    os.remove(tmp_path / "ckpt" / "adapter_model.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing .*adapter_model.safetensors"):
+        load_trained(VLA.from_pretrained(tiny_dir), str(tmp_path / "ckpt"))
+    os.remove(tmp_path / "ckpt" / "adapter_config.json")
+    with pytest.raises(FileNotFoundError, match="missing .*adapter_config.json"):
+        load_trained(VLA.from_pretrained(tiny_dir), str(tmp_path / "ckpt"))
+
+# ----------------------------------------------------------------------------------------------------
+# train.py
+
+def train_flags(tiny_dir, demo_dir, out, *extra):
+    return ["--vla_path", tiny_dir, "--data_dir", demo_dir, "--out_dir", str(out), "--val_episodes", "1",
+            "--batch_size", "2", "--num_workers", "0", "--lora_rank", "4", "--log_interval", "1",
+            "--eval_batches", "2", *map(str, extra)]
+
+
+def run_train(flags, nproc=1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + ["train.py", *flags]
+    return subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def trained_weights(ckpt):
+    return load_file(os.path.join(ckpt, "adapter_model.safetensors")) | load_file(
+        os.path.join(ckpt, "action_head.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="session")
+def run_a(tiny_dir, demo_dir, tmp_path_factory):
+    """6 steps, checkpoints at 3 and 6, lr decay after step 4: the reference for resume, lr and metrics tests."""
+    out = tmp_path_factory.mktemp("run_a")
+    r = run_train(train_flags(tiny_dir, demo_dir, out, "--max_steps", 6, "--save_interval", 3, "--eval_interval", 3,
+                              "--lr_decay_step", 4))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_checkpoint_is_complete(run_a):
+    ckpts = sorted(glob.glob(str(run_a / "step_*")))
+    assert [os.path.basename(c) for c in ckpts] == ["step_000003", "step_000006"]
+    for f in ["adapter_model.safetensors", "adapter_config.json", "action_head.safetensors",
+              "dataset_statistics.json", "args.json", "trainer_state.pt"]:
+        assert os.path.isfile(os.path.join(ckpts[-1], f)), f
+    state = torch.load(os.path.join(ckpts[-1], "trainer_state.pt"), weights_only=True)
+    assert state["step"] == 6 and state["optimizer"]["state"]
+    args = json.load(open(os.path.join(ckpts[-1], "args.json")))
+    assert args["vla_path"] and len(args["val_episode_files"]) == 1
+
+
+def test_metrics_and_lr_decay(run_a):
+    rows = [json.loads(line) for line in open(run_a / "metrics.jsonl")]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_l1" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    for r in train_rows:
+        assert {"step", "loss", "curr_l1", "future_l1", "lr"} <= r.keys() and np.isfinite(r["loss"])
+    assert [r["lr"] for r in train_rows] == pytest.approx([5e-4] * 4 + [5e-5] * 2)
+    assert [r["step"] for r in eval_rows] == [3, 6]
+    for r in eval_rows:
+        assert r["val_l1_baseline"] > 0 and r["val_l1"] > 0 and r["val_l1_raw"] > 0
+
+
+def test_resume_is_exact(run_a, tiny_dir, demo_dir, tmp_path):
+    r = run_train(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 6, "--save_interval", 3,
+                              "--eval_interval", 3, "--lr_decay_step", 4, "--resume", run_a / "step_000003"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    resumed, straight = trained_weights(tmp_path / "step_000006"), trained_weights(run_a / "step_000006")
+    assert max_diff(resumed, straight) <= 1e-6
+    assert max_diff(trained_weights(run_a / "step_000003"), straight) > 1e-4  # the last 3 steps did change them
+
+
+def test_torchrun_two_ranks(tiny_dir, demo_dir, tmp_path):
+    r = run_train(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 2, "--save_interval", 2,
+                              "--eval_interval", 2), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trainable weights identical on all 2 ranks" in r.stdout
+    assert "global batch 4 = 2 x 1 accum x 2 ranks" in r.stdout
+    assert os.path.isfile(tmp_path / "step_000002" / "trainer_state.pt")
+    assert not glob.glob(str(tmp_path / "*.tmp"))
+
+
+def test_grad_accum_matches_bigger_batch(tiny_dir, demo_dir, tmp_path):
+    weights = []
+    for name, flags in [("b2", ["--batch_size", 2]), ("b1a2", ["--batch_size", 1, "--grad_accum", 2])]:
+        out = tmp_path / name
+        r = run_train(train_flags(tiny_dir, demo_dir, out, "--max_steps", 2, "--save_interval", 2, "--eval_interval", 2)
+                      + list(map(str, flags)))
+        assert r.returncode == 0, r.stderr[-3000:]
+        weights.append(trained_weights(out / "step_000002"))
+    assert max_diff(*weights) <= 1e-5
+
+
+def test_nan_loss_stops_without_saving(tiny_dir, demo_dir, tmp_path):
+    r = run_train(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 6, "--save_interval", 1, "--lr", 1e30))
+    assert r.returncode != 0
+    line = [l for l in r.stderr.splitlines() if "loss is" in l][-1]
+    bad_step = int(line.split(" at step ")[1].split(";")[0])
+    assert "Traceback" not in r.stderr
+    saved = sorted(int(os.path.basename(c)[5:]) for c in glob.glob(str(tmp_path / "step_*")))
+    assert saved == list(range(1, bad_step))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cameras", "head_camera_image,top_cam"], "unknown camera top_cam"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--chunk", "5000"], "too short"),
+    (["--resume", "/nonexistent/step_000100"], "no checkpoint there"),
+])
+def test_bad_flags_fail_before_the_model_loads(flags, message, tiny_dir, demo_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        train.main(train_flags(tiny_dir, demo_dir, tmp_path) + flags)
+    assert e.value.code != 0
+    assert message in str(e.value.code) + capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_checkpoints(run_a, tiny_dir, demo_dir, monkeypatch):
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        train.main(train_flags(tiny_dir, demo_dir, run_a))
+
+# ----------------------------------------------------------------------------------------------------
+# infer.py
+
+@pytest.fixture(scope="session")
+def policy(run_a):
+    return infer.Policy.from_checkpoint(str(run_a / "step_000006"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def val_episode(run_a):
+    return json.load(open(run_a / "step_000006" / "args.json"))["val_episode_files"][0]
+
+
+def frame_dict(episode, t, cameras):
+    return {c: f.permute(1, 2, 0).numpy() for c, f in zip(cameras, episode["frames"](t))}
+
+
+def test_policy_predicts_raw_actions(policy, val_episode):
+    episode = data.read_episode(val_episode, policy.cameras)
+    chunk = policy.predict(frame_dict(episode, 0, policy.cameras), "place the shoe on the mat")
+    assert chunk.shape == (8, 14) and chunk.dtype == np.float32
+    with torch.no_grad():
+        normalized = policy.vla(episode["frames"](0)[None], ["place the shoe on the mat"])[0].numpy()
+    lo, hi = np.array(policy.stats["min"]), np.array(policy.stats["max"])
+    np.testing.assert_allclose(chunk, (normalized + 1) / 2 * (hi - lo) + lo, rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="missing camera left_wrist_image"):
+        policy.predict({"head_camera_image": frame_dict(episode, 0, policy.cameras)["head_camera_image"]}, "x")
+
+
+def test_ensemble_of_consistent_chunks_is_the_trajectory():
+    trajectory = np.random.default_rng(0).normal(size=(30, 14))
+    chunks = [trajectory[t:t + 8] for t in range(30 - 8)]
+    recent = []
+    for t, chunk in enumerate(chunks):
+        recent = (recent + [chunk])[-8:]
+        np.testing.assert_allclose(infer.ensemble(recent), trajectory[t], atol=1e-12)
+    w = np.exp(-0.01 * np.arange(3))
+    older_first = [np.full((8, 14), v) for v in (1.0, 2.0, 3.0)]
+    np.testing.assert_allclose(infer.ensemble(older_first), (w / w.sum()) @ np.array([1.0, 2.0, 3.0]))
+
+
+def test_act_replans_every_execute_steps(run_a, val_episode):
+    policy = infer.Policy.from_checkpoint(str(run_a / "step_000006"), device="cpu", execute=4)
+    episode = data.read_episode(val_episode, policy.cameras)
+    calls = []
+    predict = policy.predict
+    policy.predict = lambda images, text: calls.append(1) or predict(images, text)
+    actions = [policy.act(frame_dict(episode, t, policy.cameras), "place the shoe") for t in range(9)]
+    assert len(calls) == 3 and all(a.shape == (14,) for a in actions)
+    first = predict(frame_dict(episode, 0, policy.cameras), "place the shoe")
+    np.testing.assert_allclose(np.stack(actions[:4]), first[:4], rtol=1e-5, atol=1e-6)
+
+
+def test_infer_episode_end_to_end(run_a, val_episode, policy, tmp_path):
+    ckpt = str(run_a / "step_000006")
+    r = subprocess.run([sys.executable, "infer.py", "--checkpoint", ckpt, "--episode", val_episode,
+                        "--out", str(tmp_path)], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.load(open(tmp_path / "report.json"))
+    img = Image.open(tmp_path / "plot.png")
+    assert img.format == "PNG" and img.size[0] >= 800 and len(img.getcolors(1 << 16) or range(99)) > 3
+    episode = data.read_episode(val_episode, policy.cameras)
+    instruction = episode["seen"][0]
+    assert result["instruction"] == instruction
+    # the same numbers, computed directly from the policy and the file
+    executed = np.stack([policy.predict(frame_dict(episode, t, policy.cameras), instruction)[0]
+                         for t in range(episode["length"])])
+    recorded = episode["actions"]
+    np.testing.assert_allclose(result["executed"], executed, rtol=1e-4, atol=1e-5)
+    assert result["l1_raw"] == pytest.approx(np.abs(executed - recorded).mean(), rel=1e-4)
+    assert result["l1"] == pytest.approx(np.abs(data.normalize(executed, policy.stats) -
+                                                data.normalize(recorded, policy.stats)).mean(), rel=1e-4)
+    assert list(result["l1_per_dim_raw"]) == data.ACTION_NAMES
+    assert list(result["l1_per_position"]) == [f"t+{j}" for j in range(8)]
+    assert 0 <= result["gripper_agreement"] <= 1 and result["latency_ms"]["p95"] >= result["latency_ms"]["p50"] > 0
+
+
+def copy_episode(src, dst, drop=None, action_width=None):
+    with h5py.File(src) as f, h5py.File(dst, "w") as g:
+        for key in f:
+            if key == drop:
+                continue
+            if key == "action" and action_width:
+                g["action"] = f["action"][:, :action_width]
+            else:
+                f.copy(key, g)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no head", "is missing action_head.safetensors"),
+    ("no camera", "left_wrist_image"),
+    ("action width", ", 12), expected (T, 14)"),
+])
+def test_bad_input_fails_before_the_model_loads(case, message, run_a, val_episode, tmp_path, monkeypatch):
+    ckpt, episode = tmp_path / "ckpt", tmp_path / "episode_0.hdf5"
+    shutil.copytree(run_a / "step_000006", ckpt)
+    copy_episode(val_episode, episode, drop="left_wrist_image" if case == "no camera" else None,
+                 action_width=12 if case == "action width" else None)
+    if case == "no head":
+        os.remove(ckpt / "action_head.safetensors")
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--checkpoint", str(ckpt), "--episode", str(episode), "--out", str(tmp_path / "o")])
+    assert message in str(e.value.code) and str(episode if case != "no head" else ckpt) in str(e.value.code)
+
+
+def test_policy_from_merged_export(run_a, policy, val_episode, tmp_path):
+    cmd = [sys.executable, "model.py", "--merge", str(run_a / "step_000006"), "--base", policy.args["vla_path"],
+           "--out", str(tmp_path), "--dtype", "float32"]
+    r = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged = infer.Policy.from_checkpoint(str(tmp_path), device="cpu")
+    episode = data.read_episode(val_episode, policy.cameras)
+    images = frame_dict(episode, 5, policy.cameras)
+    np.testing.assert_allclose(merged.predict(images, "place it"), policy.predict(images, "place it"),
+                               rtol=1e-3, atol=1e-4)

@@ -1,0 +1,334 @@
+"""
+Fine-tune OpenVLA with LoRA and an L1 action-chunk head on HDF5 robot episodes.
+
+One process (CPU or one GPU):
+    python train.py --vla_path out/tiny-openvla --data_dir out/demo_data --out_dir out/run
+All GPUs of this machine (launch.sh wraps torchrun):
+    torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe
+Continue the newest checkpoint exactly where it stopped:
+    torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe --resume auto
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import model
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vla_path", default="openvla/openvla-7b", help="hub id or local OpenVLA checkpoint directory")
+    p.add_argument("--data_dir", required=True, help="directory of episode_*.hdf5 files")
+    p.add_argument("--val_data_dir", help="held-out episodes; default: --val_episodes taken out of --data_dir")
+    p.add_argument("--val_episodes", type=int, default=2, help="episodes held out of --data_dir for validation")
+    p.add_argument("--out_dir", default="out/run")
+    p.add_argument("--cameras", default=",".join(data.DEFAULT_CAMERAS), help="comma-separated, in model order")
+    p.add_argument("--chunk", type=int, default=8, help="actions predicted per forward pass")
+    p.add_argument("--action_dim", type=int, default=14)
+    p.add_argument("--action_offset", type=int, default=0, help=data.ACTION_OFFSET_HELP)
+    p.add_argument("--norm", choices=["bounds", "q99"], default="bounds", help="bounds: min/max, never clips joints")
+    p.add_argument("--batch_size", type=int, default=8, help="per GPU / process")
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr_decay_step", type=int, default=40000, help="the lr is multiplied by --lr_decay_factor here")
+    p.add_argument("--lr_decay_factor", type=float, default=0.1)
+    p.add_argument("--warmup_steps", type=int, default=0)
+    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--max_steps", type=int, default=50000)
+    p.add_argument("--save_interval", type=int, default=5000)
+    p.add_argument("--keep_last", type=int, default=0, help="keep only the newest N checkpoints (0: keep all)")
+    p.add_argument("--eval_interval", type=int, default=1000)
+    p.add_argument("--eval_batches", type=int, default=8, help="validation batches per evaluation (fixed samples)")
+    p.add_argument("--log_interval", type=int, default=10)
+    p.add_argument("--lora_rank", type=int, default=32)
+    p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=False,
+                   help="let the action queries attend to each other (default: causal)")
+    p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute LLM and ViT activations in backward: less memory, ~30%% slower")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--num_workers", type=int, default=4, help="data loader processes per rank")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="frozen base weights and autocast; auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the newest one in --out_dir")
+    args = p.parse_args(argv)
+    positive = ["chunk", "action_dim", "batch_size", "grad_accum", "max_steps", "save_interval", "eval_interval",
+                "eval_batches", "log_interval", "lora_rank"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ["action_offset", "val_episodes", "warmup_steps", "keep_last", "num_workers"]:
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.lr <= 0:
+        p.error(f"--lr must be positive, got {args.lr}")
+    unknown = [c for c in args.cameras.split(",") if c not in data.ALL_CAMERAS]
+    if unknown:
+        p.error(f"--cameras: unknown camera {','.join(unknown)} (choose from {','.join(data.ALL_CAMERAS)})")
+    return args
+
+
+def find_resume(args):
+    """The checkpoint to resume from (None for a fresh run); refuses to write over an earlier run's checkpoints."""
+    done = sorted(glob.glob(os.path.join(args.out_dir, "step_[0-9]*[0-9]")))  # "*.tmp" are unfinished saves
+    if args.resume is None:
+        if done:
+            sys.exit(f"error: --out_dir {args.out_dir} already holds checkpoints: pass --resume auto, or a new "
+                     "--out_dir")
+        return None
+    if args.resume == "auto":
+        return done[-1] if done else None
+    if not os.path.isfile(os.path.join(args.resume, "trainer_state.pt")):
+        sys.exit(f"error: --resume {args.resume}: no checkpoint there (trainer_state.pt missing)")
+    return args.resume
+
+
+def get_lr(step, args):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    return args.lr * (args.lr_decay_factor if step >= args.lr_decay_step else 1.0)
+
+
+def epoch_batches(n, args, rank, world, epoch):
+    """This rank's batches for one epoch: one seeded shuffle shared by all ranks, each rank taking its own slice."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+    per_rank = n // world // args.batch_size * args.batch_size  # equal step counts keep the ranks in lockstep
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + args.batch_size] for i in range(0, per_rank, args.batch_size)]
+
+
+def batch_stream(dataset, args, rank, world, epoch, pos, pin):
+    """Endless micro-batches with their (epoch, position) so a resumed run continues with the next unseen one."""
+    while True:
+        dataset.set_epoch(epoch)
+        batches = epoch_batches(len(dataset), args, rank, world, epoch)[pos:]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
+                                             pin_memory=pin)
+        for batch in loader:
+            pos += 1
+            yield epoch, pos, batch
+        epoch, pos = epoch + 1, 0
+
+
+def l1_terms(pred, target):
+    """Loss, current-step L1 and future-steps L1, as OpenVLA-OFT reports them."""
+    err = (pred.float() - target).abs()
+    return err.mean(), err[:, 0].mean(), err[:, 1:].mean()
+
+
+@torch.no_grad()
+def evaluate(vla, val_set, stats, args, device, autocast, rank, world):
+    """L1 on a fixed, evenly spaced set of validation samples, sharded over ranks, against a mean-action baseline."""
+    vla.eval()
+    n = min(len(val_set), args.eval_batches * args.batch_size)
+    picks = torch.linspace(0, len(val_set) - 1, n).round().long().tolist()[rank::world]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, picks), batch_size=args.batch_size,
+                                         num_workers=min(args.num_workers, 2))
+    mean = data.normalize(torch.tensor(stats["mean"]), stats, args.norm).to(device)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # curr, future, raw, baseline, count
+    for batch in loader:
+        with autocast:
+            pred = vla(batch["images"].to(device), batch["instruction"]).float()
+        target = batch["actions"].to(device)
+        err = (pred - target).abs()
+        raw = (data.unnormalize(pred, stats, args.norm) - data.unnormalize(target, stats, args.norm)).abs()
+        b = len(target)
+        sums += torch.stack([err[:, 0].mean() * b, err[:, 1:].mean() * b, raw.mean() * b,
+                             (mean - target).abs().mean() * b, torch.tensor(b, device=device)]).double()
+    if world > 1:
+        dist.all_reduce(sums)
+    curr, future, raw, baseline = (sums[:4] / sums[4]).tolist()
+    vla.train()
+    k = args.chunk
+    return {"val_l1": (curr + (k - 1) * future) / k, "val_curr_l1": curr, "val_future_l1": future,
+            "val_l1_raw": raw, "val_l1_baseline": baseline}
+
+
+def save_checkpoint(vla, opt, step, stream_state, stats, stats_counts, args, world):
+    """Rank 0 writes step_NNNNNN.tmp and renames it once whole, so a crash never leaves a checkpoint that looks done."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    final = os.path.join(args.out_dir, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_trained(vla, tmp)
+    data.save_stats(os.path.join(tmp, "dataset_statistics.json"), stats, **stats_counts)
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args) | {"world_size": world}, f, indent=1)
+    epoch, pos = stream_state
+    torch.save({"step": step, "optimizer": opt.state_dict(), "epoch": epoch, "pos": pos, "world_size": world,
+                "rng": rngs}, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if args.keep_last:
+        for old in sorted(glob.glob(os.path.join(args.out_dir, "step_[0-9]*[0-9]")))[:-args.keep_last]:
+            shutil.rmtree(old)
+    print(f"saved {final}", flush=True)
+
+
+def check_ranks_agree(trainable, world):
+    """DDP must keep every rank's trainable weights identical; a silent divergence would waste the whole run."""
+    sums = torch.stack([p.detach().double().sum() for p in trainable]).cpu()
+    everyone = [None] * world
+    dist.all_gather_object(everyone, sums)
+    if not all(torch.equal(s, sums) for s in everyone):
+        raise RuntimeError("trainable weights differ between ranks")
+    return f"trainable weights identical on all {world} ranks"
+
+
+def main(argv=None):
+    args = get_args(argv)
+    resume = find_resume(args)
+    # -------------------------------------------------------------------------------- distributed
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    use_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if ddp:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    else:
+        rank, local_rank, world = 0, 0, 1
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    master = rank == 0
+    torch.manual_seed(args.seed + rank)
+    dtype = {"auto": torch.bfloat16 if use_cuda else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    log = print if master else (lambda *a, **k: None)
+
+    # -------------------------------------------------------------------------------- data, checked before the model
+    cameras = args.cameras.split(",")
+    try:
+        paths = data.list_episodes(args.data_dir)
+        if args.val_data_dir:
+            train_paths, val_paths = paths, data.list_episodes(args.val_data_dir)
+        else:
+            train_paths, val_paths = data.split_episodes(paths, args.val_episodes, args.seed)
+        stats = data.load_stats(os.path.join(resume, "dataset_statistics.json")) if resume else None
+        common = dict(cameras=cameras, chunk=args.chunk, action_dim=args.action_dim, norm=args.norm,
+                      action_offset=args.action_offset)
+        train_set = data.EpisodeDataset(train_paths, stats=stats, seed=args.seed, **common)
+        stats = train_set.stats
+        stats_counts = {"num_transitions": sum(train_set.lengths), "num_trajectories": len(train_set.paths)}
+        val_set = data.EpisodeDataset(val_paths, stats=stats, instruction_variant=0, **common) if val_paths else None
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    if not epoch_batches(len(train_set), args, 0, world, 0):
+        sys.exit(f"error: {len(train_set)} training samples cannot fill one batch of --batch_size {args.batch_size} "
+                 f"on each of {world} ranks")
+    args.val_episode_files = val_paths  # saved in args.json so infer.py can be pointed at episodes never trained on
+    global_batch = args.batch_size * args.grad_accum * world
+    log(json.dumps(vars(args) | {"world_size": world, "global_batch": global_batch}, indent=1))
+    log(f"train: {len(train_paths)} episodes, {len(train_set)} samples | val: {len(val_paths)} episodes | "
+        f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} accum x {world} ranks")
+
+    # -------------------------------------------------------------------------------- model
+    vla = model.VLA.from_pretrained(args.vla_path, dtype=dtype, device=device, chunk=args.chunk,
+                                    action_dim=args.action_dim, bidirectional=args.bidirectional)
+    model.add_lora(vla, rank=args.lora_rank)
+    if args.grad_ckpt:
+        model.enable_grad_ckpt(vla)
+    trainable = [p for p in vla.parameters() if p.requires_grad]  # fp32 even on a bf16 base: AdamW needs it
+    if resume:
+        model.load_trained(vla, resume)
+    log(model.param_report(vla))
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    start_step, epoch, pos = 0, 0, 0
+    if resume:
+        state = torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        start_step, epoch, pos = state["step"], state["epoch"], state["pos"] * state["world_size"] // world
+        if state["world_size"] == world:
+            torch.set_rng_state(state["rng"][rank]["cpu"])
+            if use_cuda and state["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
+        else:
+            log(f"note: resuming on {world} ranks a run saved on {state['world_size']}: data order will differ")
+        log(f"resumed from {resume} at step {start_step}")
+    train_vla = vla
+    if ddp:
+        frozen = [n for n, p in vla.named_parameters() if not p.requires_grad] + [n for n, _ in vla.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(vla, frozen)  # broadcast and sync only what trains
+        train_vla = DDP(vla, device_ids=[local_rank] if use_cuda else None)
+    os.makedirs(args.out_dir, exist_ok=True)
+    metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+
+    def record(row, line):
+        log(line, flush=True)
+        if master:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    # -------------------------------------------------------------------------------- training loop
+    stream = batch_stream(train_set, args, rank, world, epoch, pos, use_cuda)
+    stream_state = (epoch, pos)
+    vla.train()
+    t_log, steps_since_log = time.time(), 0
+    for step in range(start_step + 1, args.max_steps + 1):
+        lr = get_lr(step - 1, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        terms = torch.zeros(3, device=device)
+        for micro in range(args.grad_accum):
+            epoch, pos, batch = next(stream)
+            last = micro == args.grad_accum - 1
+            with train_vla.no_sync() if ddp and not last else nullcontext():
+                with autocast:
+                    pred = train_vla(batch["images"].to(device, non_blocking=True), batch["instruction"])
+                loss, curr, future = l1_terms(pred, batch["actions"].to(device, non_blocking=True))
+                (loss / args.grad_accum).backward()
+            terms += torch.stack([loss, curr, future]).detach() / args.grad_accum
+        if ddp:
+            dist.all_reduce(terms)
+            terms /= world
+        loss, curr, future = terms.tolist()
+        if not math.isfinite(loss):
+            sys.exit(f"error: loss is {loss} at step {step}; stopping without saving this state "
+                     f"(last good checkpoint, if any, is in {args.out_dir})")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stream_state = (epoch, pos)
+        steps_since_log += 1
+        if step % args.log_interval == 0 or step == args.max_steps:
+            dt = (time.time() - t_log) / steps_since_log
+            eta = dt * (args.max_steps - step)
+            record({"step": step, "loss": loss, "curr_l1": curr, "future_l1": future, "lr": lr, "ms": dt * 1000},
+                   f"step {step}/{args.max_steps} | loss {loss:.4f} | curr l1 {curr:.4f} | future l1 {future:.4f} | "
+                   f"lr {lr:.2e} | {dt * 1000:.0f} ms | {global_batch / dt:.1f} samples/s | "
+                   f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m")
+            t_log, steps_since_log = time.time(), 0
+        t_aside = time.time()  # evaluation and saving stay out of the step time and the eta
+        if val_set is not None and (step % args.eval_interval == 0 or step == args.max_steps):
+            row = evaluate(vla, val_set, stats, args, device, autocast, rank, world)
+            record({"step": step} | row, f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        if step % args.save_interval == 0 or step == args.max_steps:
+            if ddp:
+                log(check_ranks_agree(trainable, world))
+            save_checkpoint(vla, opt, step, stream_state, stats, stats_counts, args, world)
+        t_log += time.time() - t_aside
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
