@@ -7,7 +7,7 @@
 #   bash launch.sh --demo     # tiny model + demo episodes: make them, train, check a held-out episode
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 
 if [ "${1:-}" = "--demo" ]; then
   shift
@@ -29,6 +29,10 @@ fi
 
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 NPROC=${NPROC:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 1)}
-exec $PY -m torch.distributed.run --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
-  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-  --nproc_per_node "$NPROC" train.py "$@"
+if [ "${NNODES:-1}" = 1 ]; then
+  RDZV=(--standalone)  # a free local port, no address to configure
+else
+  RDZV=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK (0..NNODES-1) on each node}"
+        --master_addr "${MASTER_ADDR:?set MASTER_ADDR to node 0}" --master_port "${MASTER_PORT:-29500}")
+fi
+exec $PY -m torch.distributed.run "${RDZV[@]}" --nproc_per_node "$NPROC" train.py "$@"
