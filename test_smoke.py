@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import bench
 import data
 import infer
 import model
@@ -980,3 +981,43 @@ def test_policy_from_merged_export(run_a, policy, val_episode, tmp_path):
     images = frame_dict(episode, 5, policy.cameras)
     np.testing.assert_allclose(merged.predict(images, "place it"), policy.predict(images, "place it"),
                                rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py
+
+
+def test_bench_flops_match_a_hand_count_and_a_train_row(tiny_dir, capsys):
+    """bench.py's FLOPs equal a count written out from the tiny twin's published shapes; one real training step
+    (grad ckpt) gives a row whose throughput, MFU and HFU are consistent with that count."""
+    r, n, K = 4, 2, 8  # LoRA rank, cameras, action queries
+
+    def vit(w, blocks, mlp, prefix):  # per image: T tokens, frozen 4x, LoRA 6x, attention, patch embed forward only
+        T, frozen, lora = 256 + prefix, blocks * (4 * w * w + 2 * w * mlp), blocks * r * (8 * w + 2 * mlp)
+        return (n * (T * (4 * frozen + 6 * lora) + 12 * blocks * w * T * T + 2 * 3 * 14 * 14 * w * 256),
+                n * (T * 2 * (frozen + lora) + 4 * blocks * w * T * T))
+
+    def hand(prompt, d=128, ff=512, L=2):  # -> (model FLOPs, grad ckpt recompute) of one sample
+        T = n * 256 + prompt + K
+        frozen, lora = L * (4 * d * d + 3 * d * ff), L * r * (8 * d + 3 * (d + ff))
+        llm = (T * (4 * frozen + 6 * lora) + 12 * L * d * T * (T + 1) // 2,
+               T * 2 * (frozen + lora) + 4 * L * d * T * (T + 1) // 2)
+        proj = n * 256 * (4 * (160 * 640 + 640 * 128 + 128 * 128) + 6 * r * (160 + 2 * 640 + 3 * 128))
+        dino, siglip = vit(64, 2, 256, 5), vit(96, 2, 384, 0)  # depth 3, the last block is never built
+        return dino[0] + siglip[0] + proj + llm[0] + 6 * K * (3 * d * d + d * 14), dino[1] + siglip[1] + llm[1]
+
+    vla = add_lora(VLA.from_pretrained(tiny_dir), rank=r)
+    parts = bench.flops_per_sample(vla, n, 20)
+    assert (sum(f for f, _ in parts.values()), sum(c for _, c in parts.values())) == hand(20)
+
+    args = bench.get_args(["--vla_path", tiny_dir, "--batch_size", "2", "--lora_rank", str(r), "--warmup", "1",
+                           "--iters", "1", "--peak_tflops", "1"])
+    row = bench.train_row(args, torch.device("cpu"), ckpt=True)
+    name, ms, samples_per_s, memory, tflops, mfu, hfu, gflop_per_sample = row
+    model_flops, recomputed = (sum(hand(len(ids))[i] for ids in vla.tokenize(data.SEEN[:2])) for i in (0, 1))
+    assert name == "grad ckpt" and gflop_per_sample == pytest.approx(model_flops / 2e9)
+    assert samples_per_s == pytest.approx(2000 / ms) and mfu == pytest.approx(100 * tflops)  # peak 1 TFLOP/s
+    assert hfu / mfu == pytest.approx((model_flops + recomputed) / model_flops)
+    bench.table("t", ["config"] + ["x"] * 7, [row, ["no grad ckpt", "out of memory"]])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("config") and lines[3].startswith("grad ckpt") and "out of memory" in lines[4]

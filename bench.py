@@ -1,0 +1,309 @@
+"""
+Measure nanoOFT: data loader throughput, training step time / memory / MFU, inference latency per chunk. Each
+--what prints one table under a line naming the machine, ready for the README's performance table.
+
+    python bench.py --what data --data_dir out/demo_data      # loader samples/s with 0, 1 and 2 workers
+    python bench.py --what train                              # CPU: tiny twin, float32; CUDA: 7B-shaped, bf16
+    python bench.py --what train --device cuda --vla_path DIR # a real checkpoint instead of random 7B weights
+    python bench.py --what infer --no-compile                 # batch-1 latency per chunk, eager only
+    python bench.py --what flops --model 7b                   # training FLOPs per sample by part (meta device)
+    OMP_NUM_THREADS=2 python bench.py --what all              # data, train and infer with 2 CPU threads
+
+Without --vla_path the model is a random-weight twin built on the device (no download): tiny on CPU, 7B on CUDA.
+"""
+import argparse
+import gc
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import data
+import model
+import train
+
+GPU_PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H200 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
+FLOPS_FORMULA = [  # matmuls only: norms, activations, softmax and the optimizer are noise next to them
+    "FLOPs per token of a weight matrix: forward 2 + input gradient 2 (+ weight gradient 2 if it trains) per "
+    "element: frozen 4 x params, trainable (LoRA, head) 6 x",
+    "attention QK^T and AV: 2 matmuls x 2 FLOPs per (query, key) pair per channel forward, twice that backward: "
+    "12 x layers x width x pairs",
+    "ViTs per image: T = 256 patches + prefix tokens, pairs T^2, frozen patch embedding forward only; projector: "
+    "N x 256 tokens; LLM: T = 1 + N x 256 + prompt + K queries, causal pairs T(T+1)/2; head: K tokens",
+    "grad ckpt recomputes the ViT blocks' and LLM layers' forward (2 x params + 4 x layers x width x pairs per "
+    "token): hardware FLOPs (HFU), not model FLOPs (MFU)"]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", choices=["data", "train", "infer", "flops", "all"], default="all",
+                   help="all: data, train and infer")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (pick the GPU with CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--model", choices=["auto", "tiny", "7b"], default="auto",
+                   help="the random twin without --vla_path (and always for --what flops); auto: 7b on CUDA")
+    p.add_argument("--vla_path", help="an OpenVLA-format checkpoint (directory or hub id) instead of a random twin")
+    p.add_argument("--data_dir", default="out/demo_data", help="episode_*.hdf5 files for --what data")
+    p.add_argument("--batch_size", type=int, default=8, help="training and loader batch")
+    p.add_argument("--cameras", type=int, default=2, help="images per sample: the first N of data.ALL_CAMERAS")
+    p.add_argument("--lora_rank", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps / chunks / batches first")
+    p.add_argument("--iters", type=int, default=10, help="timed steps / chunks, or batches per loader repeat")
+    p.add_argument("--repeats", type=int, default=3, help="loader repeats whose median is reported")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time torch.compile in --what infer")
+    p.add_argument("--compile_mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--peak_tflops", type=float,
+                   help="device peak for MFU; default: bf16 dense spec by GPU name, a measured fp32 matmul on CPU")
+    return p.parse_args(argv)
+
+
+def machine(device):
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":")[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux
+        cpu = platform.processor()
+    gpu = f" | {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})" if device.type == "cuda" else ""
+    return f"{cpu} ({os.cpu_count()} cores){gpu} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def table(title, header, rows, notes=()):
+    """Aligned columns; a row shorter than the header (a failure message) runs on from its first cell."""
+    cells = [header] + [[c if isinstance(c, str) else f"{c:,.1f}" if abs(c) >= 1 else f"{c:.3g}" for c in r]
+                        for r in rows]
+    width = [max(len(r[i]) for r in cells if len(r) == len(header)) for i in range(len(header))]
+    print(f"\n## {title}")
+    for r in cells:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, width)))
+              if len(r) == len(header) else f"{r[0].ljust(width[0])}  {'  '.join(r[1:])}")
+    print("\n".join(notes))
+
+
+class HostEvent:
+    """torch.cuda.Event's interface on the host clock, for the CPU, where the work is done when the call returns."""
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return 1000 * (end.t - self.t)
+
+
+def timed(fn, device, warmup, iters):
+    """Seconds per call after `warmup` calls (compilation, allocation, autotuning), and the warm-up's seconds. CUDA
+    events time the device's own work; they are read after a synchronize."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    event = (lambda: torch.cuda.Event(enable_timing=True)) if device.type == "cuda" else HostEvent
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    sync()
+    warm, events = time.perf_counter() - t0, [(event(), event()) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    sync()
+    return np.array([start.elapsed_time(end) / 1000 for start, end in events]), warm
+
+
+def build(args, device, dtype):
+    """--vla_path, else a random-weight twin built directly on `device` (the tiny twin's tokenizer for both).
+    On the meta device (shapes only, for FLOP counts) always the --model twin: weights cannot load there."""
+    if args.vla_path and str(device) != "meta":
+        return model.VLA.from_pretrained(args.vla_path, dtype, device)
+    tok = model.make_tokenizer()
+    config = model.openvla_7b_config() if args.model == "7b" else model.tiny_config(tok)
+    return model.VLA.from_config(config, dtype, device, tokenizer=tok)
+
+
+def inputs(args, batch, device):
+    """Random uint8 frames at the demo's 256x256 (the model resizes to 224, as in training), the demo's instructions;
+    pinned like train.py's loader so the copy to the GPU is part of the step."""
+    images = torch.randint(0, 256, (batch, args.cameras, 3, 256, 256), dtype=torch.uint8)
+    return images.pin_memory() if device.type == "cuda" else images, (data.SEEN * batch)[:batch]
+
+# -----------------------------------------------------------------------------
+# FLOPs, by FLOPS_FORMULA
+
+
+def matmul_flops(modules, tokens):
+    """(fwd+bwd, fwd) FLOPs of the nn.Linear weights (base layers and LoRA A/B alike) over `tokens` tokens."""
+    ws = [m.weight for mod in modules for m in mod.modules() if isinstance(m, nn.Linear)]
+    return tokens * sum((6 if w.requires_grad else 4) * w.numel() for w in ws), tokens * 2 * sum(w.numel() for w in ws)
+
+
+def flops_per_sample(vla, n_images, prompt_len):
+    """Training FLOPs of one sample by part: (model FLOPs, the forward that grad ckpt recomputes). prompt_len counts
+    BOS. Counted though autograd skips it: the input gradient of the first ViT block's frozen qkv (nothing trainable
+    precedes it), 0.05% of the 7B's total."""
+    patches, parts = (vla.image_size // model.PATCH) ** 2, {}
+    for (name, tower), tid in zip(vla.vision_backbone.items(), vla.config["timm_model_ids"]):
+        T = patches + sum(t.shape[1] for t in (tower.cls_token, tower.reg_token) if t is not None)
+        attention = 4 * len(tower.blocks) * tower.pos_embed.shape[-1] * T * T
+        full, fwd = matmul_flops(tower.blocks, T)
+        embed = 2 * tower.patch_embed.proj.weight.numel() * patches
+        parts[f"{name} ({tid.split('.')[0]})"] = n_images * (full + 3 * attention + embed), n_images * (fwd + attention)
+    parts["projector"] = (matmul_flops([vla.projector], n_images * patches)[0], 0)
+    T, cfg = n_images * patches + prompt_len + vla.chunk, vla.llm.config
+    attention = 4 * cfg.num_hidden_layers * cfg.hidden_size * T * (T + 1) // 2  # flash skips the masked pairs
+    full, fwd = matmul_flops(vla.llm.model.layers, T)
+    parts["llm"] = (full + 3 * attention, fwd + attention)
+    parts["action head"] = (matmul_flops([vla.action_head], vla.chunk)[0], 0)
+    return parts
+
+
+def bench_flops(args, device):
+    vla = model.add_lora(build(args, "meta", torch.bfloat16), args.lora_rank)  # shapes only: the 7B costs nothing
+    parts = flops_per_sample(vla, args.cameras, len(vla.tokenize(data.SEEN[:1])[0]))
+    rows = [[k, f / 1e9, r / 1e9] for k, (f, r) in parts.items()]
+    table(f"training FLOPs per sample: {args.model}, {args.cameras} cameras, LoRA rank {args.lora_rank}, "
+          f"{data.SEEN[0]!r}", ["part", "model GFLOP", "+ grad ckpt GFLOP"],
+          rows + [["total", sum(r[1] for r in rows), sum(r[2] for r in rows)]], FLOPS_FORMULA)
+
+# -----------------------------------------------------------------------------
+# the three benchmarks
+
+
+def bench_data(args, device):
+    dataset = data.EpisodeDataset(args.data_dir, cameras=data.ALL_CAMERAS[:args.cameras])
+    rows, n = [], args.batch_size * (args.warmup + args.repeats * args.iters)
+    for workers in (0, 1, 2):
+        # one sampler for every batch: no epoch boundary (worker restart) inside a timed repeat
+        sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=n)
+        batches = iter(torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=workers))
+        for _ in range(args.warmup):  # worker start-up, first file opens
+            next(batches)
+        rates = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                next(batches)
+            rates.append(args.iters * args.batch_size / (time.perf_counter() - t0))
+        rows.append([str(workers), float(np.median(rates)), min(rates), max(rates)])
+    table(f"data loader: {args.data_dir}, {len(dataset.paths)} episodes, {args.cameras} cameras, batch "
+          f"{args.batch_size}", ["num_workers", "samples/s", "min", "max"], rows,
+          [f"median of {args.repeats} repeats of {args.iters} batches after {args.warmup} warm-up batches"])
+
+
+def train_row(args, device, ckpt):
+    """One configuration, stepping exactly as train.py does. It builds its own model so that the peak memory is
+    weights + optimizer state + activations, and nothing another row left behind."""
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    vla = model.add_lora(build(args, device, dtype), args.lora_rank)
+    if ckpt:
+        model.enable_grad_ckpt(vla)
+    vla.train()
+    opt = torch.optim.AdamW([p for p in vla.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.01)
+    images, instructions = inputs(args, args.batch_size, device)
+    target = torch.rand(args.batch_size, vla.chunk, vla.action_dim, device=device) * 2 - 1
+
+    def step():
+        with autocast:
+            pred = vla(images.to(device, non_blocking=True), instructions)
+        loss = train.l1_terms(pred, target)[0]
+        loss.backward()
+        if not math.isfinite(loss.item()):  # train.py reads the loss every step too: keep its synchronization
+            raise RuntimeError(f"loss is {loss.item()}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    name = "grad ckpt" if ckpt else "no grad ckpt"
+    try:
+        s = float(np.median(timed(step, device, args.warmup, args.iters)[0]))
+    except torch.OutOfMemoryError:
+        return [name, f"out of memory ({torch.cuda.max_memory_reserved(device) / 2**30:.1f} GiB reserved)"]
+    counts = [flops_per_sample(vla, args.cameras, len(ids)) for ids in vla.tokenize(instructions)]  # unpadded
+    flops, recomputed = (sum(c[part][i] for c in counts for part in c) for i in (0, 1))
+    util = lambda f: 100 * f / s / 1e12 / args.peak_tflops if args.peak_tflops else "n/a"
+    gib = lambda b: f"{b / 2**30:.1f}"
+    memory = f"{gib(torch.cuda.max_memory_allocated(device))}/{gib(torch.cuda.max_memory_reserved(device))}" \
+        if device.type == "cuda" else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20
+    return [name, 1000 * s, args.batch_size / s, memory, flops / s / 1e12, util(flops),
+            util(flops + recomputed * ckpt), flops / args.batch_size / 1e9]
+
+
+def bench_train(args, device):
+    rows = []
+    for ckpt in (False, True):
+        if device.type == "cuda":
+            rows.append(train_row(args, device, ckpt))
+            gc.collect()  # the last row's model and optimizer state must be gone before the next peak is read
+            torch.cuda.empty_cache()
+        else:  # ru_maxrss is a high-water mark that never comes down: each CPU row gets a fresh process
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                rows.append(pool.apply(train_row, (args, device, ckpt)))
+    memory = "peak GiB allocated/reserved (torch.cuda)" if device.type == "cuda" else \
+        "peak RSS growth GiB of a fresh process (getrusage ru_maxrss)"
+    table(f"training step: {args.vla_path or f'random {args.model} twin'}, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}, batch {args.batch_size}, {args.cameras} "
+          f"cameras, LoRA rank {args.lora_rank}, AdamW",
+          ["config", "step ms", "samples/s", "memory", "TFLOP/s", "MFU %", "HFU %", "GFLOP/sample"], rows,
+          [f"median of {args.iters} steps after {args.warmup} warm-up steps; memory: {memory}, weights included",
+           f"MFU: model FLOPs / step time / peak ({args.peak_source}); per part: --what flops", *FLOPS_FORMULA])
+
+
+def bench_infer(args, device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    vla = build(args, device, dtype).eval()
+    images, instructions = inputs(args, 1, device)
+    rows = []
+    for name in ["eager"] + [f"torch.compile ({args.compile_mode})"] * args.compile:
+        @torch.no_grad()
+        def chunk():  # as infer.Policy.predict: frames from host memory in, a float32 chunk back on the host
+            with autocast:
+                return net(images, instructions).float().cpu()
+
+        try:
+            net = vla if name == "eager" else torch.compile(vla, mode=args.compile_mode)
+            times, warm = timed(chunk, device, args.warmup, args.iters)
+        except Exception as e:  # inductor may lack a compiler or support here: report it, measure the rest
+            rows.append([name, f"failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"])
+            continue
+        ms = 1000 * times
+        rows.append([name, float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), 1000 / ms.mean(), warm])
+    table(f"inference: {args.vla_path or f'random {args.model} twin'} (no LoRA: as a merged export), {dtype}, batch 1, "
+          f"{args.cameras} cameras, chunk {vla.chunk} x {vla.action_dim}",
+          ["path", "p50 ms", "p95 ms", "chunks/s", "warm-up s"], rows,
+          [f"{args.iters} chunks after {args.warmup} warm-up chunks (compilation happens there); "
+           f"{'CUDA events' if device.type == 'cuda' else 'perf_counter'}, synchronized; chunks/s = 1 / mean"])
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    args.model = ("7b" if device.type == "cuda" else "tiny") if args.model == "auto" else args.model
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py
+    source = "--peak_tflops"
+    if args.peak_tflops is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        args.peak_tflops = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+        source = "bf16 dense spec" if args.peak_tflops else f"no spec known for {name}: pass --peak_tflops"
+    elif args.peak_tflops is None:  # no spec number fits a CPU: the best fp32 matmul rate at this thread count
+        a = torch.randn(1024, 1024)
+        args.peak_tflops = 2 * 1024 ** 3 / timed(lambda: a @ a, device, 2, 20)[0].min() / 1e12
+        source = "measured fp32 1024^2 matmul"
+    args.peak_source = f"{args.peak_tflops:.4g} TFLOP/s, {source}" if args.peak_tflops else source
+    print(f"machine: {machine(device)}")
+    for what in [args.what] if args.what != "all" else ["data", "train", "infer"]:
+        try:
+            dict(flops=bench_flops, data=bench_data, train=bench_train, infer=bench_infer)[what](args, device)
+        except data.DataError as e:  # no episodes: say how to make some, measure the rest
+            print(f"\n## data loader: {e}\n(make episodes with: python data.py --make-demo {args.data_dir})")
+
+
+if __name__ == "__main__":
+    main()
