@@ -327,6 +327,8 @@ def main(argv=None):
             save_checkpoint(vla, opt, step, stream_state, stats, stats_counts, args, world)
         t_log += time.time() - t_aside
     if ddp:
+        # no rank may tear gloo down while another's last collective is in flight: that aborts or hangs at exit
+        dist.barrier()
         dist.destroy_process_group()
 
 
