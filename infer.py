@@ -1,7 +1,7 @@
 """
 Run a trained policy step by step through a recorded episode and report how well it tracks the recorded actions.
 
-    python infer.py --checkpoint out/demo/step_000600 --episode out/demo_data/episode_5.hdf5 --out out/demo/infer
+    python infer.py --checkpoint out/demo/step_000500 --episode out/demo_data/episode_10.hdf5 --out out/demo/infer
     python infer.py --checkpoint CKPT --episode EP.hdf5 --instruction unseen --execute 4
     python infer.py --checkpoint CKPT --episode EP.hdf5 --ensemble          # ACT-style temporal ensembling
 
@@ -211,8 +211,9 @@ def main(argv=None):
     plot(executed, recorded, result["names"], policy.stats, os.path.join(args.out, "plot.png"),
          f"{os.path.basename(args.episode)} | {mode} | L1 {result['l1']:.3f} (normalized)")
     lat = result["latency_ms"]
+    agree = result["gripper_agreement"]
     print(f"L1 {result['l1']:.4f} normalized, {result['l1_raw']:.4f} raw | gripper agreement "
-          f"{result['gripper_agreement']} | latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, "
+          f"{'n/a' if agree is None else f'{agree:.3f}'} | latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, "
           f"{result['chunks_per_s']:.1f} chunks/s")
     print("per chunk position: " + " ".join(f"{k} {v:.3f}" for k, v in result["l1_per_position"].items()))
     print("per dimension (raw): " + " | ".join(f"{k} {v:.3f}" for k, v in result["l1_per_dim_raw"].items()))
