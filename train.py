@@ -158,11 +158,9 @@ def evaluate(vla, val_set, stats, args, device, autocast, rank, world):
 def save_checkpoint(vla, opt, step, stream_state, stats, stats_counts, args, world):
     """Rank 0 writes step_NNNNNN.tmp and renames it once whole, so a crash never leaves a checkpoint that looks done."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [None] * world
+    rngs = [rng] * world
     if world > 1:
         dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     final = os.path.join(args.out_dir, f"step_{step:06d}")
