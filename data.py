@@ -40,6 +40,8 @@ def list_episodes(data_dir_or_paths):
     items = [data_dir_or_paths] if isinstance(data_dir_or_paths, (str, os.PathLike)) else list(data_dir_or_paths)
     paths = []
     for item in map(str, items):
+        if not os.path.exists(item):
+            raise DataError(f"{item}: no such file or directory")
         paths += glob.glob(os.path.join(item, "episode_*.hdf5")) if os.path.isdir(item) else [item]
     if not paths:
         raise DataError(f"{', '.join(map(str, items)) or '(no path given)'}: no episode_*.hdf5 files found")

@@ -851,6 +851,7 @@ def test_nan_loss_stops_without_saving(tiny_dir, demo_dir, tmp_path):
     (["--batch_size", "0"], "--batch_size must be positive"),
     (["--chunk", "5000"], "too short"),
     (["--resume", "/nonexistent/step_000100"], "no checkpoint there"),
+    (["--data_dir", "/nonexistent/episodes"], "/nonexistent/episodes: no such file or directory"),
 ])
 def test_bad_flags_fail_before_the_model_loads(flags, message, tiny_dir, demo_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
