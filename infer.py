@@ -107,16 +107,14 @@ class Policy:
 
 def replay(policy, episode, instruction, progress=True):
     """Step through a recorded episode: every frame's full chunk (for per-position errors) and the executed actions."""
-    offset, k = policy.args["action_offset"], policy.args["chunk"]
+    offset = policy.args["action_offset"]
     steps = episode["length"] - offset  # frames whose action at t+offset is recorded
     chunks, executed, latency = [], [], []
     policy.reset()
     for t in range(steps):
         images = dict(zip(policy.cameras, episode["frames"](t).permute(0, 2, 3, 1).numpy()))  # as a robot gives them
         t0 = time.perf_counter()
-        chunks.append(policy.predict(images, instruction))
-        if policy.device.type == "cuda":
-            torch.cuda.synchronize()
+        chunks.append(policy.predict(images, instruction))  # its copy to the host waits for the GPU: honest timing
         latency.append(time.perf_counter() - t0)
         if policy.ensemble:
             policy.recent.append(chunks[-1])
