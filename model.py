@@ -187,13 +187,14 @@ def pil_weights(n, lo, hi, size):
     scale = (span / size)[:, None]
     fs = scale.clamp(min=1)  # downscaling widens the filter: antialiasing
     center = lo[:, None] + (torch.arange(size, device=lo.device, dtype=torch.float64) + 0.5) * scale
-    i = torch.arange(n, device=lo.device, dtype=torch.float64)
+    first, end = (center - 2 * fs + 0.5).trunc(), (center + 2 * fs + 0.5).trunc()  # PIL's (int) casts
+    i = first[..., None] + torch.arange(int(4 * fs.max()) + 2, device=lo.device)  # the taps of each output only
     t = ((i - center[..., None] + 0.5) / fs[..., None]).abs()
     w = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, torch.where(t < 2, ((t - 5) * t + 8) * t * -0.5 + 2, 0.0))
-    first, end = (center - 2 * fs + 0.5).trunc(), (center + 2 * fs + 0.5).trunc()  # PIL's (int) casts
-    w = w * ((i >= first[..., None]) & (i < end[..., None]))
+    w = w * ((i >= 0) & (i < n) & (i < end[..., None]))
     w = w / w.sum(-1, keepdim=True)
-    return (w * 2 ** 22 + torch.where(w < 0, -0.5, 0.5)).trunc()
+    w = (w * 2 ** 22 + torch.where(w < 0, -0.5, 0.5)).trunc()
+    return w.new_zeros(*w.shape[:2], n).scatter_add_(-1, i.clamp(0, n - 1).long(), w)
 
 
 def resize_like_pil(frames, size, boxes=None):
