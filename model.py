@@ -248,13 +248,16 @@ def check_sequence_length(config, tokenizer, instruction, cameras, proprio=False
     """Positions one sample fills in the LLM, laid out as VLA.forward does (BOS, every camera's patches, the state
     token, the prompt, the action queries); a ValueError when that is more than the LLM has (2048 for Llama-2)."""
     prompt, patches = len(prompt_ids(tokenizer, instruction)), (config["image_sizes"][0] // PATCH) ** 2
-    n = prompt + cameras * patches + bool(proprio) + chunk
-    limit = LlamaConfig(**config["text_config"]).max_position_embeddings
+    n, limit = prompt + cameras * patches + bool(proprio) + chunk, max_positions(config)
     if n > limit:
         raise ValueError(f"the instruction is too long: {prompt} prompt tokens + {cameras} camera(s) x {patches} image "
                          f"tokens{' + 1 state token' * bool(proprio)} + {chunk} action queries = {n} positions, more "
                          f"than the LLM's {limit}")
     return n
+
+
+def max_positions(config):
+    return LlamaConfig(**config["text_config"]).max_position_embeddings  # text_config is a diff from LlamaConfig()
 
 
 def load_tokenizer(path):
