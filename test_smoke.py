@@ -396,6 +396,47 @@ def test_cli_summary(tmp_path):
     assert "right_gripper" in out and "seen: 2-2 variants per episode, e.g. pick it | place it" in out
 
 
+def blank_instructions(tmp_path):
+    """A good episode, then seen missing, empty, all blank, and unseen present but blank."""
+    paths = [write_episode(tmp_path / f"episode_{i}.hdf5", seen=seen)
+             for i, seen in enumerate([("pick it",), None, (), (" ", ""), ("pick it",)])]
+    with h5py.File(paths[4], "a") as f:
+        f.create_dataset("unseen", data=["  "], dtype=h5py.string_dtype())
+    return paths
+
+
+def test_check_refuses_missing_empty_and_blank_instructions(tmp_path):
+    paths = blank_instructions(tmp_path)
+    with pytest.raises(data.DataError) as err:
+        data.check_episodes(paths, data.DEFAULT_CAMERAS, 8, 14)
+    lines = str(err.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == paths[1:]
+    assert all(line.endswith("seen instructions missing, empty or all blank") for line in lines[:3])
+    assert lines[3].endswith(": unseen instructions missing, empty or all blank")
+    r = run_cli(tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().splitlines() == lines
+    assert data.check_episodes(paths[:1], data.DEFAULT_CAMERAS, 8, 14) == paths[:1]
+
+
+def test_check_measures_prompts_with_the_models_tokenizer(tmp_path, tiny_dir):
+    """A 5,000-word instruction is ~5,000 tokens: with the image patches, past Llama-2's 2,048 positions."""
+    good = write_episode(tmp_path / "episode_0.hdf5", seen=("pick it", "put the shoe on the mat"))
+    config, tok = model.load_tokenizer(tiny_dir)
+    n = model.check_sequence_length(config, tok, "put the shoe on the mat", 2, True, 8)
+    assert n == len(model.prompt_ids(tok, "put the shoe on the mat")) + 2 * 256 + 1 + 8
+    r = run_cli(tmp_path, "--vla_path", tiny_dir, "--proprio")
+    assert r.returncode == 0, r.stderr
+    assert f"prompts: the longest instruction fills {n} of the LLM's 2048 positions" in r.stdout
+    long = write_episode(tmp_path / "episode_1.hdf5", seen=("pick it", "place the shoe " * 1700))
+    r = run_cli(tmp_path, "--vla_path", tiny_dir)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith(f"{long}: the instruction is too long: ") and "2048" in r.stderr
+    assert good not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert run_cli(tmp_path).returncode == 0  # without --vla_path, no tokenizer to measure with
+    r = run_cli(tmp_path, "--vla_path", tmp_path / "nowhere")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "nowhere: no such checkpoint directory" in r.stderr
+
+
 def test_arm_check_flags_instructions_of_other_episodes(demo, tmp_path, capsys):
     """Demo episodes move one arm and hold the other still; give them instructions that name the moving arm or,
     in some, the other one (as RoboTwin's OFT conversion did by pairing episodes with other episodes' texts)."""
@@ -544,6 +585,27 @@ def test_tiny_loads_from_its_directory(tiny_dir):
     assert pre[0]["mean"] == [0.484375, 0.455078125, 0.40625]
     assert pre[0]["std"] == [0.228515625, 0.2236328125, 0.224609375]
     assert pre[1]["mean"] == [0.5] * 3 and pre[1]["std"] == [0.5] * 3
+
+
+@pytest.mark.parametrize("cameras, proprio_dim, chunk", [(1, 0, 8), (3, 5, 2)])
+def test_sequence_length_is_what_forward_builds(tiny_dir, cameras, proprio_dim, chunk):
+    vla = VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim, chunk=chunk)
+    lengths = []
+    vla.llm.model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["inputs_embeds"].shape[1]),
+                                            with_kwargs=True)
+    for text in ["pick it", "Put the red sneaker onto the green mat, then let go of it."]:
+        vla(images(b=1, n=cameras, size=64), [text], torch.zeros(1, proprio_dim) if proprio_dim else None)
+        assert lengths[-1] == model.check_sequence_length(vla.config, vla.tokenizer, text, cameras, proprio_dim, chunk)
+    assert model.max_positions(vla.config) == vla.llm.config.max_position_embeddings == 2048  # Llama-2's default
+    n = lengths[-1]
+    for limit in (n, n - 1):  # the limit comes from the config, and a sequence of exactly the limit fits
+        config = vla.config | {"text_config": vla.config["text_config"] | {"max_position_embeddings": limit}}
+        check = lambda: model.check_sequence_length(config, vla.tokenizer, text, cameras, proprio_dim, chunk)
+        if limit == n:
+            assert check() == n
+        else:
+            with pytest.raises(ValueError, match=f"too long: .* = {n} positions, more than the LLM's {n - 1}$"):
+                check()
 
 
 def test_forward_shape_and_bf16(tiny_dir):
