@@ -1141,6 +1141,41 @@ def test_bad_flags_fail_before_the_model_loads(flags, message, tiny_dir, demo_di
     assert message in str(e.value.code) + capsys.readouterr().err
 
 
+class ModelLoads(Exception):
+    """Raised in place of loading the model: the data checks before it have passed."""
+
+
+def stop_at_model_load(*args, **kwargs):
+    raise ModelLoads
+
+
+def test_validation_split_takes_only_usable_episodes(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Seed 7 holds out the first of three episodes; a 1-frame one there must not become the validation episode."""
+    paths = [write_episode(tmp_path / f"episode_{i}.hdf5", T=T) for i, T in enumerate([1, 20, 24])]
+    monkeypatch.setattr(model.VLA, "from_pretrained", stop_at_model_load)
+    with pytest.raises(ModelLoads):
+        train.main(train_flags(tiny_dir, str(tmp_path), tmp_path / "out"))
+    out = capsys.readouterr()
+    args = json.loads(out.out[out.out.index("{"):out.out.index("\n}") + 2])
+    assert args["val_episode_files"] == [paths[1]] and paths[0] in out.err
+    assert "train: 1 episodes" in out.out and "val: 1 episodes" in out.out
+
+
+@pytest.mark.parametrize("seen, message", [
+    (None, "seen instructions missing, empty or all blank"),
+    (("pick it", "place the shoe " * 1700), "the instruction is too long: "),  # 5,000 words
+])
+def test_instructions_are_checked_before_the_model_loads(seen, message, tiny_dir, tmp_path, monkeypatch):
+    write_episode(tmp_path / "episode_0.hdf5")
+    write_episode(tmp_path / "episode_1.hdf5")
+    bad = write_episode(tmp_path / "episode_2.hdf5", seen=seen)
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    for val in ("0", "2"):  # the file in the training or the validation set
+        with pytest.raises(SystemExit) as e:
+            train.main(train_flags(tiny_dir, str(tmp_path), tmp_path / "out", "--val_episodes", val))
+        assert str(e.value.code).startswith(f"error: {bad}: {message}") and "\n" not in str(e.value.code)
+
+
 def test_refuses_to_overwrite_checkpoints(run_a, tiny_dir, demo_dir, monkeypatch):
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(SystemExit, match="already holds checkpoints"):
