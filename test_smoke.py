@@ -1206,7 +1206,7 @@ def test_policy_predicts_raw_actions(policy, val_episode):
         normalized = policy.vla(episode["frames"](0)[None], ["place the shoe on the mat"])[0].numpy()
     lo, hi = np.array(policy.stats["min"]), np.array(policy.stats["max"])
     np.testing.assert_allclose(chunk, (normalized + 1) / 2 * (hi - lo) + lo, rtol=1e-5, atol=1e-5)
-    with pytest.raises(KeyError, match="missing camera left_wrist_image"):
+    with pytest.raises(ValueError, match="left_wrist_image, got cameras head_camera_image$"):
         policy.predict({"head_camera_image": frame_dict(episode, 0, policy.cameras)["head_camera_image"]}, "x")
 
 
@@ -1233,6 +1233,65 @@ def test_policy_brings_live_frames_to_the_training_frames(policy, val_episode):
     np.testing.assert_array_equal(through.predict(live, "place it"),
                                   policy.predict({c: pil(jpeg(f), (256, 256)) for c, f in live.items()}, "place it"))
     assert np.abs(through.predict(live, "place it") - policy.predict(live, "place it")).max() > 0
+
+
+def test_policy_takes_arrays_pil_images_tensors_any_sizes_and_bytes(policy, val_episode):
+    episode = data.read_episode(val_episode, policy.cameras)
+    frames = frame_dict(episode, 5, policy.cameras)
+    expected = policy.predict(frames, "place the shoe")
+    pil = {c: Image.fromarray(f) for c, f in frames.items()}
+    np.testing.assert_array_equal(policy.predict(pil, "place the shoe"), expected)
+    tensors = {c: torch.from_numpy(f) for c, f in frames.items()}
+    np.testing.assert_array_equal(policy.predict(tensors, b"place the shoe"), expected)  # bytes: what h5py returns
+    sizes = dict(zip(policy.cameras, [(320, 240), (160, 96)]))  # (W, H) per camera: each squashed to 256x256
+    mixed = {c: np.asarray(pil[c].resize(sizes[c], Image.BICUBIC)) for c in policy.cameras}
+    squashed = {c: np.asarray(Image.fromarray(f).resize((256, 256), Image.BICUBIC)) for c, f in mixed.items()}
+    np.testing.assert_array_equal(policy.predict(mixed, "place the shoe"), policy.predict(squashed, "place the shoe"))
+    unrecorded = infer.Policy(policy.vla, policy.stats, {k: v for k, v in policy.args.items() if k != "frame_sizes"},
+                              policy.device)  # an older checkpoint: the model's input size, 224x224
+    at_224 = {c: np.asarray(Image.fromarray(f).resize((224, 224), Image.BICUBIC)) for c, f in mixed.items()}
+    np.testing.assert_array_equal(unrecorded.predict(mixed, "place it"), unrecorded.predict(at_224, "place it"))
+
+
+def bad_predict_input(case, frames):
+    """Each case: (images, instruction) as a caller might get them wrong."""
+    head, wrist = frames["head_camera_image"], frames["left_wrist_image"]
+    images = {
+        "channels first": {**frames, "head_camera_image": head.transpose(2, 0, 1)},
+        "batch dimension": {**frames, "left_wrist_image": wrist[None]},
+        "grayscale array": {**frames, "head_camera_image": head[..., 0]},
+        "grayscale PIL": {**frames, "head_camera_image": Image.fromarray(head).convert("L")},
+        "float frame": {**frames, "head_camera_image": head / 255.0},
+        "float tensor": {**frames, "head_camera_image": torch.from_numpy(head).float()},
+        "None frame": {**frames, "left_wrist_image": None},
+        "one camera": {"head_camera_image": head},
+        "a list": [head, wrist],
+    }.get(case, frames)
+    instruction = {"None instruction": None, "int instruction": 3, "blank instruction": "  ",
+                   "5,000 words": "place the shoe " * 1700}.get(case, "place the shoe")
+    return images, instruction
+
+
+@pytest.mark.parametrize("case, message", [
+    ("channels first", "head_camera_image: expected an HxWx3 uint8 RGB frame .* got ndarray of uint8 \\(3, 256, 256"),
+    ("batch dimension", "left_wrist_image: .* got ndarray of uint8 \\(1, 256, 256, 3\\)"),
+    ("grayscale array", "got ndarray of uint8 \\(256, 256\\)"),
+    ("grayscale PIL", "got Image of uint8 \\(256, 256\\)"),
+    ("float frame", "got ndarray of float64 \\(256, 256, 3\\)"),
+    ("float tensor", "got Tensor of float32 \\(256, 256, 3\\)"),
+    ("None frame", "left_wrist_image: expected .* got NoneType"),
+    ("one camera", "for head_camera_image, left_wrist_image, got cameras head_camera_image"),
+    ("a list", "expected a dict camera name -> frame .* got list"),
+    ("None instruction", "instruction as a non-blank str or bytes, got None"),
+    ("int instruction", "got 3"),
+    ("blank instruction", "got '  '"),
+    ("5,000 words", "too long: .* more than the LLM's 2048"),
+])
+def test_policy_refuses_bad_input_in_one_line(case, message, policy, val_episode):
+    episode = data.read_episode(val_episode, policy.cameras)
+    with pytest.raises(ValueError, match=message) as e:
+        policy.predict(*bad_predict_input(case, frame_dict(episode, 0, policy.cameras)))
+    assert "\n" not in str(e.value)
 
 
 def test_policy_with_proprio_takes_the_raw_state(run_p, tmp_path):
@@ -1323,18 +1382,22 @@ def copy_episode(src, dst, drop=None, action_width=None):
     ("no head", "is missing action_head.safetensors"),
     ("no camera", "left_wrist_image"),
     ("action width", ", 12), expected (T, 14)"),
+    ("no seen", ": seen instructions missing, empty or all blank"),
+    ("no unseen", " has no unseen instructions; pass --instruction"),
 ])
 def test_bad_input_fails_before_the_model_loads(case, message, run_a, val_episode, tmp_path, monkeypatch):
     ckpt, episode = tmp_path / "ckpt", tmp_path / "episode_0.hdf5"
     shutil.copytree(run_a / "step_000006", ckpt)
-    copy_episode(val_episode, episode, drop="left_wrist_image" if case == "no camera" else None,
-                 action_width=12 if case == "action width" else None)
+    drop = {"no camera": "left_wrist_image", "no seen": "seen", "no unseen": "unseen"}.get(case)
+    copy_episode(val_episode, episode, drop=drop, action_width=12 if case == "action width" else None)
     if case == "no head":
         os.remove(ckpt / "action_head.safetensors")
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(SystemExit) as e:
-        infer.main(["--checkpoint", str(ckpt), "--episode", str(episode), "--out", str(tmp_path / "o")])
+        infer.main(["--checkpoint", str(ckpt), "--episode", str(episode), "--out", str(tmp_path / "o"),
+                    "--instruction", "unseen" if case == "no unseen" else "seen"])
     assert message in str(e.value.code) and str(episode if case != "no head" else ckpt) in str(e.value.code)
+    assert "\n" not in str(e.value.code)
 
 
 def test_policy_from_merged_export(run_a, policy, val_episode, tmp_path):
