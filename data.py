@@ -113,7 +113,7 @@ def check_prompts(paths, texts, vla_path, cameras, proprio, chunk):
     try:
         config, tokenizer = model.load_tokenizer(vla_path)
     except (OSError, ValueError, RuntimeError) as e:
-        raise DataError(f"--vla_path {vla_path}: {e}") from None
+        raise DataError(f"--vla_path: {e}") from None
     problems, longest = [], 0
     for p, ts in zip(paths, texts):
         try:
