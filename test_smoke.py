@@ -418,23 +418,22 @@ def test_check_refuses_missing_empty_and_blank_instructions(tmp_path):
     assert data.check_episodes(paths[:1], data.DEFAULT_CAMERAS, 8, 14) == paths[:1]
 
 
-def test_check_measures_prompts_with_the_models_tokenizer(tmp_path, tiny_dir):
+def test_check_measures_prompts_with_the_models_tokenizer(tmp_path, tiny_dir, capsys):
     """A 5,000-word instruction is ~5,000 tokens: with the image patches, past Llama-2's 2,048 positions."""
     good = write_episode(tmp_path / "episode_0.hdf5", seen=("pick it", "put the shoe on the mat"))
     config, tok = model.load_tokenizer(tiny_dir)
     n = model.check_sequence_length(config, tok, "put the shoe on the mat", 2, True, 8)
     assert n == len(model.prompt_ids(tok, "put the shoe on the mat")) + 2 * 256 + 1 + 8
-    r = run_cli(tmp_path, "--vla_path", tiny_dir, "--proprio")
-    assert r.returncode == 0, r.stderr
-    assert f"prompts: the longest instruction fills {n} of the LLM's 2048 positions" in r.stdout
+    summarize = lambda **kw: data.summarize(str(tmp_path), data.DEFAULT_CAMERAS, 8, 14, 0, **kw)
+    summarize(vla_path=tiny_dir, proprio=True)
+    assert f"prompts: the longest instruction fills {n} of the LLM's 2048 positions" in capsys.readouterr().out
     long = write_episode(tmp_path / "episode_1.hdf5", seen=("pick it", "place the shoe " * 1700))
+    summarize()  # without --vla_path there is no tokenizer to measure with
+    with pytest.raises(data.DataError, match="nowhere: no such checkpoint directory"):
+        summarize(vla_path=str(tmp_path / "nowhere"))
     r = run_cli(tmp_path, "--vla_path", tiny_dir)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().startswith(f"{long}: the instruction is too long: ") and "2048" in r.stderr
-    assert good not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert run_cli(tmp_path).returncode == 0  # without --vla_path, no tokenizer to measure with
-    r = run_cli(tmp_path, "--vla_path", tmp_path / "nowhere")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "nowhere: no such checkpoint directory" in r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"{long}: the instruction is too long: ") and "2048" in r.stderr and good not in r.stderr
 
 
 def test_arm_check_flags_instructions_of_other_episodes(demo, tmp_path, capsys):
