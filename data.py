@@ -86,6 +86,8 @@ def check_episodes(paths, cameras, chunk, action_dim, action_offset=0):
                                        or not np.isfinite(f["state"][()]).all()):
                     problems.append(f"{p}: state has shape {f['state'].shape} or non-finite values; expected "
                                     f"(T={len(action)}, D), finite")
+                elif empty := [k for k in ("seen", "unseen") if k in ("seen", *f) and not read_instructions(f, k)]:
+                    problems.append(f"{p}: {' and '.join(empty)} instructions missing, empty or all blank")
                 else:
                     frame_shape = shapes.pop()
                     for v in videos:
@@ -102,6 +104,26 @@ def check_episodes(paths, cameras, chunk, action_dim, action_offset=0):
     if not usable:
         raise DataError(f"{os.path.dirname(paths[0]) or '.'}: no episode is long enough for one chunk of {chunk}")
     return usable
+
+
+def check_prompts(paths, texts, vla_path, cameras, proprio, chunk):
+    """Every instruction (texts: one list per file) must fit the LLM of vla_path with the image, state and query
+    tokens; one line per file that does not. Returns the longest sequence."""
+    import model  # here only: the rest of data.py needs no model code, and importing it is slow
+    try:
+        config, tokenizer = model.load_tokenizer(vla_path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DataError(f"--vla_path: {e}") from None
+    problems, longest = [], 0
+    for p, ts in zip(paths, texts):
+        try:
+            longest = max([longest] + [model.check_sequence_length(config, tokenizer, s, cameras, proprio, chunk)
+                                       for s in set(ts)])
+        except ValueError as e:
+            problems.append(f"{p}: {e}")
+    if problems:
+        raise DataError("\n".join(problems))
+    return longest, model.max_positions(config)
 
 
 def split_episodes(paths, val_episodes, seed):
@@ -446,7 +468,8 @@ def check_arms(paths, actions, instructions):
     return wrong
 
 
-def summarize(data_dir, cameras, chunk, action_dim, action_offset, swap_red_blue=False, preview=None):
+def summarize(data_dir, cameras, chunk, action_dim, action_offset, swap_red_blue=False, preview=None, vla_path=None,
+              proprio=False):
     paths = check_episodes(list_episodes(data_dir), cameras, chunk, action_dim, action_offset)
     actions, texts, has_state = [], {"seen": [], "unseen": []}, []
     for p in paths:
@@ -456,6 +479,8 @@ def summarize(data_dir, cameras, chunk, action_dim, action_offset, swap_red_blue
             shape = f[cameras[0]].shape[1:3]
             for key in texts:
                 texts[key].append(read_instructions(f, key))
+    fits = vla_path and check_prompts(paths, [s + u for s, u in zip(*texts.values())], vla_path, len(cameras), proprio,
+                                      chunk)
     stats, lengths = compute_stats(actions), [len(a) for a in actions]
     samples = sum(n - chunk - action_offset + 1 for n in lengths)
     print(f"{len(paths)} episodes, {sum(lengths)} frames (length {min(lengths)}-{max(lengths)}, "
@@ -470,6 +495,8 @@ def summarize(data_dir, cameras, chunk, action_dim, action_offset, swap_red_blue
         counts, examples = [len(t) for t in per_episode], [s for t in per_episode for s in t][:2]
         print(f"{key}: {min(counts)}-{max(counts)} variants per episode, e.g. " + " | ".join(examples) if max(counts)
               else f"{key}: none")
+    if fits:
+        print(f"prompts: the longest instruction fills {fits[0]} of the LLM's {fits[1]} positions")
     if action_dim == len(ACTION_NAMES):
         check_arms(paths, actions, texts["seen"])
     if preview:  # the first frame of every camera as training will read it: check the colours by eye
@@ -492,13 +519,16 @@ if __name__ == "__main__":
     parser.add_argument("--swap_red_blue", action="store_true", help="read frames with red and blue reversed, as "
                         "train.py --swap_red_blue does (files known to hold them swapped)")
     parser.add_argument("--preview", metavar="PNG", help="also write frame 0 of every camera, as training sees it")
+    parser.add_argument("--vla_path", help="also check that every instruction fits this model's LLM with the image and "
+                        "query tokens (reads its config.json and tokenizer only)")
+    parser.add_argument("--proprio", action="store_true", help="count the state token too, as train.py --proprio")
     args = parser.parse_args()
     try:
         if args.make_demo:
             make_demo(args.make_demo, args.episodes, args.seed)
         elif args.data_dir:
             summarize(args.data_dir, args.cameras.split(","), args.chunk, args.action_dim, args.action_offset,
-                      args.swap_red_blue, args.preview)
+                      args.swap_red_blue, args.preview, args.vla_path, args.proprio)
         else:
             parser.error("give a directory to check, or --make-demo DIR")
     except DataError as e:

@@ -94,22 +94,33 @@ class Policy:
         return cls(vla, data.load_stats(stats), train_args, device, proprio_stats=proprio, **kw)
 
     def frame(self, camera, image):
-        """A live HxWx3 uint8 RGB frame as the training frames of this camera were made."""
-        image = np.ascontiguousarray(image)
+        """A live HxWx3 uint8 RGB frame (array, tensor or PIL image) as this camera's training frames were made."""
+        array = np.asarray(image.numpy(force=True) if torch.is_tensor(image) else image)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"predict: {camera}: expected an HxWx3 uint8 RGB frame (numpy array, tensor or PIL "
+                             f"image), got {type(image).__name__} of {array.dtype} {array.shape}")
+        image = np.ascontiguousarray(array)
         if self.jpeg_quality:
             image = jpeg_round_trip(image, self.jpeg_quality)
-        h, w = self.frame_sizes.get(camera, image.shape[:2])
+        # older checkpoints record no training size: the model's input size, so that cameras of any sizes stack
+        h, w = self.frame_sizes.get(camera) or [self.vla.image_size] * 2
         if image.shape[:2] != (h, w):
             image = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
         return torch.tensor(image).permute(2, 0, 1)  # PIL gives read-only arrays
 
     @torch.no_grad()
     def predict(self, images, instruction, state=None):
-        """images: camera name -> HxWx3 uint8 RGB frame; state: the raw (proprio_dim,) joint state when the policy was
-        trained with proprioception. Returns the chunk in raw action units, (chunk, action_dim)."""
-        missing = [c for c in self.cameras if c not in images]
-        if missing:
-            raise KeyError(f"predict: missing camera {', '.join(missing)} (the policy was trained on {self.cameras})")
+        """images: camera name -> HxWx3 uint8 RGB frame of any size; instruction: str or UTF-8 bytes; state: the raw
+        (proprio_dim,) joint state when the policy was trained with proprioception. Returns the chunk in raw action
+        units, (chunk, action_dim)."""
+        instruction = instruction.decode() if isinstance(instruction, bytes) else instruction  # h5py gives bytes
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError(f"predict: expected the instruction as a non-blank str or bytes, got {instruction!r:.60}")
+        if not isinstance(images, dict) or set(self.cameras) - set(images):
+            got = f"cameras {', '.join(images)}" if isinstance(images, dict) else type(images).__name__
+            raise ValueError(f"predict: expected a dict camera name -> frame for {', '.join(self.cameras)}, got {got}")
+        model.check_sequence_length(self.vla.config, self.vla.tokenizer, instruction, len(self.cameras),
+                                    self.vla.proprio_dim, self.vla.chunk)
         if self.vla.proprio_dim and state is None:
             raise ValueError(f"predict: this policy was trained with proprioception: pass state, the raw "
                              f"({self.vla.proprio_dim},) joint state")
@@ -223,6 +234,8 @@ def main(argv=None):
     except data.DataError as e:
         sys.exit(f"error: {e}")
     episode = data.read_episode(args.episode, cameras, train_args.get("swap_red_blue", False))  # as trained on
+    if args.instruction in ("seen", "unseen") and not episode[args.instruction]:
+        sys.exit(f"error: {args.episode} has no {args.instruction} instructions; pass --instruction \"text\"")
     instruction = episode[args.instruction][0] if args.instruction in ("seen", "unseen") else args.instruction
 
     policy = Policy.from_checkpoint(args.checkpoint, device=args.device, vla_path=args.vla_path,

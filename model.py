@@ -234,6 +234,42 @@ def jitter(x, u):
     return v - v * sat * torch.minimum(k, 4 - k).clamp(0, 1)
 
 # -----------------------------------------------------------------------------
+# the prompt
+
+
+def prompt_ids(tokenizer, instruction):
+    """BOS and OpenVLA's prompt, as the LLM reads it after the image patches."""
+    prompt = f"In: What action should the robot take to {instruction.lower()}?\nOut:"
+    ids = [tokenizer.token_to_id("<s>")] + tokenizer.encode(prompt, add_special_tokens=False).ids
+    space = tokenizer.token_to_id("▁")
+    return ids + [space] * (ids[-1] != space)  # OpenVLA's action prediction appends the bare "▁"
+
+
+def check_sequence_length(config, tokenizer, instruction, cameras, proprio=False, chunk=8):
+    """Positions one sample fills in the LLM, laid out as VLA.forward does (BOS, every camera's patches, the state
+    token, the prompt, the action queries); a ValueError when that is more than the LLM has (2048 for Llama-2)."""
+    prompt, patches = len(prompt_ids(tokenizer, instruction)), (config["image_sizes"][0] // PATCH) ** 2
+    n, limit = prompt + cameras * patches + bool(proprio) + chunk, max_positions(config)
+    if n > limit:
+        raise ValueError(f"the instruction is too long: {prompt} prompt tokens + {cameras} camera(s) x {patches} image "
+                         f"tokens{' + 1 state token' * bool(proprio)} + {chunk} action queries = {n} positions, more "
+                         f"than the LLM's {limit}")
+    return n
+
+
+def max_positions(config):
+    return LlamaConfig(**config["text_config"]).max_position_embeddings  # text_config is a diff from LlamaConfig()
+
+
+def load_tokenizer(path):
+    """config.json and the tokenizer of a checkpoint (directory or hub id): enough to measure prompts, no weights."""
+    path = resolve(path)
+    tok = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(tok):
+        raise FileNotFoundError(f"{path}: missing tokenizer.json")
+    return read_json(os.path.join(path, "config.json")), Tokenizer.from_file(tok)
+
+# -----------------------------------------------------------------------------
 # the VLA
 
 
@@ -306,13 +342,7 @@ class VLA(nn.Module):
         return x.reshape(B, N * x.shape[1], x.shape[2])
 
     def tokenize(self, instructions):
-        bos, space = self.tokenizer.token_to_id("<s>"), self.tokenizer.token_to_id("▁")
-        ids = []
-        for s in instructions:
-            prompt = f"In: What action should the robot take to {s.lower()}?\nOut:"
-            t = [bos] + self.tokenizer.encode(prompt, add_special_tokens=False).ids
-            ids.append(t + [space] * (t[-1] != space))  # OpenVLA's action prediction appends the bare "▁"
-        return ids
+        return [prompt_ids(self.tokenizer, s) for s in instructions]
 
     def forward(self, images, instructions, state=None, aug=None):
         """-> normalized action chunks (B, chunk, action_dim). state: normalized proprioception (B, proprio_dim)."""
@@ -373,13 +403,10 @@ class VLA(nn.Module):
         """A local OpenVLA-format directory or a hub id. An action_head.safetensors there (a merged export) is
         loaded too, and the options it records (chunk, action_dim, proprio_dim, attention, image_aug) win."""
         path = resolve(path)
-        config = read_json(os.path.join(path, "config.json"))
-        tok = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(tok):
-            raise FileNotFoundError(f"{path}: missing tokenizer.json")
+        config, tok = load_tokenizer(path)
         pre = os.path.join(path, "preprocessor_config.json")
         pre = read_json(pre) if os.path.exists(pre) else None
-        vla = cls._meta(config, dtype, Tokenizer.from_file(tok), pre, options)
+        vla = cls._meta(config, dtype, tok, pre, options)
         load_weights(vla, path, dtype, device)
         vla._finish(device)
         if os.path.exists(os.path.join(path, "action_head.safetensors")):

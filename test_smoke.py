@@ -396,6 +396,46 @@ def test_cli_summary(tmp_path):
     assert "right_gripper" in out and "seen: 2-2 variants per episode, e.g. pick it | place it" in out
 
 
+def blank_instructions(tmp_path):
+    """A good episode, then seen missing, empty, all blank, and unseen present but blank."""
+    paths = [write_episode(tmp_path / f"episode_{i}.hdf5", seen=seen)
+             for i, seen in enumerate([("pick it",), None, (), (" ", ""), ("pick it",)])]
+    with h5py.File(paths[4], "a") as f:
+        f.create_dataset("unseen", data=["  "], dtype=h5py.string_dtype())
+    return paths
+
+
+def test_check_refuses_missing_empty_and_blank_instructions(tmp_path):
+    paths = blank_instructions(tmp_path)
+    with pytest.raises(data.DataError) as err:
+        data.check_episodes(paths, data.DEFAULT_CAMERAS, 8, 14)
+    lines = str(err.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == paths[1:]
+    assert all(line.endswith("seen instructions missing, empty or all blank") for line in lines[:3])
+    assert lines[3].endswith(": unseen instructions missing, empty or all blank")
+    r = run_cli(tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().splitlines() == lines
+    assert data.check_episodes(paths[:1], data.DEFAULT_CAMERAS, 8, 14) == paths[:1]
+
+
+def test_check_measures_prompts_with_the_models_tokenizer(tmp_path, tiny_dir, capsys):
+    """A 5,000-word instruction is ~5,000 tokens: with the image patches, past Llama-2's 2,048 positions."""
+    good = write_episode(tmp_path / "episode_0.hdf5", seen=("pick it", "put the shoe on the mat"))
+    config, tok = model.load_tokenizer(tiny_dir)
+    n = model.check_sequence_length(config, tok, "put the shoe on the mat", 2, True, 8)
+    assert n == len(model.prompt_ids(tok, "put the shoe on the mat")) + 2 * 256 + 1 + 8
+    summarize = lambda **kw: data.summarize(str(tmp_path), data.DEFAULT_CAMERAS, 8, 14, 0, **kw)
+    summarize(vla_path=tiny_dir, proprio=True)
+    assert f"prompts: the longest instruction fills {n} of the LLM's 2048 positions" in capsys.readouterr().out
+    long = write_episode(tmp_path / "episode_1.hdf5", seen=("pick it", "place the shoe " * 1700))
+    summarize()  # without --vla_path there is no tokenizer to measure with
+    with pytest.raises(data.DataError, match="nowhere: no such checkpoint directory"):
+        summarize(vla_path=str(tmp_path / "nowhere"))
+    r = run_cli(tmp_path, "--vla_path", tiny_dir)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"{long}: the instruction is too long: ") and "2048" in r.stderr and good not in r.stderr
+
+
 def test_arm_check_flags_instructions_of_other_episodes(demo, tmp_path, capsys):
     """Demo episodes move one arm and hold the other still; give them instructions that name the moving arm or,
     in some, the other one (as RoboTwin's OFT conversion did by pairing episodes with other episodes' texts)."""
@@ -544,6 +584,27 @@ def test_tiny_loads_from_its_directory(tiny_dir):
     assert pre[0]["mean"] == [0.484375, 0.455078125, 0.40625]
     assert pre[0]["std"] == [0.228515625, 0.2236328125, 0.224609375]
     assert pre[1]["mean"] == [0.5] * 3 and pre[1]["std"] == [0.5] * 3
+
+
+@pytest.mark.parametrize("cameras, proprio_dim, chunk", [(1, 0, 8), (3, 5, 2)])
+def test_sequence_length_is_what_forward_builds(tiny_dir, cameras, proprio_dim, chunk):
+    vla = VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim, chunk=chunk)
+    lengths = []
+    vla.llm.model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["inputs_embeds"].shape[1]),
+                                            with_kwargs=True)
+    for text in ["pick it", "Put the red sneaker onto the green mat, then let go of it."]:
+        vla(images(b=1, n=cameras, size=64), [text], torch.zeros(1, proprio_dim) if proprio_dim else None)
+        assert lengths[-1] == model.check_sequence_length(vla.config, vla.tokenizer, text, cameras, proprio_dim, chunk)
+    assert model.max_positions(vla.config) == vla.llm.config.max_position_embeddings == 2048  # Llama-2's default
+    n = lengths[-1]
+    for limit in (n, n - 1):  # the limit comes from the config, and a sequence of exactly the limit fits
+        config = vla.config | {"text_config": vla.config["text_config"] | {"max_position_embeddings": limit}}
+        check = lambda: model.check_sequence_length(config, vla.tokenizer, text, cameras, proprio_dim, chunk)
+        if limit == n:
+            assert check() == n
+        else:
+            with pytest.raises(ValueError, match=f"too long: .* = {n} positions, more than the LLM's {n - 1}$"):
+                check()
 
 
 def test_forward_shape_and_bf16(tiny_dir):
@@ -1079,6 +1140,41 @@ def test_bad_flags_fail_before_the_model_loads(flags, message, tiny_dir, demo_di
     assert message in str(e.value.code) + capsys.readouterr().err
 
 
+class ModelLoads(Exception):
+    """Raised in place of loading the model: the data checks before it have passed."""
+
+
+def stop_at_model_load(*args, **kwargs):
+    raise ModelLoads
+
+
+def test_validation_split_takes_only_usable_episodes(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Seed 7 holds out the first of three episodes; a 1-frame one there must not become the validation episode."""
+    paths = [write_episode(tmp_path / f"episode_{i}.hdf5", T=T) for i, T in enumerate([1, 20, 24])]
+    monkeypatch.setattr(model.VLA, "from_pretrained", stop_at_model_load)
+    with pytest.raises(ModelLoads):
+        train.main(train_flags(tiny_dir, str(tmp_path), tmp_path / "out"))
+    out = capsys.readouterr()
+    args = json.loads(out.out[out.out.index("{"):out.out.index("\n}") + 2])
+    assert args["val_episode_files"] == [paths[1]] and paths[0] in out.err
+    assert "train: 1 episodes" in out.out and "val: 1 episodes" in out.out
+
+
+@pytest.mark.parametrize("seen, message", [
+    (None, "seen instructions missing, empty or all blank"),
+    (("pick it", "place the shoe " * 1700), "the instruction is too long: "),  # 5,000 words
+])
+def test_instructions_are_checked_before_the_model_loads(seen, message, tiny_dir, tmp_path, monkeypatch):
+    write_episode(tmp_path / "episode_0.hdf5")
+    write_episode(tmp_path / "episode_1.hdf5")
+    bad = write_episode(tmp_path / "episode_2.hdf5", seen=seen)
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    for val in ("0", "2"):  # the file in the training or the validation set
+        with pytest.raises(SystemExit) as e:
+            train.main(train_flags(tiny_dir, str(tmp_path), tmp_path / "out", "--val_episodes", val))
+        assert str(e.value.code).startswith(f"error: {bad}: {message}") and "\n" not in str(e.value.code)
+
+
 def test_refuses_to_overwrite_checkpoints(run_a, tiny_dir, demo_dir, monkeypatch):
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(SystemExit, match="already holds checkpoints"):
@@ -1109,7 +1205,7 @@ def test_policy_predicts_raw_actions(policy, val_episode):
         normalized = policy.vla(episode["frames"](0)[None], ["place the shoe on the mat"])[0].numpy()
     lo, hi = np.array(policy.stats["min"]), np.array(policy.stats["max"])
     np.testing.assert_allclose(chunk, (normalized + 1) / 2 * (hi - lo) + lo, rtol=1e-5, atol=1e-5)
-    with pytest.raises(KeyError, match="missing camera left_wrist_image"):
+    with pytest.raises(ValueError, match="left_wrist_image, got cameras head_camera_image$"):
         policy.predict({"head_camera_image": frame_dict(episode, 0, policy.cameras)["head_camera_image"]}, "x")
 
 
@@ -1136,6 +1232,65 @@ def test_policy_brings_live_frames_to_the_training_frames(policy, val_episode):
     np.testing.assert_array_equal(through.predict(live, "place it"),
                                   policy.predict({c: pil(jpeg(f), (256, 256)) for c, f in live.items()}, "place it"))
     assert np.abs(through.predict(live, "place it") - policy.predict(live, "place it")).max() > 0
+
+
+def test_policy_takes_arrays_pil_images_tensors_any_sizes_and_bytes(policy, val_episode):
+    episode = data.read_episode(val_episode, policy.cameras)
+    frames = frame_dict(episode, 5, policy.cameras)
+    expected = policy.predict(frames, "place the shoe")
+    pil = {c: Image.fromarray(f) for c, f in frames.items()}
+    np.testing.assert_array_equal(policy.predict(pil, "place the shoe"), expected)
+    tensors = {c: torch.from_numpy(f) for c, f in frames.items()}
+    np.testing.assert_array_equal(policy.predict(tensors, b"place the shoe"), expected)  # bytes: what h5py returns
+    sizes = dict(zip(policy.cameras, [(320, 240), (160, 96)]))  # (W, H) per camera: each squashed to 256x256
+    mixed = {c: np.asarray(pil[c].resize(sizes[c], Image.BICUBIC)) for c in policy.cameras}
+    squashed = {c: np.asarray(Image.fromarray(f).resize((256, 256), Image.BICUBIC)) for c, f in mixed.items()}
+    np.testing.assert_array_equal(policy.predict(mixed, "place the shoe"), policy.predict(squashed, "place the shoe"))
+    unrecorded = infer.Policy(policy.vla, policy.stats, {k: v for k, v in policy.args.items() if k != "frame_sizes"},
+                              policy.device)  # an older checkpoint: the model's input size, 224x224
+    at_224 = {c: np.asarray(Image.fromarray(f).resize((224, 224), Image.BICUBIC)) for c, f in mixed.items()}
+    np.testing.assert_array_equal(unrecorded.predict(mixed, "place it"), unrecorded.predict(at_224, "place it"))
+
+
+def bad_predict_input(case, frames):
+    """Each case: (images, instruction) as a caller might get them wrong."""
+    head, wrist = frames["head_camera_image"], frames["left_wrist_image"]
+    images = {
+        "channels first": {**frames, "head_camera_image": head.transpose(2, 0, 1)},
+        "batch dimension": {**frames, "left_wrist_image": wrist[None]},
+        "grayscale array": {**frames, "head_camera_image": head[..., 0]},
+        "grayscale PIL": {**frames, "head_camera_image": Image.fromarray(head).convert("L")},
+        "float frame": {**frames, "head_camera_image": head / 255.0},
+        "float tensor": {**frames, "head_camera_image": torch.from_numpy(head).float()},
+        "None frame": {**frames, "left_wrist_image": None},
+        "one camera": {"head_camera_image": head},
+        "a list": [head, wrist],
+    }.get(case, frames)
+    instruction = {"None instruction": None, "int instruction": 3, "blank instruction": "  ",
+                   "5,000 words": "place the shoe " * 1700}.get(case, "place the shoe")
+    return images, instruction
+
+
+@pytest.mark.parametrize("case, message", [
+    ("channels first", "head_camera_image: expected an HxWx3 uint8 RGB frame .* got ndarray of uint8 \\(3, 256, 256"),
+    ("batch dimension", "left_wrist_image: .* got ndarray of uint8 \\(1, 256, 256, 3\\)"),
+    ("grayscale array", "got ndarray of uint8 \\(256, 256\\)"),
+    ("grayscale PIL", "got Image of uint8 \\(256, 256\\)"),
+    ("float frame", "got ndarray of float64 \\(256, 256, 3\\)"),
+    ("float tensor", "got Tensor of float32 \\(256, 256, 3\\)"),
+    ("None frame", "left_wrist_image: expected .* got NoneType"),
+    ("one camera", "for head_camera_image, left_wrist_image, got cameras head_camera_image"),
+    ("a list", "expected a dict camera name -> frame .* got list"),
+    ("None instruction", "instruction as a non-blank str or bytes, got None"),
+    ("int instruction", "got 3"),
+    ("blank instruction", "got '  '"),
+    ("5,000 words", "too long: .* more than the LLM's 2048"),
+])
+def test_policy_refuses_bad_input_in_one_line(case, message, policy, val_episode):
+    episode = data.read_episode(val_episode, policy.cameras)
+    with pytest.raises(ValueError, match=message) as e:
+        policy.predict(*bad_predict_input(case, frame_dict(episode, 0, policy.cameras)))
+    assert "\n" not in str(e.value)
 
 
 def test_policy_with_proprio_takes_the_raw_state(run_p, tmp_path):
@@ -1226,18 +1381,22 @@ def copy_episode(src, dst, drop=None, action_width=None):
     ("no head", "is missing action_head.safetensors"),
     ("no camera", "left_wrist_image"),
     ("action width", ", 12), expected (T, 14)"),
+    ("no seen", ": seen instructions missing, empty or all blank"),
+    ("no unseen", " has no unseen instructions; pass --instruction"),
 ])
 def test_bad_input_fails_before_the_model_loads(case, message, run_a, val_episode, tmp_path, monkeypatch):
     ckpt, episode = tmp_path / "ckpt", tmp_path / "episode_0.hdf5"
     shutil.copytree(run_a / "step_000006", ckpt)
-    copy_episode(val_episode, episode, drop="left_wrist_image" if case == "no camera" else None,
-                 action_width=12 if case == "action width" else None)
+    drop = {"no camera": "left_wrist_image", "no seen": "seen", "no unseen": "unseen"}.get(case)
+    copy_episode(val_episode, episode, drop=drop, action_width=12 if case == "action width" else None)
     if case == "no head":
         os.remove(ckpt / "action_head.safetensors")
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(SystemExit) as e:
-        infer.main(["--checkpoint", str(ckpt), "--episode", str(episode), "--out", str(tmp_path / "o")])
+        infer.main(["--checkpoint", str(ckpt), "--episode", str(episode), "--out", str(tmp_path / "o"),
+                    "--instruction", "unseen" if case == "no unseen" else "seen"])
     assert message in str(e.value.code) and str(episode if case != "no head" else ckpt) in str(e.value.code)
+    assert "\n" not in str(e.value.code)
 
 
 def test_policy_from_merged_export(run_a, policy, val_episode, tmp_path):

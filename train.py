@@ -227,7 +227,9 @@ def main(argv=None):
     # -------------------------------------------------------------------------------- data, checked before the model
     cameras = args.cameras.split(",")
     try:
-        paths = data.list_episodes(args.data_dir)
+        # only episodes that give samples may be held out: a too-short validation episode would leave none
+        paths = data.check_episodes(data.list_episodes(args.data_dir), cameras, args.chunk, args.action_dim,
+                                    args.action_offset)
         if args.val_data_dir:
             train_paths, val_paths = paths, data.list_episodes(args.val_data_dir)
         else:
@@ -244,6 +246,9 @@ def main(argv=None):
                            num_trajectories=len(train_set.paths))
         val_set = data.EpisodeDataset(val_paths, stats=stats, proprio_stats=proprio_stats, instruction_variant=0,
                                       **common) if val_paths else None
+        sets = [train_set] + [val_set] * bool(val_set)  # every prompt must fit the LLM: its tokenizer tells, no weights
+        data.check_prompts([p for s in sets for p in s.paths], [t for s in sets for t in s.instructions],
+                           args.vla_path, len(cameras), args.proprio, args.chunk)
     except data.DataError as e:
         sys.exit(f"error: {e}")
     if not epoch_batches(len(train_set), args, 0, world, 0):
