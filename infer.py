@@ -121,9 +121,9 @@ class Policy:
             raise ValueError(f"predict: expected a dict camera name -> frame for {', '.join(self.cameras)}, got {got}")
         model.check_sequence_length(self.vla.config, self.vla.tokenizer, instruction, len(self.cameras),
                                     self.vla.proprio_dim, self.vla.chunk)
-        if self.vla.proprio_dim and state is None:
+        if self.vla.proprio_dim and np.shape(state) != (self.vla.proprio_dim,):
             raise ValueError(f"predict: this policy was trained with proprioception: pass state, the raw "
-                             f"({self.vla.proprio_dim},) joint state")
+                             f"({self.vla.proprio_dim},) joint state, got {'None' if state is None else np.shape(state)}")
         frames = torch.stack([self.frame(c, images[c]) for c in self.cameras])
         state = torch.as_tensor(data.normalize_state(np.asarray(state, np.float64), self.proprio_stats))[None] \
             if self.vla.proprio_dim else None

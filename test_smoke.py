@@ -1308,8 +1308,9 @@ def test_policy_with_proprio_takes_the_raw_state(run_p, tmp_path):
         direct = policy.vla(episode["frames"](7)[None], ["place it"], state)[0].numpy()
     np.testing.assert_allclose(chunk, data.unnormalize(direct, policy.stats), rtol=1e-5, atol=1e-5)
     assert np.abs(policy.predict(frames, "place it", raw + 0.3) - chunk).max() > 1e-4
-    with pytest.raises(ValueError, match="trained with proprioception: pass state"):
-        policy.predict(frames, "place it")
+    for wrong in (None, raw[:-1], raw[None]):
+        with pytest.raises(ValueError, match="trained with proprioception: pass state.*got"):
+            policy.predict(frames, "place it", wrong)
     infer.main(["--checkpoint", str(ckpt), "--episode", val, "--out", str(tmp_path)])  # replay feeds the states
     executed = np.array(json.load(open(tmp_path / "report.json"))["executed"])
     assert len(executed) == episode["length"] - 1  # action offset 1
