@@ -242,20 +242,23 @@ def prepared_step(vla, batch_size, cameras, prompt_len, dtype, grad_ckpt):
 
 
 def tracked_peak(config, depths, batch_size, grad_ckpt, cameras, prompt_len, lora_rank, dtype, **vla_options):
-    """Bytes alive at the step's peak, by part, on fake tensors: MemTracker sees every tensor made, none allocated."""
+    """Bytes alive at the peak of each phase (forward, backward, optimizer) by part, on fake tensors: MemTracker sees
+    every tensor made, and none is allocated. Phases are kept apart because each grows linearly with depth, their
+    maximum does not: at batch 1 with grad ckpt the optimizer's peak leads at 1 layer, backward's at 32."""
     vla = fake_vla(config, depths, lora_rank, dtype, **vla_options)
     with vla.fake:
         step, opt, inputs = prepared_step(vla, batch_size, cameras, prompt_len, dtype, grad_ckpt)
-    mt, no_hook = MemTracker(), SimpleNamespace(remove=lambda: None)
+    mt, no_hook, peaks = MemTracker(), SimpleNamespace(remove=lambda: None), {}
     for p in vla.parameters():  # MemTracker hooks every parameter's gradient: frozen ones refuse hooks
         if not p.requires_grad:
             mt._param_to_grad_hook_handles[p] = (no_hook, no_hook)
 
-    def whole_step_peak(_state):  # MemTracker's own also keeps every module's peak: half the time, never read here
+    def phase_peaks(_state):  # instead of MemTracker's peaks per module: half the time, never read here
         snap = mt._curr_mem_snap.get(torch.device("cpu"), {"Total": 0})
-        if snap["Total"] > mt._peak_mem.get("step", 0):
-            mt._peak_mem["step"], mt._peak_mem_snap["step"] = snap["Total"], dict(snap)
-    mt._update_peak_stats = whole_step_peak
+        phase = "optimizer" if mt._in_opt else "backward" if mt._mod_tracker.is_bw else "forward"
+        if snap["Total"] > peaks.get(phase, {}).get("Total", 0):
+            peaks[phase] = dict(snap)
+    mt._update_peak_stats = phase_peaks
     mt.track_external(vla, opt, *inputs)
     # transformers takes fake tensors for tracing and then builds a (B, 1, T, T) causal mask that a real run skips
     # (reading the positions' values to rule out packed sequences): a real step's path, as the positions here are
@@ -264,33 +267,40 @@ def tracked_peak(config, depths, batch_size, grad_ckpt, cameras, prompt_len, lor
                                     find_packed_sequence_indices=lambda position_ids: None)
     with vla.fake, mt, real_path:
         step()
-    peak = {str(k.value if hasattr(k, "value") else k): v for k, v in mt._peak_mem_snap["step"].items()}
     trainable = sum(p.nbytes for p in vla.parameters() if p.requires_grad)
-    return {"frozen weights": peak["Parameter"] - trainable + peak["Buffer"], "trainable weights": trainable,
-            "gradients": peak["Gradient"], "AdamW state": peak["Optstate"], "activations": peak["Activation"],
-            "temporaries": peak["Temp"] + peak["Other"], "total": peak["Total"]}
+    out = {}
+    for phase, snap in peaks.items():
+        peak = {str(getattr(k, "value", k)): v for k, v in snap.items()}
+        out[phase] = {"frozen weights": peak["Parameter"] - trainable + peak["Buffer"], "trainable weights": trainable,
+                      "gradients": peak["Gradient"], "AdamW state": peak["Optstate"],
+                      "activations": peak["Activation"], "temporaries": peak["Temp"] + peak["Other"],
+                      "total": peak["Total"]}
+    return out
 
 
 def estimate_memory(config, batch_size=8, grad_ckpt=False, cameras=2, prompt_len=PROMPT_LEN, lora_rank=32,
                     dtype=torch.bfloat16, depths=None, **vla_options):
-    """Peak accelerator bytes of one train.py step (forward, backward, AdamW) by part, computed on the CPU without
-    allocating. Activations and weights grow linearly with identical blocks, so each stage (DINOv2, SigLIP, LLM) is
-    measured at 1 and 2 blocks and extrapolated to its depth; depths=(dino, siglip, llm) runs those depths directly.
-    Assumes CUDA's fused attention (flash / memory-efficient). vla_options: chunk, action_dim, proprio_dim,
-    attention, image_aug, as VLA takes them."""
+    """Peak accelerator bytes of one train.py step (forward, backward, AdamW) by part, and the phase it falls in,
+    computed on the CPU without allocating. Each phase's peak grows linearly with identical blocks, so each stage
+    (DINOv2, SigLIP, LLM) is measured at 1 and 2 blocks and extrapolated to its depth; depths=(dino, siglip, llm)
+    runs those depths directly. Assumes CUDA's fused attention (flash / memory-efficient). vla_options: chunk,
+    action_dim, proprio_dim, attention, image_aug, as VLA takes them."""
     run = lambda d: tracked_peak(config, d, batch_size, grad_ckpt, cameras, prompt_len, lora_rank, dtype,
                                  **vla_options)
     if depths:
-        return run(depths)
-    full = [model.VIT[tid]["depth"] - 1 for tid in config["timm_model_ids"]]  # the last block is never built
-    full.append(model.LlamaConfig(**config["text_config"]).num_hidden_layers)
-    base = run((1, 1, 1))
-    est = dict(base)
-    for i, n in enumerate(full):
-        if n > 1:
-            more = run(tuple(1 + (j == i) for j in range(3)))
-            est = {k: est[k] + (n - 1) * (more[k] - base[k]) for k in est}
-    return est
+        est = run(depths)
+    else:
+        full = [model.VIT[tid]["depth"] - 1 for tid in config["timm_model_ids"]]  # the last block is never built
+        full.append(model.LlamaConfig(**config["text_config"]).num_hidden_layers)
+        base = run((1, 1, 1))
+        est = base
+        for i, n in enumerate(full):
+            if n > 1:
+                more = run(tuple(1 + (j == i) for j in range(3)))
+                est = {ph: {k: v + (n - 1) * (more[ph][k] - base[ph][k]) for k, v in parts.items()}
+                       for ph, parts in est.items()}
+    phase = max(est, key=lambda ph: est[ph]["total"])
+    return est[phase] | {"phase": phase}
 
 
 def measured_peak(config, batch_size, grad_ckpt, cameras, prompt_len, lora_rank, dtype, **vla_options):
@@ -327,7 +337,7 @@ def bench_memory(args, device):
     what = f"{args.cameras} cameras, {PROMPT_LEN}-token prompt, LoRA rank {args.lora_rank}, bf16 base, AdamW"
     table(f"training step peak memory (estimate): 7B, batch {args.batch_size}, "
           f"{'with' if args.grad_ckpt else 'without'} grad ckpt, {what}", ["part", "GB"],
-          [[k, v / GB] for k, v in parts.items()],
+          [[k, v / GB] for k, v in parts.items() if k != "phase"] + [["peak during", parts["phase"]]],
           ["method: the step on fake tensors under torch's MemTracker, stages measured at 1 and 2 blocks and "
            "extrapolated to full depth; fused (flash / memory-efficient) attention assumed, as on CUDA; GB = 2^30 B"])
     rows = [(b, *(estimate_memory(config, b, ckpt, args.cameras, PROMPT_LEN, args.lora_rank, **options)["total"]
