@@ -448,28 +448,33 @@ def bench_train(args, device):
 def bench_infer(args, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    vla = build(args, device, dtype).eval()
+    # a training checkpoint's LoRA (random here: merged or not it costs the same), then folded in as Policy does
+    vla = model.add_lora(build(args, device, dtype), args.lora_rank).eval()
     images, instructions = inputs(args, 1, device)
     rows = []
-    for name in ["eager"] + [f"torch.compile ({args.compile_mode})"] * args.compile:
+    for name in ["eager, LoRA unmerged", "eager, LoRA merged"] + \
+            [f"torch.compile ({args.compile_mode}), merged"] * args.compile:
+        if name == "eager, LoRA merged":
+            model.merge_lora(vla)
         @torch.no_grad()
         def chunk():  # as infer.Policy.predict: frames from host memory in, a float32 chunk back on the host
             with autocast:
                 return net(images, instructions).float().cpu()
 
         try:
-            net = vla if name == "eager" else torch.compile(vla, mode=args.compile_mode)
+            net = vla if name.startswith("eager") else torch.compile(vla, mode=args.compile_mode)
             times, warm = timed(chunk, device, args.warmup, args.iters)
         except Exception as e:  # inductor may lack a compiler or support here: report it, measure the rest
             rows.append([name, f"failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"])
             continue
         ms = 1000 * times
         rows.append([name, float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), 1000 / ms.mean(), warm])
-    table(f"inference: {args.vla_path or f'random {args.model} twin'} (no LoRA: as a merged export), {dtype}, batch 1, "
+    table(f"inference: {args.vla_path or f'random {args.model} twin'}, LoRA rank {args.lora_rank}, {dtype}, batch 1, "
           f"{args.cameras} cameras, chunk {vla.chunk} x {vla.action_dim}",
           ["path", "p50 ms", "p95 ms", "chunks/s", "warm-up s"], rows,
           [f"{args.iters} chunks after {args.warmup} warm-up chunks (compilation happens there); "
-           f"{'CUDA events' if device.type == 'cuda' else 'perf_counter'}, synchronized; chunks/s = 1 / mean"])
+           f"{'CUDA events' if device.type == 'cuda' else 'perf_counter'}, synchronized; chunks/s = 1 / mean",
+           f"merged / unmerged p50: {rows[1][1] / rows[0][1]:.2f} (infer.Policy merges a training checkpoint's LoRA)"])
 
 
 def main(argv=None):

@@ -977,7 +977,8 @@ def test_resume_is_exact(run_a, tiny_dir, demo_dir, tmp_path):
     assert max_diff(trained_weights(run_a / "step_000003"), straight) > 1e-4  # the last 3 steps did change them
 
 
-P_FLAGS = ["--proprio", "--action_offset", 1, "--attention", "full", "--save_interval", 2, "--eval_interval", 2]
+P_FLAGS = ["--proprio", "--action_offset", 1, "--attention", "full", "--save_interval", 2, "--eval_interval", 2,
+           "--grad_ckpt", "auto"]
 
 
 @pytest.fixture(scope="session")
@@ -996,6 +997,7 @@ def test_resume_is_exact_with_proprio_and_full_attention(run_p, tiny_dir, demo_d
     assert max_diff(trained_weights(tmp_path / "step_000004"), trained_weights(run_p / "step_000004")) <= 1e-6
     args = json.load(open(run_p / "step_000004" / "args.json"))
     assert (args["proprio"], args["attention"], args["image_aug"]) == (True, "full", True)
+    assert args["grad_ckpt"] == "off"  # auto on a CPU
     (stats,) = json.load(open(run_p / "step_000004" / "dataset_statistics.json")).values()
     train_files = [p for p in data.list_episodes(demo_dir) if p not in args["val_episode_files"]]
     assert stats["proprio"] == json.loads(json.dumps(data.compute_stats([actions_of(p) for p in train_files])))
@@ -1290,3 +1292,54 @@ def test_bench_flops_match_a_hand_count_and_a_train_row(tiny_dir, capsys):
     bench.table("t", ["config"] + ["x"] * 7, [row, ["no grad ckpt", "out of memory"]])
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith("config") and lines[3].startswith("grad ckpt") and "out of memory" in lines[4]
+
+
+def test_memory_model_matches_a_real_step_and_its_own_extrapolation(monkeypatch):
+    """The estimate (fake tensors, stages extrapolated from 1 and 2 blocks) against the CPU allocator's real peak of
+    the same step on the tiny twin (with grad ckpt, a state token, augmentation, full attention), and against a direct
+    fake run of a deeper twin, where the extrapolation does the work."""
+    tiny, options = model.tiny_config(model.make_tokenizer()), dict(proprio_dim=5, image_aug=True, attention="full")
+    common = (2, True, 2, 20, 4, torch.float32)  # batch, grad ckpt, cameras, prompt tokens, LoRA rank, dtype
+    est, real = bench.estimate_memory(tiny, *common, **options), bench.measured_peak(tiny, *common, **options)
+    assert abs(est["total"] / real - 1) < 0.15, (est, real)
+    assert sum(v for k, v in est.items() if k not in ("total", "phase")) == est["total"]
+    for tid in tiny["timm_model_ids"]:
+        monkeypatch.setitem(model.VIT, tid, dict(model.VIT[tid], depth=5))  # 4 blocks built
+    deep = dict(tiny, text_config=dict(tiny["text_config"], num_hidden_layers=4))
+    for ckpt in (False, True):
+        extrapolated = bench.estimate_memory(deep, 2, ckpt, 2, 20, 4, torch.float32, **options)
+        direct = bench.estimate_memory(deep, 2, ckpt, 2, 20, 4, torch.float32, depths=(4, 4, 4), **options)
+        assert extrapolated["phase"] == direct["phase"]
+        assert extrapolated["total"] == pytest.approx(direct["total"], rel=0.01)
+        assert direct["total"] > est["total"]  # deeper holds more
+
+
+def test_fit_table_lines():
+    G = bench.GB
+    lines = bench.fit_lines([(1, 20.2 * G, 16.9 * G), (8, 49.84 * G, 18.9 * G), (16, 85.6 * G, 73 * G)])
+    assert lines[:3] == ["batch 1: 20.2 GB without grad ckpt, 16.9 GB with",
+                         "batch 8: 49.8 GB without grad ckpt, 18.9 GB with",
+                         "batch 16: 85.6 GB without grad ckpt, 73.0 GB with"]
+    fits = lines[-1]
+    assert "batch 1: 24 GB yes, 40 GB yes, 80 GB yes" in fits  # 20.2 x 1.1 = 22.2
+    assert "batch 8: 24 GB grad ckpt, 40 GB grad ckpt, 80 GB yes" in fits
+    assert "batch 16: 24 GB no, 40 GB no, 80 GB no" in fits  # 73 x 1.1 > 80: the margin counts
+
+
+@pytest.mark.parametrize("flags, value", [([], "off"), (["--grad_ckpt"], "on"), (["--grad_ckpt", "auto"], "auto"),
+                                          (["--grad_ckpt", "on"], "on"), (["--no-grad_ckpt"], "off")])
+def test_grad_ckpt_flag_forms(flags, value):
+    assert train.get_args(["--data_dir", "d", *flags]).grad_ckpt == value
+
+
+def test_policy_merges_lora_by_default(run_a, policy, val_episode, tiny_dir):
+    """A training checkpoint's LoRA is folded into the base weights in place; unmerged gives the same actions."""
+    unmerged = infer.Policy.from_checkpoint(str(run_a / "step_000006"), device="cpu", merge=False)
+    assert not any(isinstance(m, LoraLayer) for m in policy.vla.modules())
+    assert any(isinstance(m, LoraLayer) for m in unmerged.vla.modules())
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    base = VLA.from_pretrained(tiny_dir).state_dict()[q]
+    assert (policy.vla.state_dict()[q] - base).abs().max() > 1e-6  # the trained LoRA is in the weights now
+    images = frame_dict(data.read_episode(val_episode, policy.cameras), 5, policy.cameras)
+    np.testing.assert_allclose(policy.predict(images, "place it"), unmerged.predict(images, "place it"),
+                               rtol=1e-4, atol=1e-5)
