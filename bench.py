@@ -324,9 +324,10 @@ def measured_peak(config, batch_size, grad_ckpt, cameras, prompt_len, lora_rank,
 def fit_lines(rows):
     """rows: (batch, bytes without grad ckpt, bytes with) -> the lines scripts read, then which cards fit."""
     lines = [f"batch {b}: {off / GB:.1f} GB without grad ckpt, {on / GB:.1f} GB with" for b, off, on in rows]
-    fits = lambda b, c: "yes" if b[1] * MARGIN <= c * GB else "grad ckpt" if b[2] * MARGIN <= c * GB else "no"
-    return lines + ["", f"fits with a {MARGIN - 1:.0%} margin (yes / only with grad ckpt / no): " +
-                    " | ".join(f"batch {r[0]}: " + ", ".join(f"{c} GB {fits(r, c)}" for c in FIT_GB) for r in rows)]
+    fits = lambda r, c: "yes" if r[1] * MARGIN <= c * GB else "grad ckpt" if r[2] * MARGIN <= c * GB else "no"
+    lines += ["", f"fits with a {MARGIN - 1:.0%} margin: yes, only with grad ckpt, or no",
+              "batch " + "".join(f"{c} GB".rjust(11) for c in FIT_GB)]
+    return lines + [f"{r[0]:<5} " + "".join(fits(r, c).rjust(11) for c in FIT_GB) for r in rows]
 
 
 def bench_memory(args, device):
