@@ -1303,7 +1303,8 @@ def test_memory_model_matches_a_real_step_and_its_own_extrapolation(monkeypatch)
         monkeypatch.setitem(model.VIT, tid, dict(model.VIT[tid], depth=5))  # 4 blocks built
     deep = dict(tiny, text_config=dict(tiny["text_config"], num_hidden_layers=4))
     common = (deep, 2, True, 2, 20, 4, torch.float32)  # batch, grad ckpt, cameras, prompt tokens, LoRA rank, dtype
-    options = dict(proprio_dim=5, image_aug=True, attention="full")
+    options = dict(chunk=8, action_dim=14, proprio_dim=5, image_aug=True, attention="full")  # as train.py passes them
+    assert set(options) == set(model.HEAD_OPTIONS)
     est = bench.estimate_memory(*common, **options)
     direct = bench.estimate_memory(*common, depths=(4, 4, 4), **options)
     assert est["phase"] == direct["phase"] and est["total"] == pytest.approx(direct["total"], rel=0.01)
