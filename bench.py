@@ -5,7 +5,7 @@ Measure nanoOFT: data loader throughput, training step time / memory / MFU, infe
     python bench.py --what data --data_dir out/demo_data      # loader samples/s with 0, 1 and 2 workers
     python bench.py --what train                              # CPU: tiny twin, float32; CUDA: 7B-shaped, bf16
     python bench.py --what train --device cuda --vla_path DIR # a real checkpoint instead of random 7B weights
-    python bench.py --what infer --no-compile                 # batch-1 latency per chunk, eager only
+    python bench.py --what infer --no-compile                 # latency per chunk: LoRA unmerged vs merged, eager
     python bench.py --what flops --model 7b                   # training FLOPs per sample by part (meta device)
     python bench.py --what memory                             # 7B training step's peak memory, fit table (no GPU)
     python bench.py --what memory --measure                   # check the memory model against real CPU peaks
@@ -244,7 +244,7 @@ def prepared_step(vla, batch_size, cameras, prompt_len, dtype, grad_ckpt):
 def tracked_peak(config, depths, batch_size, grad_ckpt, cameras, prompt_len, lora_rank, dtype, **vla_options):
     """Bytes alive at the peak of each phase (forward, backward, optimizer) by part, on fake tensors: MemTracker sees
     every tensor made, and none is allocated. Phases are kept apart because each grows linearly with depth, their
-    maximum does not: at batch 1 with grad ckpt the optimizer's peak leads at 1 layer, backward's at 32."""
+    maximum does not: at batch 1 with grad ckpt the optimizer step peaks highest at 1 layer, not at full depth."""
     vla = fake_vla(config, depths, lora_rank, dtype, **vla_options)
     with vla.fake:
         step, opt, inputs = prepared_step(vla, batch_size, cameras, prompt_len, dtype, grad_ckpt)
