@@ -497,9 +497,8 @@ def main(argv=None):
     print(f"machine: {machine(device)}")
     for what in [args.what] if args.what != "all" else ["data", "train", "infer"]:
         try:
-            benches = dict(flops=bench_flops, memory=bench_memory, data=bench_data, train=bench_train,
-                           infer=bench_infer)
-            benches[what](args, device)
+            dict(flops=bench_flops, memory=bench_memory, data=bench_data, train=bench_train,
+                 infer=bench_infer)[what](args, device)
         except data.DataError as e:  # no episodes: say how to make some, measure the rest
             print(f"\n## data loader: {e}\n(make episodes with: python data.py --make-demo {args.data_dir})")
 
