@@ -5,14 +5,17 @@ Measure nanoOFT: data loader throughput, training step time / memory / MFU, infe
     python bench.py --what data --data_dir out/demo_data      # loader samples/s with 0, 1 and 2 workers
     python bench.py --what train                              # CPU: tiny twin, float32; CUDA: 7B-shaped, bf16
     python bench.py --what train --device cuda --vla_path DIR # a real checkpoint instead of random 7B weights
-    python bench.py --what infer --no-compile                 # batch-1 latency per chunk, eager only
+    python bench.py --what infer --no-compile                 # latency per chunk: LoRA unmerged vs merged, eager
     python bench.py --what flops --model 7b                   # training FLOPs per sample by part (meta device)
+    python bench.py --what memory                             # 7B training step's peak memory, fit table (no GPU)
+    python bench.py --what memory --measure                   # check the memory model against real CPU peaks
     OMP_NUM_THREADS=2 python bench.py --what all              # data, train and infer with 2 CPU threads
 
 Without --vla_path the model is a random-weight twin built on the device (no download): tiny on CPU, 7B on CUDA.
 """
 import argparse
 import gc
+import itertools
 import math
 import multiprocessing
 import os
@@ -20,10 +23,17 @@ import platform
 import resource
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn as nn
+import transformers.masking_utils
+from torch._C._profiler import _EventType
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import model
@@ -43,7 +53,7 @@ FLOPS_FORMULA = [  # matmuls only: norms, activations, softmax and the optimizer
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=["data", "train", "infer", "flops", "all"], default="all",
+    p.add_argument("--what", choices=["data", "train", "infer", "flops", "memory", "all"], default="all",
                    help="all: data, train and infer")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (pick the GPU with CUDA_VISIBLE_DEVICES)")
     p.add_argument("--model", choices=["auto", "tiny", "7b"], default="auto",
@@ -59,6 +69,9 @@ def get_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time torch.compile in --what infer")
     p.add_argument("--compile_mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--grad_ckpt", action="store_true", help="--what memory: the parts with grad ckpt")
+    p.add_argument("--measure", action="store_true",
+                   help="--what memory: also run real steps on this CPU and compare their peak with the model's")
     p.add_argument("--peak_tflops", type=float,
                    help="device peak for MFU; default: bf16 dense spec by GPU name, a measured fp32 matmul on CPU")
     return p.parse_args(argv)
@@ -169,6 +182,185 @@ def bench_flops(args, device):
           rows + [["total", sum(r[1] for r in rows), sum(r[2] for r in rows)]], FLOPS_FORMULA)
 
 # -----------------------------------------------------------------------------
+# memory: train.py's step counted on fake tensors (shapes, no storage) by torch's MemTracker
+
+FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]  # CUDA's kernels: no T x T matrix kept
+PROMPT_LEN = 20  # BOS + the demo's prompt, as --what flops counts it
+FIT_GB, MARGIN = (24, 40, 80), 1.1
+GB = 2 ** 30  # GPU memory is quoted in GiB ("80 GB" H100s hold 80 GiB)
+
+
+def fake_vla(config, depths, lora_rank, dtype, **vla_options):
+    """The VLA as train.py sets it up (frozen base in `dtype`; LoRA, head and queries in float32) with only `depths` =
+    (DINOv2 blocks, SigLIP blocks, LLM layers) kept, on fake tensors. peft cannot inject into fake tensors, so it is
+    built and injected on the meta device and handed fake tensors afterwards."""
+    vla = model.VLA._meta(config, dtype, None, None, vla_options)
+    for tower, n in zip(vla.vision_backbone.values(), depths):
+        del tower.blocks[n:]
+    del vla.llm.model.layers[depths[2]:]
+    vla.llm.config.num_hidden_layers = depths[2]
+    vla._finish("meta")
+    model.add_lora(vla, lora_rank)
+    vla.fake = FakeTensorMode()
+    with vla.fake:
+        for m in vla.modules():
+            for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+                if t is not None:
+                    x = torch.empty(t.shape, dtype=t.dtype)
+                    setattr(m, name, nn.Parameter(x, t.requires_grad) if isinstance(t, nn.Parameter) else x)
+    return vla
+
+
+def prepared_step(vla, batch_size, cameras, prompt_len, dtype, grad_ckpt):
+    """train.py's step on random inputs (prompts of prompt_len tokens, a state and augmentation draws when the model
+    takes them), AdamW's state already made as from the second step on; -> (step, optimizer, inputs)."""
+    B = batch_size
+    vla.tokenize = lambda instructions: [[1] + [3] * (prompt_len - 1)] * len(instructions)
+    if grad_ckpt:
+        model.enable_grad_ckpt(vla)
+    vla.train()
+    images = torch.randint(0, 256, (B, cameras, 3, 256, 256), dtype=torch.uint8)
+    state = torch.rand(B, vla.proprio_dim) * 2 - 1 if vla.proprio_dim else None
+    aug = torch.rand(B, cameras, 6) if vla.image_aug else None
+    target = torch.rand(B, vla.chunk, vla.action_dim) * 2 - 1
+    trainable = [p for p in vla.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=5e-4, weight_decay=0.01, foreach=True)  # foreach: the default on CUDA
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def step():
+        with sdpa_kernel(FUSED):  # a shape that needs sdpa's math kernel (T x T kept) raises instead of counting it
+            with autocast:
+                pred = vla(images, ["x"] * B, state, aug)
+            train.l1_terms(pred, target)[0].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, opt, [t for t in (images, state, aug, target) if t is not None]
+
+
+def tracked_peak(config, depths, batch_size, grad_ckpt, cameras, prompt_len, lora_rank, dtype, **vla_options):
+    """Bytes alive at the peak of each phase (forward, backward, optimizer) by part, on fake tensors: MemTracker sees
+    every tensor made, and none is allocated. Phases are kept apart because each grows linearly with depth, their
+    maximum does not: at batch 1 with grad ckpt the optimizer step peaks highest at 1 layer, not at full depth."""
+    vla = fake_vla(config, depths, lora_rank, dtype, **vla_options)
+    with vla.fake:
+        step, opt, inputs = prepared_step(vla, batch_size, cameras, prompt_len, dtype, grad_ckpt)
+    mt, no_hook, peaks = MemTracker(), SimpleNamespace(remove=lambda: None), {}
+    for p in vla.parameters():  # MemTracker hooks every parameter's gradient: frozen ones refuse hooks
+        if not p.requires_grad:
+            mt._param_to_grad_hook_handles[p] = (no_hook, no_hook)
+
+    def phase_peaks(_state):  # instead of MemTracker's peaks per module: half the time, never read here
+        snap = mt._curr_mem_snap.get(torch.device("cpu"), {"Total": 0})
+        phase = "optimizer" if mt._in_opt else "backward" if mt._mod_tracker.is_bw else "forward"
+        if snap["Total"] > peaks.get(phase, {}).get("Total", 0):
+            peaks[phase] = dict(snap)
+    mt._update_peak_stats = phase_peaks
+    mt.track_external(vla, opt, *inputs)
+    # transformers takes fake tensors for tracing and then builds a (B, 1, T, T) causal mask that a real run skips
+    # (reading the positions' values to rule out packed sequences): a real step's path, as the positions here are
+    # one unpacked sequence per row
+    real_path = mock.patch.multiple(transformers.masking_utils, is_tracing=lambda *a: False,
+                                    find_packed_sequence_indices=lambda position_ids: None)
+    with vla.fake, mt, real_path:
+        step()
+    trainable = sum(p.nbytes for p in vla.parameters() if p.requires_grad)
+    out = {}
+    for phase, snap in peaks.items():
+        peak = {str(getattr(k, "value", k)): v for k, v in snap.items()}
+        out[phase] = {"frozen weights": peak["Parameter"] - trainable + peak["Buffer"], "trainable weights": trainable,
+                      "gradients": peak["Gradient"], "AdamW state": peak["Optstate"],
+                      "activations": peak["Activation"], "temporaries": peak["Temp"] + peak["Other"],
+                      "total": peak["Total"]}
+    return out
+
+
+def estimate_memory(config, batch_size=8, grad_ckpt=False, cameras=2, prompt_len=PROMPT_LEN, lora_rank=32,
+                    dtype=torch.bfloat16, depths=None, **vla_options):
+    """Peak accelerator bytes of one train.py step (forward, backward, AdamW) by part, and the phase it falls in,
+    computed on the CPU without allocating. Each phase's peak grows linearly with identical blocks, so each stage
+    (DINOv2, SigLIP, LLM) is measured at 1 and 2 blocks and extrapolated to its depth; depths=(dino, siglip, llm)
+    runs those depths directly. Assumes CUDA's fused attention (flash / memory-efficient). vla_options: chunk,
+    action_dim, proprio_dim, attention, image_aug, as VLA takes them."""
+    run = lambda d: tracked_peak(config, d, batch_size, grad_ckpt, cameras, prompt_len, lora_rank, dtype,
+                                 **vla_options)
+    if depths:
+        est = run(depths)
+    else:
+        full = [model.VIT[tid]["depth"] - 1 for tid in config["timm_model_ids"]]  # the last block is never built
+        full.append(model.LlamaConfig(**config["text_config"]).num_hidden_layers)
+        base = run((1, 1, 1))
+        est = base
+        for i, n in enumerate(full):
+            if n > 1:
+                more = run(tuple(1 + (j == i) for j in range(3)))
+                est = {ph: {k: v + (n - 1) * (more[ph][k] - base[ph][k]) for k, v in parts.items()}
+                       for ph, parts in est.items()}
+    phase = max(est, key=lambda ph: est[ph]["total"])
+    return est[phase] | {"phase": phase}
+
+
+def measured_peak(config, batch_size, grad_ckpt, cameras, prompt_len, lora_rank, dtype, **vla_options):
+    """The same step for real on this CPU: the bytes it holds before (weights, AdamW state, inputs) plus the highest
+    running total of the CPU allocator's own allocations during the step, from torch.profiler's memory events."""
+    vla = model.add_lora(model.VLA.from_config(config, dtype, "cpu", **vla_options), lora_rank)
+    step, opt, inputs = prepared_step(vla, batch_size, cameras, prompt_len, dtype, grad_ckpt)
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in itertools.chain(vla.parameters(), vla.buffers(), state, inputs)}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events, totals = prof.profiler.kineto_results.experimental_event_tree(), [0]
+    while events:
+        e = events.pop()
+        events += e.children
+        totals += [e.extra_fields.total_allocated] if e.tag == _EventType.Allocation else []
+    return sum(held.values()) + max(totals)
+
+
+def fit_lines(rows):
+    """rows: (batch, bytes without grad ckpt, bytes with) -> the lines scripts read, then which cards fit."""
+    lines = [f"batch {b}: {off / GB:.1f} GB without grad ckpt, {on / GB:.1f} GB with" for b, off, on in rows]
+    fits = lambda r, c: "yes" if r[1] * MARGIN <= c * GB else "grad ckpt" if r[2] * MARGIN <= c * GB else "no"
+    lines += ["", f"fits with a {MARGIN - 1:.0%} margin: yes, only with grad ckpt, or no",
+              "batch " + "".join(f"{c} GB".rjust(11) for c in FIT_GB)]
+    return lines + [f"{r[0]:<5} " + "".join(fits(r, c).rjust(11) for c in FIT_GB) for r in rows]
+
+
+def bench_memory(args, device):
+    options = dict(image_aug=True)  # train.py's default: augmentation draws come with every batch
+    config, t0 = model.openvla_7b_config(), time.perf_counter()
+    parts = estimate_memory(config, args.batch_size, args.grad_ckpt, args.cameras, PROMPT_LEN, args.lora_rank,
+                            **options)
+    what = f"{args.cameras} cameras, {PROMPT_LEN}-token prompt, LoRA rank {args.lora_rank}, bf16 base, AdamW"
+    table(f"training step peak memory (estimate): 7B, batch {args.batch_size}, "
+          f"{'with' if args.grad_ckpt else 'without'} grad ckpt, {what}", ["part", "GB"],
+          [[k, v / GB] for k, v in parts.items() if k != "phase"] + [["peak during", parts["phase"]]],
+          ["method: the step on fake tensors under torch's MemTracker, stages measured at 1 and 2 blocks and "
+           "extrapolated to full depth; fused (flash / memory-efficient) attention assumed, as on CUDA; GB = 2^30 B"])
+    rows = [(b, *(estimate_memory(config, b, ckpt, args.cameras, PROMPT_LEN, args.lora_rank, **options)["total"]
+                  for ckpt in (False, True))) for b in (1, 2, 4, 8, 16)]
+    print(f"\n## fit table (estimate): 7B, {what}\n" + "\n".join(fit_lines(rows)))
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    if args.measure:
+        tiny, width = model.tiny_config(model.make_tokenizer()), model.openvla_7b_config()
+        width["text_config"] = {**width["text_config"], "num_hidden_layers": 2}
+        checks = [("tiny twin, float32", tiny, 8, torch.float32), ("7B width, 2 LLM layers, bf16", width, 1,
+                                                                     torch.bfloat16)]
+        out = []
+        for (name, config, b, dtype), ckpt in itertools.product(checks, (False, True)):
+            common = (config, b, ckpt, args.cameras, PROMPT_LEN, args.lora_rank, dtype)
+            est, real = estimate_memory(*common, **options)["total"], measured_peak(*common, **options)
+            out.append([f"{name}, batch {b}{', grad ckpt' if ckpt else ''}", est / 2**20, real / 2**20,
+                        100 * (est / real - 1)])
+        table("memory model vs a real step on this CPU", ["config", "estimate MiB", "measured MiB", "error %"], out,
+              ["measured: bytes held before the step + the peak running total of the CPU allocator during it "
+               "(torch.profiler memory events)"])
+
+# -----------------------------------------------------------------------------
 # the three benchmarks
 
 
@@ -257,28 +449,33 @@ def bench_train(args, device):
 def bench_infer(args, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    vla = build(args, device, dtype).eval()
+    # a training checkpoint's LoRA (random here: merged or not it costs the same), then folded in as Policy does
+    vla = model.add_lora(build(args, device, dtype), args.lora_rank).eval()
     images, instructions = inputs(args, 1, device)
     rows = []
-    for name in ["eager"] + [f"torch.compile ({args.compile_mode})"] * args.compile:
+    for name in ["eager, LoRA unmerged", "eager, LoRA merged"] + \
+            [f"torch.compile ({args.compile_mode}), merged"] * args.compile:
+        if name == "eager, LoRA merged":
+            model.merge_lora(vla)
         @torch.no_grad()
         def chunk():  # as infer.Policy.predict: frames from host memory in, a float32 chunk back on the host
             with autocast:
                 return net(images, instructions).float().cpu()
 
         try:
-            net = vla if name == "eager" else torch.compile(vla, mode=args.compile_mode)
+            net = vla if name.startswith("eager") else torch.compile(vla, mode=args.compile_mode)
             times, warm = timed(chunk, device, args.warmup, args.iters)
         except Exception as e:  # inductor may lack a compiler or support here: report it, measure the rest
             rows.append([name, f"failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"])
             continue
         ms = 1000 * times
         rows.append([name, float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), 1000 / ms.mean(), warm])
-    table(f"inference: {args.vla_path or f'random {args.model} twin'} (no LoRA: as a merged export), {dtype}, batch 1, "
+    table(f"inference: {args.vla_path or f'random {args.model} twin'}, LoRA rank {args.lora_rank}, {dtype}, batch 1, "
           f"{args.cameras} cameras, chunk {vla.chunk} x {vla.action_dim}",
           ["path", "p50 ms", "p95 ms", "chunks/s", "warm-up s"], rows,
           [f"{args.iters} chunks after {args.warmup} warm-up chunks (compilation happens there); "
-           f"{'CUDA events' if device.type == 'cuda' else 'perf_counter'}, synchronized; chunks/s = 1 / mean"])
+           f"{'CUDA events' if device.type == 'cuda' else 'perf_counter'}, synchronized; chunks/s = 1 / mean",
+           f"merged / unmerged p50: {rows[1][1] / rows[0][1]:.2f} (infer.Policy merges a training checkpoint's LoRA)"])
 
 
 def main(argv=None):
@@ -300,7 +497,8 @@ def main(argv=None):
     print(f"machine: {machine(device)}")
     for what in [args.what] if args.what != "all" else ["data", "train", "infer"]:
         try:
-            dict(flops=bench_flops, data=bench_data, train=bench_train, infer=bench_infer)[what](args, device)
+            dict(flops=bench_flops, memory=bench_memory, data=bench_data, train=bench_train,
+                 infer=bench_infer)[what](args, device)
         except data.DataError as e:  # no episodes: say how to make some, measure the rest
             print(f"\n## data loader: {e}\n(make episodes with: python data.py --make-demo {args.data_dir})")
 

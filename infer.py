@@ -76,8 +76,9 @@ class Policy:
         self.reset()
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir, device="auto", vla_path=None, dtype=None, **kw):
-        """A training checkpoint (base named in args.json + adapter + head) or a merged export (`model.py --merge`)."""
+    def from_checkpoint(cls, ckpt_dir, device="auto", vla_path=None, dtype=None, merge=True, **kw):
+        """A training checkpoint (base named in args.json + adapter + head) or a merged export (`model.py --merge`).
+        merge: fold a training checkpoint's LoRA into the base weights in place, to run at an export's speed."""
         train_args = check_checkpoint(ckpt_dir)
         device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                               "cpu" if device == "auto" else device)
@@ -88,6 +89,8 @@ class Policy:
                                         device=device)
         if not merged:  # an export already holds LoRA folded in and its head
             model.load_trained(vla, ckpt_dir)
+            if merge:
+                model.merge_lora(vla)
         vla.eval()
         stats = os.path.join(ckpt_dir, "dataset_statistics.json")
         proprio = data.load_stats(stats, key="proprio") if vla.proprio_dim else None

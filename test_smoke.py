@@ -1038,7 +1038,8 @@ def test_resume_is_exact(run_a, tiny_dir, demo_dir, tmp_path):
     assert max_diff(trained_weights(run_a / "step_000003"), straight) > 1e-4  # the last 3 steps did change them
 
 
-P_FLAGS = ["--proprio", "--action_offset", 1, "--attention", "full", "--save_interval", 2, "--eval_interval", 2]
+P_FLAGS = ["--proprio", "--action_offset", 1, "--attention", "full", "--save_interval", 2, "--eval_interval", 2,
+           "--grad_ckpt", "auto"]
 
 
 @pytest.fixture(scope="session")
@@ -1057,6 +1058,7 @@ def test_resume_is_exact_with_proprio_and_full_attention(run_p, tiny_dir, demo_d
     assert max_diff(trained_weights(tmp_path / "step_000004"), trained_weights(run_p / "step_000004")) <= 1e-6
     args = json.load(open(run_p / "step_000004" / "args.json"))
     assert (args["proprio"], args["attention"], args["image_aug"]) == (True, "full", True)
+    assert args["grad_ckpt"] == "off"  # auto on a CPU
     (stats,) = json.load(open(run_p / "step_000004" / "dataset_statistics.json")).values()
     train_files = [p for p in data.list_episodes(demo_dir) if p not in args["val_episode_files"]]
     assert stats["proprio"] == json.loads(json.dumps(data.compute_stats([actions_of(p) for p in train_files])))
@@ -1450,3 +1452,53 @@ def test_bench_flops_match_a_hand_count_and_a_train_row(tiny_dir, capsys):
     bench.table("t", ["config"] + ["x"] * 7, [row, ["no grad ckpt", "out of memory"]])
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith("config") and lines[3].startswith("grad ckpt") and "out of memory" in lines[4]
+
+
+def test_memory_model_matches_a_real_step_and_its_own_extrapolation(monkeypatch):
+    """On a tiny twin with 4 blocks per stage (grad ckpt, a state token, augmentation, full attention): the estimate,
+    extrapolated from fake runs at 1 and 2 blocks, equals a fake run at full depth, and is within 15% of the CPU
+    allocator's real peak for the same step."""
+    tiny = model.tiny_config(model.make_tokenizer())
+    for tid in tiny["timm_model_ids"]:
+        monkeypatch.setitem(model.VIT, tid, dict(model.VIT[tid], depth=5))  # 4 blocks built
+    deep = dict(tiny, text_config=dict(tiny["text_config"], num_hidden_layers=4))
+    common = (deep, 2, True, 2, 20, 4, torch.float32)  # batch, grad ckpt, cameras, prompt tokens, LoRA rank, dtype
+    options = dict(chunk=8, action_dim=14, proprio_dim=5, image_aug=True, attention="full")  # as train.py passes them
+    assert set(options) == set(model.HEAD_OPTIONS)
+    est = bench.estimate_memory(*common, **options)
+    direct = bench.estimate_memory(*common, depths=(4, 4, 4), **options)
+    assert est["phase"] == direct["phase"] and est["total"] == pytest.approx(direct["total"], rel=0.01)
+    assert sum(v for k, v in est.items() if k not in ("total", "phase")) == est["total"]
+    real = bench.measured_peak(*common, **options)
+    assert abs(est["total"] / real - 1) < 0.15, (est, real)
+
+
+def test_fit_table_lines():
+    G = bench.GB
+    lines = bench.fit_lines([(1, 20.2 * G, 16.9 * G), (8, 49.84 * G, 18.9 * G), (16, 85.6 * G, 73 * G)])
+    assert lines[:3] == ["batch 1: 20.2 GB without grad ckpt, 16.9 GB with",
+                         "batch 8: 49.8 GB without grad ckpt, 18.9 GB with",
+                         "batch 16: 85.6 GB without grad ckpt, 73.0 GB with"]
+    assert lines[-4].split() == ["batch", "24", "GB", "40", "GB", "80", "GB"]
+    assert lines[-3].split() == ["1", "yes", "yes", "yes"]  # 20.2 x 1.1 = 22.2
+    assert lines[-2].split() == ["8", "grad", "ckpt", "grad", "ckpt", "yes"]
+    assert lines[-1].split() == ["16", "no", "no", "no"]  # 73 x 1.1 > 80: the margin counts
+
+
+@pytest.mark.parametrize("flags, value", [([], "off"), (["--grad_ckpt"], "on"), (["--grad_ckpt", "auto"], "auto"),
+                                          (["--grad_ckpt", "on"], "on"), (["--no-grad_ckpt"], "off")])
+def test_grad_ckpt_flag_forms(flags, value):
+    assert train.get_args(["--data_dir", "d", *flags]).grad_ckpt == value
+
+
+def test_policy_merges_lora_by_default(run_a, policy, val_episode, tiny_dir):
+    """A training checkpoint's LoRA is folded into the base weights in place; unmerged gives the same actions."""
+    unmerged = infer.Policy.from_checkpoint(str(run_a / "step_000006"), device="cpu", merge=False)
+    assert not any(isinstance(m, LoraLayer) for m in policy.vla.modules())
+    assert any(isinstance(m, LoraLayer) for m in unmerged.vla.modules())
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    base = VLA.from_pretrained(tiny_dir).state_dict()[q]
+    assert (policy.vla.state_dict()[q] - base).abs().max() > 1e-6  # the trained LoRA is in the weights now
+    images = frame_dict(data.read_episode(val_episode, policy.cameras), 5, policy.cameras)
+    np.testing.assert_allclose(policy.predict(images, "place it"), unmerged.predict(images, "place it"),
+                               rtol=1e-4, atol=1e-5)

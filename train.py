@@ -61,8 +61,10 @@ def get_args(argv=None):
                    help="OFT's random crop and colour jitter in training, its centre crop in evaluation/deployment")
     p.add_argument("--swap_red_blue", action="store_true",
                    help="reverse the channels of every frame read (RoboTwin's OFT-converted files hold BGR)")
-    p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute LLM and ViT activations in backward: less memory, ~30%% slower")
+    p.add_argument("--grad_ckpt", nargs="?", const="on", default="off", choices=["on", "off", "auto"],
+                   help="recompute LLM and ViT activations in backward: less memory, ~30%% slower; auto: on when "
+                   "bench.py's memory estimate of this step exceeds the GPU's free memory (off on CPU)")
+    p.add_argument("--no-grad_ckpt", dest="grad_ckpt", action="store_const", const="off")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--num_workers", type=int, default=4, help="data loader processes per rank")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -266,7 +268,18 @@ def main(argv=None):
                                     action_dim=args.action_dim, proprio_dim=train_set.proprio_dim,
                                     attention=args.attention, image_aug=args.image_aug)
     model.add_lora(vla, rank=args.lora_rank)
-    if args.grad_ckpt:
+    if args.grad_ckpt == "auto":  # each rank decides on its own GPU's free memory: ranks are not synchronised
+        args.grad_ckpt = "off"
+        if use_cuda:
+            import bench  # here: bench imports this file
+            prompt = max(len(t) for t in vla.tokenize([s for texts in train_set.instructions for s in texts]))
+            need = bench.estimate_memory(vla.config, args.batch_size, False, len(cameras), prompt, args.lora_rank,
+                                         dtype, **{k: getattr(vla, k) for k in model.HEAD_OPTIONS})["total"]
+            free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)  # + weights loaded
+            args.grad_ckpt = "on" if need > free else "off"
+            log(f"--grad_ckpt auto: {args.grad_ckpt}: the step needs ~{need / 2**30:.1f} GiB without it "
+                f"(estimate), {free / 2**30:.1f} GiB free")
+    if args.grad_ckpt == "on":
         model.enable_grad_ckpt(vla)
     trainable = [p for p in vla.parameters() if p.requires_grad]  # fp32 even on a bf16 base: AdamW needs it
     if resume:
