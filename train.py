@@ -116,20 +116,18 @@ SAME_ON_RESUME = ["chunk", "action_dim", "lora_rank", "cameras", "proprio", "att
 def read_checkpoint(ckpt):
     """Its args.json and trainer state, once every file has been opened (safetensors headers, JSON, the state):
     a bad checkpoint fails before the model loads, with an OSError or ValueError naming the file."""
-    missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(ckpt, f))]
-    if missing:
-        raise FileNotFoundError(f"{ckpt}: " + (f"missing {', '.join(missing)}" if os.path.isdir(ckpt) else
-                                                "no checkpoint there"))
-    for f in ("adapter_model.safetensors", "action_head.safetensors"):
-        with model.open_safetensors(os.path.join(ckpt, f)):
-            pass
-    model.read_json(os.path.join(ckpt, "adapter_config.json"))
-    data.load_stats(os.path.join(ckpt, "dataset_statistics.json"))
-    path = os.path.join(ckpt, "trainer_state.pt")
+    for f in CHECKPOINT_FILES[:-1]:
+        if f.endswith(".json"):
+            model.read_json(os.path.join(ckpt, f))
+        else:
+            with model.open_safetensors(os.path.join(ckpt, f)):
+                pass
+    data.load_stats(os.path.join(ckpt, "dataset_statistics.json"))  # and it holds OpenVLA's norm_stats
+    path = os.path.join(ckpt, CHECKPOINT_FILES[-1])
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or empty: EOFError, a zip or an unpickling error
-        raise ValueError(f"corrupt {path}: {e}") from None
+    except Exception as e:  # missing, empty or truncated: an OSError, EOFError, a zip or an unpickling error
+        raise ValueError(f"unreadable {path}: {e}") from None
     return model.read_json(os.path.join(ckpt, "args.json")), state
 
 
@@ -153,7 +151,7 @@ def find_resume(args):
     else:
         sys.exit(f"error: --resume auto: no usable checkpoint in --out_dir {args.out_dir} (see the notes above)")
     newer = [d for d in done if int(os.path.basename(d)[5:]) > state["step"]]
-    if newer:
+    if newer and args.resume != "auto":  # auto passed over broken ones only: those may be written over
         sys.exit(f"error: --resume {ckpt} would write over the newer {', '.join(map(os.path.basename, newer))} in "
                  f"--out_dir {args.out_dir}: pass a new --out_dir")
     saved.setdefault("attention", "queries" if saved.get("bidirectional") else "causal")  # before --attention
@@ -251,9 +249,10 @@ def save_checkpoint(vla, opt, step, stream_state, stats, args, world):
                     "world_size": world, "rng": rngs}, os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-    except (OSError, RuntimeError) as e:  # a full disk: torch.save reports it as a RuntimeError
+    except Exception as e:  # a full disk: OSError, safetensors' SafetensorError, a RuntimeError from torch.save
         shutil.rmtree(tmp, ignore_errors=True)
-        sys.exit(f"error: could not save {final} ({e}); removed {tmp}, the earlier checkpoints are untouched")
+        sys.exit(f"error: could not save {final} ({type(e).__name__}: {e}; disk full?); removed {tmp}, the earlier "
+                 "checkpoints are untouched")
     if args.keep_last:
         for old in sorted(glob.glob(os.path.join(args.out_dir, "step_[0-9]*[0-9]")))[:-args.keep_last]:
             shutil.rmtree(old)
@@ -429,7 +428,7 @@ def main(argv=None):
     if ddp:  # no rank may tear gloo down while another's last collective is in flight: that aborts or hangs at exit
         dist.barrier()
     if stopping and step < args.max_steps:
-        log(f"stopped after step {step} ({stop.get('why', 'another rank was told to')}) and saved it: run the same "
+        log(f"stopped after step {step} ({stop.get('why', 'asked by another rank')}) and saved it: run the same "
             f"command with --resume auto to continue", flush=True)
         sys.exit(75)
 
