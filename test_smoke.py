@@ -1155,6 +1155,7 @@ def test_broken_checkpoint_is_named_before_the_model_loads_and_auto_skips_it(cas
     (["--action_offset", 1], "trained with --action_offset 0, not 1"),
     (["--norm", "q99"], "trained with --norm bounds, not q99"),
     (["--swap_red_blue"], "trained with --swap_red_blue False, not True"),
+    (["--no-image_aug"], "trained with --image_aug True, not False"),
 ])
 def test_resume_refuses_flags_that_change_shapes_or_data(flags, message, run_a, tiny_dir, demo_dir, tmp_path):
     with pytest.raises(SystemExit, match=message):
@@ -1226,7 +1227,7 @@ def start_train(flags, nproc=1, until="train:"):
     """A run in the background, returned once it printed a line starting with `until` (before the model loads), with
     a function that waits until every process writing its output (every rank) has exited and returns the output."""
     p = subprocess.Popen(train_cmd(flags, nproc), cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
+                         text=True, start_new_session=True)
     lines = []
     reader = threading.Thread(target=lambda: [lines.append(line) for line in p.stdout], daemon=True)
     reader.start()
@@ -1243,16 +1244,20 @@ def start_train(flags, nproc=1, until="train:"):
 
 
 def test_preemption_saves_the_step_and_resumes_exactly(run_a, tiny_dir, demo_dir, tmp_path):
-    flags = train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 6, "--save_interval", 3, "--eval_interval", 3,
-                        "--lr_decay_step", 4)
-    p, output = start_train(flags)
-    p.send_signal(signal.SIGTERM)  # while the model loads: the run finishes step 1, saves it and stops
+    """SIGTERM to every process of the run, its data worker too, as a cluster sends it: run_a's flags but more steps
+    (identical up to step 6), stopped at some step k, resumed to step 6 ends as run_a did."""
+    flags = train_flags(tiny_dir, demo_dir, tmp_path, "--save_interval", 3, "--eval_interval", 3, "--lr_decay_step", 4,
+                        "--num_workers", 1)
+    p, output = start_train(flags + ["--max_steps", "1000"], until="step 1/")
+    os.killpg(p.pid, signal.SIGTERM)
     out = output()
     assert p.returncode == 75, out[-3000:]
-    assert out.splitlines()[-1] == ("stopped after step 1 (SIGTERM) and saved it: run the same command with "
+    k = int(out.splitlines()[-1].split()[3])
+    assert out.splitlines()[-1] == (f"stopped after step {k} (SIGTERM) and saved it: run the same command with "
                                     "--resume auto to continue")
-    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "step_000001"]
-    r = run_train(flags + ["--resume", "auto"])
+    assert f"step_{k:06d}" in os.listdir(tmp_path) and not glob.glob(str(tmp_path / "*.tmp"))
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")][-1] == k
+    r = run_train(flags + ["--max_steps", "6", "--resume", "auto"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert max_diff(trained_weights(tmp_path / "step_000006"), trained_weights(run_a / "step_000006")) <= 1e-6
 

@@ -90,10 +90,8 @@ def get_args(argv=None):
         p.error(f"--device {args.device}: no CUDA device is visible to torch {torch.__version__}")
     path = os.path.expanduser(args.vla_path)
     if os.path.isdir(path):  # a hub id is only resolved when the model loads
-        files = os.listdir(path)
-        missing = [f for f in ("config.json", "tokenizer.json") if f not in files]
-        if not any(f.startswith("model") and f.endswith(".safetensors") for f in files):
-            missing.append("model*.safetensors")
+        missing = [f for f in ("config.json", "tokenizer.json", "model*.safetensors")
+                   if not glob.glob(os.path.join(path, f))]
         if missing:
             p.error(f"--vla_path {path}: no {', '.join(missing)} there (expected an OpenVLA checkpoint directory)")
     elif path.startswith(("/", ".")) or path.count("/") != 1 or os.path.isdir(path.split("/")[0]):  # as model.resolve
@@ -110,7 +108,7 @@ def get_args(argv=None):
 CHECKPOINT_FILES = ["adapter_model.safetensors", "adapter_config.json", "action_head.safetensors",
                     "dataset_statistics.json", "args.json", "trainer_state.pt"]
 SAME_ON_RESUME = ["chunk", "action_dim", "lora_rank", "cameras", "proprio", "attention", "action_offset", "norm",
-                  "swap_red_blue"]  # they change shapes or the data: a resumed run keeps the checkpoint's
+                  "swap_red_blue", "image_aug"]  # they change shapes or the data: a resumed run keeps the checkpoint's
 
 
 def read_checkpoint(ckpt):
@@ -181,13 +179,17 @@ def epoch_batches(n, args, rank, world, epoch):
     return [mine[i:i + args.batch_size] for i in range(0, per_rank, args.batch_size)]
 
 
+def ignore_sigterm(worker_id):  # a cluster signals data workers too: torch's handler would kill them, and the rank
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def batch_stream(dataset, args, rank, world, epoch, pos, pin):
     """Endless micro-batches with their (epoch, position) so a resumed run continues with the next unseen one."""
     while True:
         dataset.set_epoch(epoch)
         batches = epoch_batches(len(dataset), args, rank, world, epoch)[pos:]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
-                                             pin_memory=pin)
+                                             pin_memory=pin, worker_init_fn=ignore_sigterm)
         for batch in loader:
             pos += 1
             yield epoch, pos, batch
@@ -207,7 +209,7 @@ def evaluate(vla, val_set, stats, args, device, autocast, rank, world):
     n = min(len(val_set), args.eval_batches * args.batch_size)
     picks = torch.linspace(0, len(val_set) - 1, n).round().long().tolist()[rank::world]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, picks), batch_size=args.batch_size,
-                                         num_workers=min(args.num_workers, 2))
+                                         num_workers=min(args.num_workers, 2), worker_init_fn=ignore_sigterm)
     mean = data.normalize(torch.tensor(stats["mean"]), stats, args.norm).to(device)
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # curr, future, raw, baseline, count
     for batch in loader:
