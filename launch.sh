@@ -8,6 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-$(command -v python || command -v python3)}
+# torchrun passes these on to the ranks, which finish the step, save and exit 75 (train.py --preempt_signals);
+# without SIGUSR1 here (what SLURM's --signal sends by default) torchrun would die of it and save nothing
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 
 if [ "${1:-}" = "--demo" ]; then
   shift

@@ -14,7 +14,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -71,39 +73,98 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="frozen base weights and autocast; auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the newest one in --out_dir")
+    p.add_argument("--preempt_signals", default="SIGTERM,SIGUSR1", help="on these, finish the step, save and exit "
+                   "with code 75 (SLURM sends SIGTERM before it preempts or requeues a job); '' to disable")
     removed = {"--bidirectional": "--attention queries", "--no-bidirectional": "--attention causal"}
     for flag in set(removed) & {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}:
         p.error(f"{flag} was replaced by {removed[flag]}")
     args = p.parse_args(argv)
-    positive = ["chunk", "action_dim", "batch_size", "grad_accum", "max_steps", "save_interval", "eval_interval",
-                "eval_batches", "log_interval", "lora_rank"]
-    for name in positive:
+    for name in ["chunk", "action_dim", "batch_size", "grad_accum", "max_steps", "save_interval", "eval_interval",
+                 "eval_batches", "log_interval", "lora_rank"]:
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ["action_offset", "val_episodes", "warmup_steps", "keep_last", "num_workers"]:
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.lr <= 0:
-        p.error(f"--lr must be positive, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a finite positive number, got {args.lr}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is visible to torch {torch.__version__}")
+    path = os.path.expanduser(args.vla_path)
+    if os.path.isdir(path):  # a hub id is only resolved when the model loads
+        missing = [f for f in ("config.json", "tokenizer.json", "model*.safetensors")
+                   if not glob.glob(os.path.join(path, f))]
+        if missing:
+            p.error(f"--vla_path {path}: no {', '.join(missing)} there (expected an OpenVLA checkpoint directory)")
+    elif path.startswith(("/", ".")) or path.count("/") != 1 or os.path.isdir(path.split("/")[0]):  # as model.resolve
+        p.error(f"--vla_path {path}: no such directory, and not a Hugging Face Hub id")
+    for name in filter(None, args.preempt_signals.split(",")):
+        if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
+            p.error(f"--preempt_signals: {name} is not a signal a process can catch (e.g. SIGTERM,SIGUSR1)")
     unknown = [c for c in args.cameras.split(",") if c not in data.ALL_CAMERAS]
     if unknown:
         p.error(f"--cameras: unknown camera {','.join(unknown)} (choose from {','.join(data.ALL_CAMERAS)})")
     return args
 
 
+CHECKPOINT_FILES = ["adapter_model.safetensors", "adapter_config.json", "action_head.safetensors",
+                    "dataset_statistics.json", "args.json", "trainer_state.pt"]
+SAME_ON_RESUME = ["chunk", "action_dim", "lora_rank", "cameras", "proprio", "attention", "action_offset", "norm",
+                  "swap_red_blue", "image_aug"]  # they change shapes or the data: a resumed run keeps the checkpoint's
+
+
+def read_checkpoint(ckpt):
+    """Its args.json and trainer state, once every file has been opened (safetensors headers, JSON, the state):
+    a bad checkpoint fails before the model loads, with an OSError or ValueError naming the file."""
+    for f in CHECKPOINT_FILES[:-1]:
+        if f.endswith(".json"):
+            model.read_json(os.path.join(ckpt, f))
+        else:
+            with model.open_safetensors(os.path.join(ckpt, f)):
+                pass
+    data.load_stats(os.path.join(ckpt, "dataset_statistics.json"))  # and it holds OpenVLA's norm_stats
+    path = os.path.join(ckpt, CHECKPOINT_FILES[-1])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, empty or truncated: an OSError, EOFError, a zip or an unpickling error
+        raise ValueError(f"unreadable {path}: {e}") from None
+    return model.read_json(os.path.join(ckpt, "args.json")), state
+
+
 def find_resume(args):
-    """The checkpoint to resume from (None for a fresh run); refuses to write over an earlier run's checkpoints."""
+    """The checkpoint to resume from and its trainer state, checked whole ((None, None) for a fresh run). Refuses to
+    write over checkpoints: an earlier run's, or newer ones than the checkpoint resumed."""
+    note = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     done = sorted(glob.glob(os.path.join(args.out_dir, "step_[0-9]*[0-9]")))  # "*.tmp" are unfinished saves
-    if args.resume is None:
-        if done:
-            sys.exit(f"error: --out_dir {args.out_dir} already holds checkpoints: pass --resume auto, or a new "
-                     "--out_dir")
-        return None
-    if args.resume == "auto":
-        return done[-1] if done else None
-    if not os.path.isfile(os.path.join(args.resume, "trainer_state.pt")):
-        sys.exit(f"error: --resume {args.resume}: no checkpoint there (trainer_state.pt missing)")
-    return args.resume
+    if args.resume is None and done:
+        sys.exit(f"error: --out_dir {args.out_dir} already holds checkpoints: pass --resume auto, or a new --out_dir")
+    if args.resume is None or args.resume == "auto" and not done:
+        return None, None
+    for ckpt in reversed(done) if args.resume == "auto" else [args.resume]:
+        try:
+            saved, state = read_checkpoint(ckpt)
+            break
+        except (OSError, ValueError) as e:
+            if args.resume != "auto":
+                sys.exit(f"error: --resume {ckpt}: {e}")
+            note(f"note: --resume auto skips {ckpt}: {e}")
+    else:
+        sys.exit(f"error: --resume auto: no usable checkpoint in --out_dir {args.out_dir} (see the notes above)")
+    newer = [d for d in done if int(os.path.basename(d)[5:]) > state["step"]]
+    if newer and args.resume != "auto":  # auto passed over broken ones only: those may be written over
+        sys.exit(f"error: --resume {ckpt} would write over the newer {', '.join(map(os.path.basename, newer))} in "
+                 f"--out_dir {args.out_dir}: pass a new --out_dir")
+    saved.setdefault("attention", "queries" if saved.get("bidirectional") else "causal")  # before --attention
+    for name in SAME_ON_RESUME:
+        if saved.get(name, getattr(args, name)) != getattr(args, name):
+            sys.exit(f"error: {ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: resume with "
+                     f"the same --{name}, or train anew in a new --out_dir")
+    if saved.get("batch_size", args.batch_size) != args.batch_size:
+        note(f"note: {ckpt} was trained with --batch_size {saved['batch_size']}: the data order will differ")
+    if state["step"] >= args.max_steps:
+        note(f"{ckpt} is at step {state['step']} of --max_steps {args.max_steps}: the run is finished, nothing to do")
+        sys.exit(0)
+    return ckpt, state
 
 
 def get_lr(step, args):
@@ -120,13 +181,17 @@ def epoch_batches(n, args, rank, world, epoch):
     return [mine[i:i + args.batch_size] for i in range(0, per_rank, args.batch_size)]
 
 
+def ignore_sigterm(worker_id):  # a cluster signals data workers too: torch's handler would kill them, and the rank
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def batch_stream(dataset, args, rank, world, epoch, pos, pin):
     """Endless micro-batches with their (epoch, position) so a resumed run continues with the next unseen one."""
     while True:
         dataset.set_epoch(epoch)
         batches = epoch_batches(len(dataset), args, rank, world, epoch)[pos:]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
-                                             pin_memory=pin)
+                                             pin_memory=pin, worker_init_fn=ignore_sigterm)
         for batch in loader:
             pos += 1
             yield epoch, pos, batch
@@ -146,7 +211,7 @@ def evaluate(vla, val_set, stats, args, device, autocast, rank, world):
     n = min(len(val_set), args.eval_batches * args.batch_size)
     picks = torch.linspace(0, len(val_set) - 1, n).round().long().tolist()[rank::world]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, picks), batch_size=args.batch_size,
-                                         num_workers=min(args.num_workers, 2))
+                                         num_workers=min(args.num_workers, 2), worker_init_fn=ignore_sigterm)
     mean = data.normalize(torch.tensor(stats["mean"]), stats, args.norm).to(device)
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # curr, future, raw, baseline, count
     for batch in loader:
@@ -178,16 +243,20 @@ def save_checkpoint(vla, opt, step, stream_state, stats, args, world):
     final = os.path.join(args.out_dir, f"step_{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_trained(vla, tmp)
-    data.save_stats(os.path.join(tmp, "dataset_statistics.json"), **stats)
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args) | {"world_size": world}, f, indent=1)
-    epoch, pos = stream_state
-    torch.save({"step": step, "optimizer": opt.state_dict(), "epoch": epoch, "pos": pos, "world_size": world,
-                "rng": rngs}, os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        os.makedirs(tmp)
+        model.save_trained(vla, tmp)
+        data.save_stats(os.path.join(tmp, "dataset_statistics.json"), **stats)
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump(vars(args) | {"world_size": world}, f, indent=1)
+        torch.save({"step": step, "optimizer": opt.state_dict(), "epoch": stream_state[0], "pos": stream_state[1],
+                    "world_size": world, "rng": rngs}, os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except Exception as e:  # a full disk: OSError, safetensors' SafetensorError, a RuntimeError from torch.save
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(f"error: could not save {final} ({type(e).__name__}: {e}; disk full?); removed {tmp}, the earlier "
+                 "checkpoints are untouched")
     if args.keep_last:
         for old in sorted(glob.glob(os.path.join(args.out_dir, "step_[0-9]*[0-9]")))[:-args.keep_last]:
             shutil.rmtree(old)
@@ -206,7 +275,16 @@ def check_ranks_agree(trainable, world):
 
 def main(argv=None):
     args = get_args(argv)
-    resume = find_resume(args)
+    resume, state = find_resume(args)
+    try:  # a run that cannot save fails now, not after the model has loaded and trained
+        os.makedirs(args.out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out_dir).close()
+    except OSError as e:
+        sys.exit(f"error: --out_dir {args.out_dir} is not writable: {e}")
+    stop = {}  # why this rank should save and stop at the end of the current step
+    for name in filter(None, args.preempt_signals.split(",")):
+        signal.signal(signal.Signals[name], lambda sig, frame: stop.setdefault("why", signal.Signals(sig).name))
+    launcher = os.getppid()
     # -------------------------------------------------------------------------------- distributed
     ddp = int(os.environ.get("RANK", -1)) != -1
     use_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
@@ -227,7 +305,6 @@ def main(argv=None):
     log = print if master else (lambda *a, **k: None)
 
     # -------------------------------------------------------------------------------- data, checked before the model
-    cameras = args.cameras.split(",")
     try:
         # only episodes that give samples may be held out: a too-short validation episode would leave none
         paths = data.check_episodes(data.list_episodes(args.data_dir), cameras, args.chunk, args.action_dim,
@@ -239,7 +316,7 @@ def main(argv=None):
         stats_file = os.path.join(resume, "dataset_statistics.json") if resume else None
         stats = data.load_stats(stats_file) if resume else None
         proprio_stats = data.load_stats(stats_file, key="proprio") if resume and args.proprio else None
-        common = dict(cameras=cameras, chunk=args.chunk, action_dim=args.action_dim, norm=args.norm,
+        common = dict(cameras=args.cameras.split(","), chunk=args.chunk, action_dim=args.action_dim, norm=args.norm,
                       action_offset=args.action_offset, proprio=args.proprio, swap_red_blue=args.swap_red_blue)
         train_set = data.EpisodeDataset(train_paths, stats=stats, proprio_stats=proprio_stats, seed=args.seed,
                                         image_aug=args.image_aug, **common)
@@ -288,7 +365,6 @@ def main(argv=None):
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     start_step, epoch, pos = 0, 0, 0
     if resume:
-        state = torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         start_step, epoch, pos = state["step"], state["epoch"], state["pos"] * state["world_size"] // world
         if state["world_size"] == world:
@@ -303,8 +379,13 @@ def main(argv=None):
         frozen = [n for n, p in vla.named_parameters() if not p.requires_grad] + [n for n, _ in vla.named_buffers()]
         DDP._set_params_and_buffers_to_ignore_for_model(vla, frozen)  # broadcast and sync only what trains
         train_vla = DDP(vla, device_ids=[local_rank] if use_cuda else None)
-    os.makedirs(args.out_dir, exist_ok=True)
-    metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    metrics_file = os.path.join(args.out_dir, "metrics.jsonl")
+    if master and resume and os.path.exists(metrics_file):  # steps after the checkpoint are logged again: once only
+        with open(metrics_file) as f:
+            rows = [r for r in f if r.endswith("\n") and json.loads(r)["step"] <= start_step]
+        with open(metrics_file, "w") as f:
+            f.writelines(rows)
+    metrics = open(metrics_file, "a") if master else None
 
     def record(row, line):
         log(line, flush=True)
@@ -321,21 +402,23 @@ def main(argv=None):
         lr = get_lr(step - 1, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        terms = torch.zeros(3, device=device)
+        terms = torch.zeros(4, device=device)  # loss, curr, future, and whether any rank must stop after this step
         for micro in range(args.grad_accum):
             epoch, pos, batch = next(stream)
-            last = micro == args.grad_accum - 1
-            with train_vla.no_sync() if ddp and not last else nullcontext():
+            with train_vla.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext():
                 with autocast:
                     pred = train_vla(batch["images"].to(device, non_blocking=True), batch["instruction"],
                                      batch.get("state"), batch.get("aug"))
                 loss, curr, future = l1_terms(pred, batch["actions"].to(device, non_blocking=True))
                 (loss / args.grad_accum).backward()
-            terms += torch.stack([loss, curr, future]).detach() / args.grad_accum
+            terms[:3] += torch.stack([loss, curr, future]).detach() / args.grad_accum
+        if ddp and os.getppid() != launcher:  # torchrun died: nothing would supervise or restart this rank
+            stop.setdefault("why", "the launcher exited")
+        terms[3] = float(bool(stop))
         if ddp:
-            dist.all_reduce(terms)
-            terms /= world
-        loss, curr, future = terms.tolist()
+            dist.all_reduce(terms)  # every rank stops after the same step
+            terms[:3] /= world
+        loss, curr, future, stopping = terms.tolist()
         if not math.isfinite(loss):
             sys.exit(f"error: loss is {loss} at step {step}; stopping without saving this state "
                      f"(last good checkpoint, if any, is in {args.out_dir})")
@@ -355,16 +438,28 @@ def main(argv=None):
         if val_set is not None and (step % args.eval_interval == 0 or step == args.max_steps):
             row = evaluate(vla, val_set, stats, args, device, autocast, rank, world)
             record({"step": step} | row, f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
-        if step % args.save_interval == 0 or step == args.max_steps:
+        if step % args.save_interval == 0 or step == args.max_steps or stopping:
             if ddp:
                 log(check_ranks_agree(trainable, world))
             save_checkpoint(vla, opt, step, stream_state, saved_stats, args, world)
+        if stopping:
+            break
         t_log += time.time() - t_aside
-    if ddp:
-        # no rank may tear gloo down while another's last collective is in flight: that aborts or hangs at exit
+    if ddp:  # no rank may tear gloo down while another's last collective is in flight: that aborts or hangs at exit
         dist.barrier()
-        dist.destroy_process_group()
+    if stopping and step < args.max_steps:
+        log(f"stopped after step {step} ({stop.get('why', 'asked by another rank')}) and saved it: run the same "
+            f"command with --resume auto to continue", flush=True)
+        sys.exit(75)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the same Ctrl-C on once more
+        print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+    finally:  # only once main() has freed the DDP wrapper: freeing it after gloo can hang a rank at exit
+        if dist.is_initialized():
+            dist.destroy_process_group()
