@@ -690,6 +690,9 @@ def make_tiny(out_dir, seed=0):
     torch.manual_seed(seed)
     tok = make_tokenizer()
     vla = VLA.from_config(tiny_config(tok), tokenizer=tok)
+    with torch.no_grad():  # pretrained towers shrug off flat colour shifts (brightness, contrast); random ones do not,
+        for tower in vla.vision_backbone.values():  # so their patch kernels sum to zero in each colour channel
+            tower.patch_embed.proj.weight -= tower.patch_embed.proj.weight.mean((2, 3), keepdim=True)
     save_pretrained(vla, out_dir)
     os.remove(os.path.join(out_dir, "action_head.safetensors"))  # a base checkpoint, like openvla-7b: no head
     # a real checkpoint also holds the tower keys OpenVLA never reads: write them so the skip list is exercised
