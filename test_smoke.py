@@ -8,7 +8,6 @@ import io
 import json
 import math
 import os
-import errno
 import pickle
 import shutil
 import signal

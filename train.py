@@ -305,6 +305,7 @@ def main(argv=None):
     log = print if master else (lambda *a, **k: None)
 
     # -------------------------------------------------------------------------------- data, checked before the model
+    cameras = args.cameras.split(",")
     try:
         # only episodes that give samples may be held out: a too-short validation episode would leave none
         paths = data.check_episodes(data.list_episodes(args.data_dir), cameras, args.chunk, args.action_dim,
@@ -316,7 +317,7 @@ def main(argv=None):
         stats_file = os.path.join(resume, "dataset_statistics.json") if resume else None
         stats = data.load_stats(stats_file) if resume else None
         proprio_stats = data.load_stats(stats_file, key="proprio") if resume and args.proprio else None
-        common = dict(cameras=args.cameras.split(","), chunk=args.chunk, action_dim=args.action_dim, norm=args.norm,
+        common = dict(cameras=cameras, chunk=args.chunk, action_dim=args.action_dim, norm=args.norm,
                       action_offset=args.action_offset, proprio=args.proprio, swap_red_blue=args.swap_red_blue)
         train_set = data.EpisodeDataset(train_paths, stats=stats, proprio_stats=proprio_stats, seed=args.seed,
                                         image_aug=args.image_aug, **common)
