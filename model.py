@@ -188,7 +188,8 @@ def pil_weights(n, lo, hi, size):
     fs = scale.clamp(min=1)  # downscaling widens the filter: antialiasing
     center = lo[:, None] + (torch.arange(size, device=lo.device, dtype=torch.float64) + 0.5) * scale
     first, end = (center - 2 * fs + 0.5).trunc(), (center + 2 * fs + 0.5).trunc()  # PIL's (int) casts
-    i = first[..., None] + torch.arange(int(4 * fs.max()) + 2, device=lo.device)  # the taps of each output only
+    taps = int(4 * max(n / size, 1)) + 2  # per output at most, for boxes inside the frame (no data-dependent sync)
+    i = first[..., None] + torch.arange(taps, device=lo.device)
     t = ((i - center[..., None] + 0.5) / fs[..., None]).abs()
     w = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, torch.where(t < 2, ((t - 5) * t + 8) * t * -0.5 + 2, 0.0))
     w = w * ((i >= 0) & (i < n) & (i < end[..., None]))
