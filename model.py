@@ -422,11 +422,16 @@ HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json"
              "preprocessor_config.json", "action_head.safetensors"]
 
 
+def is_hub_id(path):
+    """'owner/name' that cannot be a local path: only those are looked up on the Hugging Face Hub."""
+    return not (path.startswith(("/", ".")) or path.count("/") != 1 or os.path.isdir(path.split("/")[0]))
+
+
 def resolve(path):
     path = os.path.expanduser(path)
     if os.path.isdir(path):
         return path
-    if path.startswith(("/", ".")) or path.count("/") != 1 or os.path.isdir(path.split("/")[0]):
+    if not is_hub_id(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     from huggingface_hub import snapshot_download
     try:  # weights, config and tokenizer only: the repo's .py remote code is never fetched

@@ -96,7 +96,7 @@ def get_args(argv=None):
                    if not glob.glob(os.path.join(path, f))]
         if missing:
             p.error(f"--vla_path {path}: no {', '.join(missing)} there (expected an OpenVLA checkpoint directory)")
-    elif path.startswith(("/", ".")) or path.count("/") != 1 or os.path.isdir(path.split("/")[0]):  # as model.resolve
+    elif not model.is_hub_id(path):
         p.error(f"--vla_path {path}: no such directory, and not a Hugging Face Hub id")
     for name in filter(None, args.preempt_signals.split(",")):
         if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
