@@ -116,9 +116,10 @@ SAME_ON_RESUME = ["chunk", "action_dim", "lora_rank", "cameras", "proprio", "att
 def read_checkpoint(ckpt):
     """Its args.json and trainer state, once every file has been opened (safetensors headers, JSON, the state):
     a bad checkpoint fails before the model loads, with an OSError or ValueError naming the file."""
+    read = {}
     for f in CHECKPOINT_FILES[:-1]:
         if f.endswith(".json"):
-            model.read_json(os.path.join(ckpt, f))
+            read[f] = model.read_json(os.path.join(ckpt, f))
         else:
             with model.open_safetensors(os.path.join(ckpt, f)):
                 pass
@@ -128,7 +129,7 @@ def read_checkpoint(ckpt):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, empty or truncated: an OSError, EOFError, a zip or an unpickling error
         raise ValueError(f"unreadable {path}: {e}") from None
-    return model.read_json(os.path.join(ckpt, "args.json")), state
+    return read["args.json"], state
 
 
 def find_resume(args):
