@@ -3,6 +3,7 @@ Robot episodes for nanoOFT: the chunked HDF5 dataset, action statistics, synthet
 
 Check a directory of RoboTwin episodes (episode_*.hdf5) before a long run starts:
 $ python data.py /path/to/place_shoe --cameras head_camera_image,left_wrist_image --chunk 8 --action_dim 14
+$ python data.py /path/to/place_shoe --vla_path openvla/openvla-7b --preview frame.png   # prompt lengths, colours
 Write synthetic episodes in exactly the same layout, learnable by a tiny model in minutes on a CPU:
 $ python data.py --make-demo demo_data --episodes 48 --seed 0
 """

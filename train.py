@@ -7,6 +7,7 @@ All GPUs of this machine (launch.sh wraps torchrun):
     torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe
 Continue the newest checkpoint exactly where it stopped:
     torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe --resume auto
+SIGTERM or SIGUSR1 (--preempt_signals) saves after the current step and exits 75; --grad_ckpt auto decides on CUDA.
 """
 import argparse
 import glob
