@@ -36,6 +36,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
+import demo
 import model
 import train
 
@@ -132,8 +133,8 @@ def build(args, device, dtype):
     On the meta device (shapes only, for FLOP counts) always the --model twin: weights cannot load there."""
     if args.vla_path and str(device) != "meta":
         return model.VLA.from_pretrained(args.vla_path, dtype, device)
-    tok = model.make_tokenizer()
-    config = model.openvla_7b_config() if args.model == "7b" else model.tiny_config(tok)
+    tok = demo.make_tokenizer()
+    config = model.openvla_7b_config() if args.model == "7b" else demo.tiny_config(tok)
     return model.VLA.from_config(config, dtype, device, tokenizer=tok)
 
 
@@ -141,7 +142,7 @@ def inputs(args, batch, device):
     """Random uint8 frames at the demo's 256x256 (the model resizes to 224, as in training), the demo's instructions;
     pinned like train.py's loader so the copy to the GPU is part of the step."""
     images = torch.randint(0, 256, (batch, args.cameras, 3, 256, 256), dtype=torch.uint8)
-    return images.pin_memory() if device.type == "cuda" else images, (data.SEEN * batch)[:batch]
+    return images.pin_memory() if device.type == "cuda" else images, (demo.SEEN * batch)[:batch]
 
 # -----------------------------------------------------------------------------
 # FLOPs, by FLOPS_FORMULA
@@ -175,10 +176,10 @@ def flops_per_sample(vla, n_images, prompt_len):
 
 def bench_flops(args, device):
     vla = model.add_lora(build(args, "meta", torch.bfloat16), args.lora_rank)  # shapes only: the 7B costs nothing
-    parts = flops_per_sample(vla, args.cameras, len(vla.tokenize(data.SEEN[:1])[0]))
+    parts = flops_per_sample(vla, args.cameras, len(vla.tokenize(demo.SEEN[:1])[0]))
     rows = [[k, f / 1e9, r / 1e9] for k, (f, r) in parts.items()]
     table(f"training FLOPs per sample: {args.model}, {args.cameras} cameras, LoRA rank {args.lora_rank}, "
-          f"{data.SEEN[0]!r}", ["part", "model GFLOP", "+ grad ckpt GFLOP"],
+          f"{demo.SEEN[0]!r}", ["part", "model GFLOP", "+ grad ckpt GFLOP"],
           rows + [["total", sum(r[1] for r in rows), sum(r[2] for r in rows)]], FLOPS_FORMULA)
 
 # -----------------------------------------------------------------------------
@@ -346,7 +347,7 @@ def bench_memory(args, device):
     print(f"\n## fit table (estimate): 7B, {what}\n" + "\n".join(fit_lines(rows)))
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.measure:
-        tiny, width = model.tiny_config(model.make_tokenizer()), model.openvla_7b_config()
+        tiny, width = demo.tiny_config(demo.make_tokenizer()), model.openvla_7b_config()
         width["text_config"] = {**width["text_config"], "num_hidden_layers": 2}
         checks = [("tiny twin, float32", tiny, 8, torch.float32), ("7B width, 2 LLM layers, bf16", width, 1,
                                                                      torch.bfloat16)]
@@ -500,7 +501,7 @@ def main(argv=None):
             dict(flops=bench_flops, memory=bench_memory, data=bench_data, train=bench_train,
                  infer=bench_infer)[what](args, device)
         except data.DataError as e:  # no episodes: say how to make some, measure the rest
-            print(f"\n## data loader: {e}\n(make episodes with: python data.py --make-demo {args.data_dir})")
+            print(f"\n## data loader: {e}\n(make episodes with: python demo.py {args.data_dir})")
 
 
 if __name__ == "__main__":

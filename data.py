@@ -1,20 +1,17 @@
 """
-Robot episodes for nanoOFT: the chunked HDF5 dataset, action statistics, synthetic demo episodes and a data check.
+Robot episodes for nanoOFT: the chunked HDF5 dataset, action statistics and a data check.
 
 Check a directory of RoboTwin episodes (episode_*.hdf5) before a long run starts:
 $ python data.py /path/to/place_shoe --cameras head_camera_image,left_wrist_image --chunk 8 --action_dim 14
 $ python data.py /path/to/place_shoe --vla_path openvla/openvla-7b --preview frame.png   # prompt lengths, colours
-Write synthetic episodes in exactly the same layout, learnable by a tiny model in minutes on a CPU:
-$ python data.py --make-demo demo_data --episodes 48 --seed 0
+Synthetic episodes in the same layout: python demo.py demo_data --episodes 48 --seed 0
 """
 import argparse
 import glob
-import itertools
 import json
 import os
 import re
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -304,136 +301,6 @@ class EpisodeDataset(torch.utils.data.Dataset):
         return sample
 
 
-# ---- synthetic demo episodes: a top-down table, a red shoe, a green mat, two arms ----
-
-BASES = np.array([[40.0, 248.0], [216.0, 248.0]])  # arm shoulders in head-camera pixels (x, y)
-LOW_BASES = np.array([[40.0, 120.0], [216.0, 120.0]])  # and in the side view
-FLOOR, TABLE, MAT, SHOE, WALL = (50, 50, 60), (205, 185, 145), (30, 150, 60), (210, 25, 25), (165, 190, 220)
-LINK, JAW, OPEN, CLOSED = (110, 110, 125), (25, 25, 25), np.array([250, 215, 0]), np.array([200, 0, 220])
-SEEN = [f"{v} {o} {d}.".capitalize() for v in ("place", "put", "set", "move", "drop")
-        for o in ("the shoe", "the sneaker", "the red shoe", "the lone shoe")
-        for d in ("on the mat", "onto the green mat", "on top of the mat")]
-UNSEEN = [f"{v} {o} and leave it {d}.".capitalize() for v in ("grab", "take", "pick up", "lift", "fetch")
-          for o in ("the footwear", "that shoe", "the crimson sneaker", "the trainer")
-          for d in ("on the pad", "atop the green rug", "over the target area")]
-
-
-def _blob(img, x, y, rx, ry, color):
-    """Fill ellipses in all frames of img (T, H, W, 3) at once; x, y: (T,) or (T, n) centres; color: (3,) or (T, 3)."""
-    T, H, W, _ = img.shape
-    x, y, rx, ry = np.broadcast_arrays(*[np.asarray(v, float).reshape(T, -1) if np.ndim(v) else np.float64(v)
-                                         for v in (x, y, rx, ry)])
-    reach = int(np.ceil(max(rx.max(), ry.max())))
-    d = np.arange(-reach, reach + 1)
-    cx, cy = np.rint(x).astype(int), np.rint(y).astype(int)
-    ex, ey = ((cx - x)[..., None] + d) / rx[..., None], ((cy - y)[..., None] + d) / ry[..., None]  # (T, n, window)
-    t, k, iy, ix = np.nonzero(ey[..., :, None] ** 2 + ex[..., None, :] ** 2 <= 1)
-    py, px = cy[t, k] + d[iy], cx[t, k] + d[ix]
-    ok = (px >= 0) & (px < W) & (py >= 0) & (py < H)
-    color = np.asarray(color)
-    img.reshape(-1, 3)[((t * H + py) * W + px)[ok]] = color[t[ok]] if color.ndim == 2 else color
-
-
-def _arm(img, base, x, y, radius, grip):
-    """One arm in every frame: a link of discs from the shoulder to the gripper, whose blob is yellow when open and
-    purple when closed, with two dark jaws whose gap also shows the opening. x, y, radius, grip: (T,)."""
-    s = np.linspace(0, 1, 24)
-    _blob(img, base[0] + s * (x[:, None] - base[0]), base[1] + s * (y[:, None] - base[1]), 5, 5, LINK)
-    _blob(img, x, y, radius, radius, (CLOSED + grip[:, None] * (OPEN - CLOSED)).astype(np.uint8))
-    gap = 0.35 * radius + 10 * grip
-    _blob(img, x[:, None] + np.stack([-gap, gap], 1), np.repeat(y[:, None], 2, 1), 4, 6, JAW)
-
-
-def _joints(p, base):
-    """A fixed smooth nonlinear stand-in for inverse kinematics: joint angles agree with the drawn gripper position."""
-    u, v, z = (p[:, 0] - base[0]) / 256, (base[1] - p[:, 1]) / 256, p[:, 2]
-    r, yaw = np.hypot(u, v), np.arctan2(u, v)
-    return np.stack([yaw, 1.8 * r - 0.6 * z, 0.9 * z - 1.5 * r ** 2 - 0.4, 0.5 * np.sin(2 * yaw) * (1 - z),
-                     0.5 * r - 0.7 * z, 0.5 * yaw + 0.3], 1)
-
-
-def _demo_episode(rng, videos, canvas):
-    """Reach the shoe, close, carry it to the mat, open, retreat. Draws the four cameras into videos[:, :T] (reused
-    buffers: fresh 35 MB arrays cost more in page faults than the drawing) and returns actions (T, 14)."""
-    side = rng.integers(2)  # the arm on the shoe's side does the work, the other one stays home
-    shoe = np.array([rng.uniform(35, 100), rng.uniform(40, 125)])
-    shoe[0] = 256 - shoe[0] if side else shoe[0]
-    mat = np.array([128, 186]) + rng.uniform(-8, 8, 2)
-    home = np.array([[60, 205, 0.8, 1], [196, 205, 0.8, 1]]) + rng.uniform(-1, 1, (2, 4)) * [8, 8, 0.05, 0]
-    hover = rng.uniform(0.55, 0.75)
-    wp = np.array([home[side], home[side], [*shoe, hover, 1], [*shoe, 0.05, 1], [*shoe, 0.05, 0], [*shoe, hover, 0],
-                   [*mat, hover, 0], [*mat, 0.1, 0], [*mat, 0.1, 1], [*mat, hover, 1], home[side], home[side]])
-    frames = np.array([8, 36, 14, 10, 12, 40, 12, 8, 10, 30, 6]) * rng.uniform(0.83, 1.1) * rng.uniform(0.9, 1.1, 11)
-    n = np.maximum(2, np.rint(frames)).astype(int)  # so T <= 231
-    seg = np.repeat(np.arange(len(n)), n)
-    ease = (1 - np.cos(np.pi * np.concatenate([np.arange(k) / k for k in n]))) / 2
-    arm = wp[seg] + ease[:, None] * (wp[seg + 1] - wp[seg])  # (T, 4): x, y, height, grip
-    T, idle = len(arm), home[1 - side][None]
-    held = (seg >= 4) & (seg < 7)  # from the closed grip until the gripper starts to open
-    shoe_pos = np.where((seg < 4)[:, None], [*shoe, 0.0], [*mat, 0.0])
-    shoe_pos[held] = arm[held, :3] - [0, 0, 0.05]
-    state = [idle.repeat(T, 0)] * 2  # left, right
-    state[side] = arm
-    actions = np.concatenate([np.hstack([_joints(state[a], BASES[a]), state[a][:, 3:]]) for a in range(2)], 1)
-    canvas, head, left, right, low = canvas[:T], *videos[:, :T]
-
-    # head camera, from above: a canvas with a 32 px margin lets the wrist views crop around any gripper position
-    top = lambda p: (p[:, 0] + 32, p[:, 1] + 32, 7 + 12 * p[:, 2], p[:, 3])  # closer to the camera looks bigger
-    bg = np.empty((320, 320, 3), np.uint8)
-    bg[:] = FLOOR
-    bg[32:268, 40:280] = TABLE
-    bg[int(mat[1]) + 10:int(mat[1]) + 54, int(mat[0]) - 4:int(mat[0]) + 68] = MAT
-    still = bg.copy()  # the idle arm never moves: draw it once
-    _arm(still[None], BASES[1 - side] + 32, *top(idle))
-    moved = (still != bg).any(-1)
-    canvas[:] = bg
-    grow = 1 + 0.6 * shoe_pos[:, 2]
-    _blob(canvas, shoe_pos[:, 0] + 32, shoe_pos[:, 1] + 32, 18 * grow, 11 * grow, SHOE)
-    for (a, wrist), t in itertools.product(enumerate((left, right)), range(T)):  # a 2x zoom of the scene below
-        x, y = np.clip(np.rint(state[a][t, :2]).astype(int) - 32, 0, 192)
-        zoom = wrist[t].reshape(128, 2, 256, 3)
-        zoom[:, 0, 0::2] = zoom[:, 0, 1::2] = canvas[t, y:y + 128, x:x + 128]
-        zoom[:, 1] = zoom[:, 0]
-        gap = int(30 + 60 * state[a][t, 3])  # the jaws sit fixed in a wrist camera's view
-        wrist[t, 190:, 92 - gap:128 - gap] = wrist[t, 190:, 128 + gap:164 + gap] = JAW
-    canvas[:, moved] = still[moved]
-    _arm(canvas, BASES[side] + 32, *top(arm))
-    head[:] = canvas[:, 32:288, 32:288]
-
-    # low camera: a side view from the front, height upwards
-    front = lambda p: (p[:, 0], 178 - 150 * p[:, 2], np.full(len(p), 11.0), p[:, 3])
-    bg = np.empty((256, 256, 3), np.uint8)
-    bg[:] = WALL
-    bg[200:] = TABLE
-    bg[196:201, int(mat[0]) - 36:int(mat[0]) + 36] = MAT
-    _arm(bg[None], LOW_BASES[1 - side], *front(idle))
-    low[:] = bg
-    _blob(low, shoe_pos[:, 0], 192 - 150 * shoe_pos[:, 2], 18, 9, SHOE)
-    _arm(low, LOW_BASES[side], *front(arm))
-    return actions
-
-
-def make_demo(out_dir, episodes=48, seed=0):
-    os.makedirs(out_dir, exist_ok=True)
-    if glob.glob(os.path.join(out_dir, "episode_*.hdf5")):  # stale extra episodes would silently join the data
-        raise DataError(f"{out_dir}: already holds episode_*.hdf5 files; remove them or choose another directory")
-    t0, total = time.time(), 0
-    videos, canvas = np.empty((4, 256, 256, 256, 3), np.uint8), np.empty((256, 320, 320, 3), np.uint8)  # T <= 231
-    for i in range(episodes):
-        rng = np.random.default_rng([seed, i])
-        actions = _demo_episode(rng, videos, canvas)
-        rel = np.diff(actions, axis=0, append=actions[-1:])
-        rel[-1] = rel[-2]
-        with h5py.File(os.path.join(out_dir, f"episode_{i}.hdf5"), "w") as f:
-            for name, video in zip(ALL_CAMERAS, videos[:, :len(actions)]):  # gzip 1: flat colours shrink ~100x, fast
-                f.create_dataset(name, data=video, chunks=(1, 256, 256, 3), compression="gzip", compression_opts=1)
-            f["action"], f["relative_action"] = actions, rel
-            for key, texts in (("seen", SEEN), ("unseen", UNSEEN)):
-                f.create_dataset(key, data=list(rng.permutation(texts)[:50]), dtype=h5py.string_dtype())
-        total += len(actions)
-    print(f"wrote {episodes} demo episodes ({total} frames) to {out_dir} in {time.time() - t0:.1f}s")
-
-
 ARM_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
@@ -509,9 +376,6 @@ def summarize(data_dir, cameras, chunk, action_dim, action_offset, swap_red_blue
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", nargs="?", help="directory of episode_*.hdf5 files to check")
-    parser.add_argument("--make-demo", metavar="DIR", help="write synthetic demo episodes into DIR instead")
-    parser.add_argument("--episodes", type=int, default=48, help="number of demo episodes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the demo episodes")
     parser.add_argument("--cameras", default=",".join(DEFAULT_CAMERAS),
                         help="comma-separated, in order, any of " + ", ".join(ALL_CAMERAS))
     parser.add_argument("--chunk", type=int, default=8, help="actions per sample")
@@ -525,12 +389,10 @@ if __name__ == "__main__":
     parser.add_argument("--proprio", action="store_true", help="count the state token too, as train.py --proprio")
     args = parser.parse_args()
     try:
-        if args.make_demo:
-            make_demo(args.make_demo, args.episodes, args.seed)
-        elif args.data_dir:
+        if args.data_dir:
             summarize(args.data_dir, args.cameras.split(","), args.chunk, args.action_dim, args.action_offset,
                       args.swap_red_blue, args.preview, args.vla_path, args.proprio)
         else:
-            parser.error("give a directory to check, or --make-demo DIR")
+            parser.error("give a directory to check (demo episodes: python demo.py DIR)")
     except DataError as e:
         sys.exit(str(e))

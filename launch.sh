@@ -14,8 +14,8 @@ export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,
 
 if [ "${1:-}" = "--demo" ]; then
   shift
-  [ -f out/demo_data/episode_47.hdf5 ] || $PY data.py --make-demo out/demo_data --episodes 48 --seed 0
-  [ -f out/tiny-openvla/config.json ] || $PY model.py --make-tiny out/tiny-openvla
+  [ -f out/demo_data/episode_47.hdf5 ] || $PY demo.py out/demo_data --episodes 48 --seed 0
+  [ -f out/tiny-openvla/config.json ] || $PY demo.py --tiny out/tiny-openvla
   rm -rf out/demo
   NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
   NPROC=${NPROC:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 2)}

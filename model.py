@@ -18,7 +18,7 @@ final hidden states feed an L1 regression head: one forward pass gives a normali
 
 Command line:
 
-    python model.py --make-tiny tiny-openvla            # tiny random OpenVLA-format twin (CPU demo and tests)
+    python demo.py --tiny tiny-openvla                  # tiny random OpenVLA-format twin (CPU demo and tests)
     python model.py --merge checkpoints/step-1000 --base openvla/openvla-7b --out out/merged --device cpu
 """
 import argparse
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,17 +71,6 @@ def openvla_7b_config():
         timm_override_act_layers=[None, None],
         text_config=dict(model_type="llama", vocab_size=32064, pad_token_id=32000),
         pad_token_id=32000, pad_to_multiple_of=64, n_action_bins=256, llm_max_length=2048, norm_stats={})
-
-
-def tiny_config(tokenizer):
-    pad = tokenizer.token_to_id("<PAD>")
-    vocab = -(-tokenizer.get_vocab_size() // 64) * 64  # padded to 64 rows, as OpenVLA pads 32001 to 32064
-    return {**openvla_7b_config(), "vision_backbone_id": "nanooft-tiny-dinosiglip-224px",
-            "llm_backbone_id": "nanooft-tiny-llama", "pad_token_id": pad,
-            "timm_model_ids": ["nanooft_tiny_dinov2_reg4", "nanooft_tiny_siglip"],
-            "text_config": dict(model_type="llama", vocab_size=vocab, pad_token_id=pad, hidden_size=128,
-                                intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=4)}
 
 
 def default_preprocessor(config):
@@ -391,9 +380,9 @@ class VLA(nn.Module):
 
     @classmethod
     def from_config(cls, config, dtype=torch.float32, device="cpu", tokenizer=None, **options):
-        """Random weights built directly on `device` (benchmarks, the tiny twin); default: the tiny tokenizer.
+        """Random weights built directly on `device` (benchmarks, the tiny twin); tokenizer: what forward() needs.
         options: chunk, action_dim, proprio_dim, attention, image_aug (VLA's arguments)."""
-        vla = cls._meta(config, dtype, tokenizer or make_tokenizer(), None, options)
+        vla = cls._meta(config, dtype, tokenizer, None, options)
         vla.to_empty(device=device)
         init_weights(vla.named_parameters())
         vla._finish(device)
@@ -648,84 +637,11 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 # -----------------------------------------------------------------------------
-# the tiny twin
-
-
-CORPUS = """In: What action should the robot take to pick up the shoe and place it on the mat?\nOut:
-pick up the shoe and place it on the mat. grab the left shoe and put it onto the pad.
-use the left arm to grasp the red sneaker, lift it and set it down on the blue mat.
-move the right gripper to the black boot, close the gripper, raise it, then release it on the target.
-place the shoe on the green mat with its toe pointing left. put the white shoe on top of the square rug.
-take the brown sandal from the table and drop it in the middle of the yellow carpet.
-open the gripper, reach forward, hold the object, turn it, push it, slide it towards the center.
-the robot should carefully position the shoe at the marked spot near the edge of the desk.
-stack the block, pour the cup, wipe the plate, press the button, hang the mug, stamp the seal.
-a an the to of in on at by with from into onto over under behind beside between front back top bottom
-one two three first second third small large big tiny short long left right middle center side corner
-red orange yellow green blue purple pink white black gray grey brown dark light shiny wooden plastic metal
-shoe shoes sneaker boot sandal slipper heel mat rug pad carpet table desk box bowl cup bottle block object item
-Pick Put Place Move Grab Use Take Lift Open Close Push Set Drop Hold.
-The quick fox jumps over the lazy dog, 0123456789"""
-
-
-def make_tokenizer():
-    """A Llama-like tokenizer trained offline on CORPUS: <unk>=0, <s>=1, </s>=2, byte pieces 3..258, BPE merges,
-    Metaspace "▁" words, byte fallback for anything else, <PAD> added last."""
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-    specials = ["<unk>", "<s>", "</s>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
-                                                                      show_progress=False))
-    # put the 256 byte pieces right after the specials, as Llama-2 does, so byte fallback finds them
-    data = json.loads(tok.to_str())
-    vocab = data["model"]["vocab"]
-    words = [t for t in sorted(vocab, key=vocab.get) if t not in specials]
-    data["model"]["vocab"] = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + words)}
-    tok = Tokenizer.from_str(json.dumps(data))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens(["<PAD>"])
-    return tok
-
-
-def make_tiny(out_dir, seed=0):
-    """A complete, random, OpenVLA-format checkpoint small enough to train on one CPU core."""
-    torch.manual_seed(seed)
-    tok = make_tokenizer()
-    vla = VLA.from_config(tiny_config(tok), tokenizer=tok)
-    with torch.no_grad():  # pretrained towers shrug off flat colour shifts (brightness, contrast); random ones do not,
-        for tower in vla.vision_backbone.values():  # so their patch kernels sum to zero in each colour channel
-            tower.patch_embed.proj.weight -= tower.patch_embed.proj.weight.mean((2, 3), keepdim=True)
-    save_pretrained(vla, out_dir)
-    os.remove(os.path.join(out_dir, "action_head.safetensors"))  # a base checkpoint, like openvla-7b: no head
-    # a real checkpoint also holds the tower keys OpenVLA never reads: write them so the skip list is exercised
-    path, extra = os.path.join(out_dir, "model.safetensors"), {}
-    for name, tid in zip(TOWERS, vla.config["timm_model_ids"]):
-        s, w = VIT[tid], VIT[tid]["width"]
-        block = vla.vision_backbone[name].blocks[0]
-        shapes = {f"blocks.{s['depth'] - 1}.{k}": v.shape for k, v in block.state_dict().items()}
-        shapes |= {"norm.weight": (w,), "norm.bias": (w,)}
-        if s["attn_pool"]:
-            shapes |= {f"attn_pool.{k}": v for k, v in dict(
-                latent=(1, 1, w), **{"q.weight": (w, w), "q.bias": (w,), "kv.weight": (2 * w, w), "kv.bias": (2 * w,),
-                                     "proj.weight": (w, w), "proj.bias": (w,), "norm.weight": (w,), "norm.bias": (w,),
-                                     "mlp.fc1.weight": (s["mlp"], w), "mlp.fc1.bias": (s["mlp"],),
-                                     "mlp.fc2.weight": (w, s["mlp"]), "mlp.fc2.bias": (w,)}).items()}
-        extra |= {f"vision_backbone.{name}.{k}": 0.02 * torch.randn(shape) for k, shape in shapes.items()}
-    save_file(load_file(path) | extra, path, metadata={"format": "pt"})
-    return out_dir
-
-# -----------------------------------------------------------------------------
 # command line
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--make-tiny", metavar="DIR", help="write the tiny random twin checkpoint to DIR")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the tiny twin's random weights")
     ap.add_argument("--merge", metavar="CKPT_DIR", help="save_trained checkpoint whose LoRA to fold into --base")
     ap.add_argument("--base", default="openvla/openvla-7b", help="base checkpoint (directory or hub id) for --merge")
     ap.add_argument("--out", metavar="DIR", help="where --merge writes the merged OpenVLA-format export")
@@ -733,11 +649,7 @@ if __name__ == "__main__":
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="dtype of the merged export")
     args = ap.parse_args()
-    if args.make_tiny:
-        make_tiny(args.make_tiny, args.seed)
-        vla = add_lora(VLA.from_pretrained(args.make_tiny))
-        print(f"wrote {args.make_tiny}; with LoRA rank 32:\n{param_report(vla)}")
-    elif args.merge:
+    if args.merge:
         if not args.out:
             ap.error("--merge needs --out")
         vla = VLA.from_pretrained(args.base, getattr(torch, args.dtype), args.device)

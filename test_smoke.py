@@ -30,7 +30,8 @@ import data
 import infer
 import model
 import train
-from model import (VLA, Block, ViT, add_lora, check_keys, enable_grad_ckpt, load_trained, make_tiny, merge_lora,
+from demo import SEEN, make_demo, make_tiny, make_tokenizer, tiny_config
+from model import (VLA, Block, ViT, add_lora, check_keys, enable_grad_ckpt, load_trained, merge_lora,
                    openvla_7b_config, param_report, save_pretrained, save_trained, skipped_prefixes)
 
 torch.set_num_threads(1)
@@ -41,7 +42,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
-    data.make_demo(out, episodes=6, seed=0)
+    make_demo(out, episodes=6, seed=0)
     return out
 
 
@@ -112,12 +113,12 @@ def test_demo_has_the_real_layout(demo):
 
 def test_demo_is_reproducible_by_seed(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        data.make_demo(str(tmp_path / name), episodes=1, seed=seed)
+        make_demo(str(tmp_path / name), episodes=1, seed=seed)
     a, b, c = (actions_of(tmp_path / name / "episode_0.hdf5") for name in "abc")
     np.testing.assert_array_equal(a, b)
     assert a.shape != c.shape or not np.array_equal(a, c)
     with pytest.raises(data.DataError, match="already holds"):
-        data.make_demo(str(tmp_path / "a"), episodes=1)
+        make_demo(str(tmp_path / "a"), episodes=1)
 
 
 @pytest.mark.parametrize("offset", [0, 1])
@@ -1654,7 +1655,7 @@ def test_bench_flops_match_a_hand_count_and_a_train_row(tiny_dir, capsys):
                            "--iters", "1", "--peak_tflops", "1"])
     row = bench.train_row(args, torch.device("cpu"), ckpt=True)
     name, ms, samples_per_s, memory, tflops, mfu, hfu, gflop_per_sample = row
-    model_flops, recomputed = (sum(hand(len(ids))[i] for ids in vla.tokenize(data.SEEN[:2])) for i in (0, 1))
+    model_flops, recomputed = (sum(hand(len(ids))[i] for ids in vla.tokenize(SEEN[:2])) for i in (0, 1))
     assert name == "grad ckpt" and gflop_per_sample == pytest.approx(model_flops / 2e9)
     assert samples_per_s == pytest.approx(2000 / ms) and mfu == pytest.approx(100 * tflops)  # peak 1 TFLOP/s
     assert hfu / mfu == pytest.approx((model_flops + recomputed) / model_flops)
@@ -1667,7 +1668,7 @@ def test_memory_model_matches_a_real_step_and_its_own_extrapolation(monkeypatch)
     """On a tiny twin with 4 blocks per stage (grad ckpt, a state token, augmentation, full attention): the estimate,
     extrapolated from fake runs at 1 and 2 blocks, equals a fake run at full depth, and is within 15% of the CPU
     allocator's real peak for the same step."""
-    tiny = model.tiny_config(model.make_tokenizer())
+    tiny = tiny_config(make_tokenizer())
     for tid in tiny["timm_model_ids"]:
         monkeypatch.setitem(model.VIT, tid, dict(model.VIT[tid], depth=5))  # 4 blocks built
     deep = dict(tiny, text_config=dict(tiny["text_config"], num_hidden_layers=4))

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import data
+import demo
 from robotwin import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,12 +254,11 @@ def test_robotwin_loads_and_runs_the_policy_package(tmp_path):
     """Convert raw episodes, train a tiny policy with proprioception and the front camera on them, then let a fake
     RoboTwin evaluator import robotwin/ as policy/nanooft and run it on 240x320 frames with a step limit."""
     import infer
-    import model
     src, episodes = str(tmp_path / "raw"), str(tmp_path / "episodes")
     for n in range(3):
         write_raw_a(src, n, 30)
     convert.main([src, episodes, "--size", "32", "--workers", "1"])
-    tiny = model.make_tiny(str(tmp_path / "tiny"))
+    tiny = demo.make_tiny(str(tmp_path / "tiny"))
     flags = ["--vla_path", tiny, "--data_dir", episodes, "--out_dir", str(tmp_path / "run"), "--val_episodes", "1",
              "--batch_size", "2", "--num_workers", "0", "--lora_rank", "4", "--max_steps", "2", "--save_interval", "2",
              "--eval_interval", "2", "--proprio", "--action_offset", "1", "--cameras", "head_camera_image,low_cam_image"]
