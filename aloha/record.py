@@ -1,0 +1,253 @@
+"""
+ACT's scripted demonstrations in the ALOHA simulator (gym-aloha), written in ACT's HDF5 layout.
+
+$ python aloha/record.py out/aloha/transfer_cube --task transfer_cube --episodes 50 --seed 0 [--size 240x320]
+
+Per episode, as ACT's record_sim_episodes.py: a waypoint policy drives the end-effector (mocap) version of the task,
+its joint trajectory (the grippers replaced by their normalized command) is replayed in the joint-space task from the
+same object pose, and the replay's observations are stored. Only replays that reach reward 4 are kept; a failed one
+moves on to the next seed. OUT/episode_N.hdf5: observations/images/top (T, H, W, 3) uint8, observations/qpos and
+observations/qvel (T, 14), action (T, 14) float32, frame t being the observation before action[t]; root attributes
+sim=True, task, seed, object_pose, render. A file is written under a temporary name and renamed when whole, so a
+re-run skips finished episodes and redoes an interrupted one.
+Rendering is headless: MUJOCO_GL=egl (the default here; Mesa's libegl1 + libgl1-mesa-dri) or MUJOCO_GL=osmesa
+(libosmesa6). The fast settings (no multisampling, no shadows) render ~13x faster than the stock scene.
+"""
+import argparse
+import glob
+import os
+import sys
+import time
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless; must be set before mujoco is imported
+
+import h5py
+import numpy as np
+
+TASKS = ("transfer_cube", "insertion")
+EPISODE_LEN = 400  # ACT's and LeRobot's episode length (gym-aloha registers 300, too short for insertion)
+CAMERAS = ("top",)  # the camera ACT's sim data sets record
+# MuJoCo 3 weighs a weld's rotation by torquescale (google-deepmind/mujoco#1483): gym-aloha's XMLs predate that, and
+# with them the wrists do not follow the mocap orientation. sqrt(rotational / translational inverse weight) restores
+# mujoco 2.3.7's joint trajectories (within 0.0012 rad).
+WELD_TORQUESCALE = 19.95
+GRIPPER_CLOSE, GRIPPER_OPEN = 0.01844, 0.05800  # the puppet gripper's finger positions (gym-aloha's constants)
+
+
+def make_sim(task, end_effector=False, fast_render=True, weld_fix=True):
+    """(physics, task object) of one gym-aloha task, in joint space or (end_effector) driven by mocap welds."""
+    from dm_control import mujoco
+    from gym_aloha.constants import ASSETS_DIR
+    from gym_aloha.tasks import sim, sim_end_effector
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use {', '.join(TASKS)}")
+    xml = f"bimanual_viperx_{'end_effector_' if end_effector else ''}{task}.xml"
+    physics = mujoco.Physics.from_xml_path(str(ASSETS_DIR / xml))
+    physics.legacy_step = True  # as dm_control's control.Environment, which gym-aloha steps through
+    if fast_render:  # before the first render: the offscreen context is made with these
+        physics.model.vis.quality.offsamples = 0
+        physics.model.light_castshadow[:] = 0
+    if end_effector and weld_fix:
+        physics.model.eq_data[:, 10] = WELD_TORQUESCALE
+    names = {"transfer_cube": ("TransferCube", sim.TransferCubeTask), "insertion": ("Insertion", sim.InsertionTask)}
+    prefix, joint_task = names[task]
+    return physics, getattr(sim_end_effector, f"{prefix}EndEffectorTask")() if end_effector else joint_task()
+
+
+def object_pose(task, seed):
+    """The objects' initial pose(s) for a seed, exactly as gym-aloha's reset(seed=seed) draws them."""
+    from gym_aloha.utils import sample_box_pose, sample_insertion_pose
+    return sample_box_pose(seed) if task == "transfer_cube" else np.concatenate(sample_insertion_pose(seed))
+
+
+def reset(physics, task_obj, pose):
+    """Start an episode with the objects at `pose` (the end-effector tasks draw theirs unseeded: overwrite it)."""
+    from gym_aloha.tasks import sim
+    sim.BOX_POSE[0] = pose  # the joint-space tasks read the pose from this module global
+    with physics.reset_context():  # one context: a second would reset the arms, the mocap bodies and the controls
+        task_obj.initialize_episode(physics)
+        physics.data.qpos[-len(pose):] = pose
+
+
+def step(physics, task_obj, action, substeps=10):
+    """One 50 Hz control step (10 physics steps of 2 ms), as control.Environment.step without its three renders."""
+    task_obj.before_step(action, physics)
+    physics.step(substeps)
+    task_obj.after_step(physics)
+    return task_obj.get_reward(physics)
+
+
+def render(physics, size, camera="top"):
+    return physics.render(height=size[0], width=size[1], camera_id=camera)
+
+
+def qmul(a, b):
+    """Hamilton product of (w, x, y, z) quaternions."""
+    (aw, ax, ay, az), (bw, bx, by, bz) = a, b
+    return np.array([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
+                     aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw])
+
+
+def about(axis, degrees):
+    half = np.radians(degrees) / 2
+    return np.array([np.cos(half), *(np.sin(half) * np.asarray(axis, float))])
+
+
+def waypoints(task, mocap_left, mocap_right, pose):
+    """ACT's scripted waypoints (scripted_policy.py) per arm: (t, xyz, quat, gripper 0 closed .. 1 open)."""
+    left0, right0 = (mocap_left[:3], mocap_left[3:], 0), (mocap_right[:3], mocap_right[3:], 0)
+    if task == "transfer_cube":
+        box, meet = pose[:3], np.array([0, 0.5, 0.25])
+        pick, meet_left, level = qmul(mocap_right[3:], about([0, 1, 0], -60)), about([1, 0, 0], 90), [1, 0, 0, 0]
+        left = [(0, *left0), (100, meet + [-0.1, 0, -0.02], meet_left, 1), (260, meet + [0.02, 0, -0.02], meet_left, 1),
+                (310, meet + [0.02, 0, -0.02], meet_left, 0), (360, meet + [-0.1, 0, -0.02], level, 0),
+                (400, meet + [-0.1, 0, -0.02], level, 0)]
+        right = [(0, *right0), (90, box + [0, 0, 0.08], pick, 1), (130, box + [0, 0, -0.015], pick, 1),
+                 (170, box + [0, 0, -0.015], pick, 0), (200, meet + [0.05, 0, 0], pick, 0), (220, meet, pick, 0),
+                 (310, meet, pick, 1), (360, meet + [0.1, 0, 0], pick, 1), (400, meet + [0.1, 0, 0], pick, 1)]
+        return left, right
+    peg, socket, meet, lift = pose[:3], pose[7:10], np.array([0, 0.5, 0.15]), 0.00715
+    # ACT turns both grippers from the right arm's initial orientation (identical to the left's)
+    pick_r, pick_l = qmul(mocap_right[3:], about([0, 1, 0], -60)), qmul(mocap_right[3:], about([0, 1, 0], 60))
+    left = [(0, *left0), (120, socket + [0, 0, 0.08], pick_l, 1), (170, socket + [0, 0, -0.03], pick_l, 1),
+            (220, socket + [0, 0, -0.03], pick_l, 0), (285, meet + [-0.1, 0, 0], pick_l, 0),
+            (340, meet + [-0.05, 0, 0], pick_l, 0), (400, meet + [-0.05, 0, 0], pick_l, 0)]
+    right = [(0, *right0), (120, peg + [0, 0, 0.08], pick_r, 1), (170, peg + [0, 0, -0.03], pick_r, 1),
+             (220, peg + [0, 0, -0.03], pick_r, 0), (285, meet + [0.1, 0, lift], pick_r, 0),
+             (340, meet + [0.05, 0, lift], pick_r, 0), (400, meet + [0.05, 0, lift], pick_r, 0)]
+    return left, right
+
+
+def interpolate(points, t):
+    """Linear between the waypoints around t; the quaternion renormalized (MuJoCo 3 does not do it for mocap)."""
+    i = max(k for k, p in enumerate(points) if p[0] <= t)
+    (t0, x0, q0, g0), (t1, x1, q1, g1) = points[i], points[min(i + 1, len(points) - 1)]
+    f = (t - t0) / (t1 - t0) if t1 > t0 else 0.0
+    q = np.asarray(q0) + (np.asarray(q1) - q0) * f
+    return np.concatenate([np.asarray(x0) + (np.asarray(x1) - x0) * f, q / np.linalg.norm(q), [g0 + (g1 - g0) * f]])
+
+
+def scripted_rollout(task, seed, weld_fix=True, steps=EPISODE_LEN):
+    """The waypoint policy in the end-effector task (no rendering). Returns the joint trajectory ACT replays,
+    (steps + 1, 14) with the normalized gripper commands, the rewards, and the object pose."""
+    physics, task_obj = make_sim(task, end_effector=True, weld_fix=weld_fix)
+    pose = object_pose(task, seed)
+    reset(physics, task_obj, pose)
+    mocap = [np.concatenate([physics.data.mocap_pos[i], physics.data.mocap_quat[i]]) for i in (0, 1)]
+    left, right = waypoints(task, *mocap, pose)
+
+    def joints():
+        q = task_obj.get_qpos(physics)
+        q[[6, 13]] = (physics.data.ctrl[[0, 2]] - GRIPPER_CLOSE) / (GRIPPER_OPEN - GRIPPER_CLOSE)
+        return q
+
+    trajectory, rewards = [joints()], []
+    for t in range(steps):
+        rewards.append(step(physics, task_obj, np.concatenate([interpolate(left, t), interpolate(right, t)])))
+        trajectory.append(joints())
+    return np.stack(trajectory), np.array(rewards), pose
+
+
+def replay(task, trajectory, pose, size, fast_render=True, cameras=CAMERAS):
+    """Replay joint targets in the joint-space task, recording what a policy would see before each action."""
+    physics, task_obj = make_sim(task, fast_render=fast_render)
+    reset(physics, task_obj, pose)
+    obs = {"qpos": [], "qvel": [], **{c: [] for c in cameras}}
+    rewards = []
+    for action in trajectory:
+        obs["qpos"].append(task_obj.get_qpos(physics))
+        obs["qvel"].append(task_obj.get_qvel(physics))
+        for c in cameras:
+            obs[c].append(render(physics, size, c))
+        rewards.append(step(physics, task_obj, action))
+    return {k: np.stack(v) for k, v in obs.items()}, np.array(rewards)
+
+
+def write_episode(path, task, seed, pose, obs, actions, fast_render, compression):
+    tmp = path + ".tmp"
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(sim=True, task=task, seed=seed, object_pose=pose, render="fast" if fast_render else "stock")
+        for c in CAMERAS:
+            f.create_dataset(f"observations/images/{c}", data=obs[c], chunks=(1, *obs[c].shape[1:]),
+                             compression=compression)
+        f["observations/qpos"] = obs["qpos"].astype(np.float32)
+        f["observations/qvel"] = obs["qvel"].astype(np.float32)
+        f["action"] = actions.astype(np.float32)
+    os.replace(tmp, path)
+
+
+def parse_size(text, flag="--size"):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        assert h > 0 and w > 0
+    except (ValueError, AssertionError):
+        sys.exit(f"error: {flag} {text!r}: expected HEIGHTxWIDTH, e.g. 480x640")
+    return h, w
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="directory for episode_N.hdf5")
+    p.add_argument("--task", default="transfer_cube", help=" or ".join(TASKS))
+    p.add_argument("--episodes", type=int, default=50, help="successful episodes to keep")
+    p.add_argument("--seed", type=int, default=0, help="the first seed tried; each try takes the next one")
+    p.add_argument("--max_tries", type=int, default=0, help="give up after this many seeds (0: 2 x --episodes)")
+    p.add_argument("--size", default="480x640", help="rendered frame size HEIGHTxWIDTH (ACT: 480x640)")
+    p.add_argument("--stock_render", action="store_true", help="the stock scene: shadows and 4x multisampling, "
+                   "~13x slower to render")
+    p.add_argument("--compression", choices=["lzf", "gzip", "none"], default="lzf",
+                   help="frame compression (sim frames are mostly flat colour: lzf shrinks them ~30x)")
+    args = p.parse_args(argv)
+    if args.task not in TASKS:
+        sys.exit(f"error: --task {args.task!r}: unknown task; use {', '.join(TASKS)}")
+    if args.episodes < 1:
+        sys.exit(f"error: --episodes {args.episodes}: need at least 1")
+    size, compression = parse_size(args.size), None if args.compression == "none" else args.compression
+    physics, _ = make_sim(args.task)
+    limit = (physics.model.vis.global_.offheight, physics.model.vis.global_.offwidth)
+    if size[0] > limit[0] or size[1] > limit[1]:
+        sys.exit(f"error: --size {args.size}: larger than the scene's offscreen buffer {limit[0]}x{limit[1]}")
+    os.makedirs(args.out, exist_ok=True)
+    for tmp in glob.glob(os.path.join(args.out, "episode_*.hdf5.tmp")):  # an interrupted run's partial file
+        os.remove(tmp)
+    done, seed = 0, args.seed
+    for n in range(args.episodes):  # finished episodes are skipped; the next seed follows the last one used
+        path = os.path.join(args.out, f"episode_{n}.hdf5")
+        if not os.path.exists(path):
+            break
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("task") != args.task:
+                sys.exit(f"error: {path} holds task {f.attrs.get('task')!r}, not {args.task!r}: use another OUT")
+            seed, done = int(f.attrs["seed"]) + 1, n + 1
+    if done:
+        print(f"{args.out}: {done} episodes already recorded, resuming at seed {seed}")
+    max_tries, tries, t_start = args.max_tries or 2 * args.episodes, seed - args.seed, time.time()
+    while done < args.episodes:
+        if tries >= max_tries:
+            sys.exit(f"error: only {done} of {args.episodes} replays reached reward 4 in {tries} seeds "
+                     f"({args.seed}..{seed - 1}); raise --max_tries or check the simulator pins")
+        t0 = time.time()
+        trajectory, ee_rewards, pose = scripted_rollout(args.task, seed)
+        t1 = time.time()
+        obs, rewards = replay(args.task, trajectory[:EPISODE_LEN], pose, size, not args.stock_render)
+        t2 = time.time()
+        tries += 1
+        line = (f"seed {seed} | scripted max reward {ee_rewards.max()} | replay max reward {rewards.max()} | "
+                f"scripted {t1 - t0:.1f} s, replay {t2 - t1:.1f} s")
+        if rewards.max() == 4:
+            path = os.path.join(args.out, f"episode_{done}.hdf5")
+            write_episode(path, args.task, seed, pose, obs, trajectory[:EPISODE_LEN], not args.stock_render,
+                          compression)
+            done += 1
+            line = (f"episode {done}/{args.episodes} | {line} | reward 4 at step {int(np.argmax(rewards == 4)) + 1} | "
+                    f"{os.path.getsize(path) / 1e6:.1f} MB")
+        else:
+            line = f"dropped | {line}"
+        print(line, flush=True)
+        seed += 1
+    print(f"{args.out}: {done} episodes, {tries} seeds tried ({args.seed}..{seed - 1}), "
+          f"{time.time() - t_start:.0f} s this run")
+
+
+if __name__ == "__main__":
+    main()
