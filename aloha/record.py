@@ -11,7 +11,7 @@ observations/qvel (T, 14), action (T, 14) float32, frame t being the observation
 sim=True, task, seed, object_pose, render. A file is written under a temporary name and renamed when whole, so a
 re-run skips finished episodes and redoes an interrupted one.
 Rendering is headless: MUJOCO_GL=egl (the default here; Mesa's libegl1 + libgl1-mesa-dri) or MUJOCO_GL=osmesa
-(libosmesa6). The fast settings (no multisampling, no shadows) render ~13x faster than the stock scene.
+(libosmesa6). The fast settings (no multisampling, no shadows) render about 10x faster than the stock scene.
 """
 import argparse
 import glob
@@ -194,7 +194,7 @@ def main(argv=None):
     p.add_argument("--max_tries", type=int, default=0, help="give up after this many seeds (0: 2 x --episodes)")
     p.add_argument("--size", default="480x640", help="rendered frame size HEIGHTxWIDTH (ACT: 480x640)")
     p.add_argument("--stock_render", action="store_true", help="the stock scene: shadows and 4x multisampling, "
-                   "~13x slower to render")
+                   "about 10x slower to render")
     p.add_argument("--compression", choices=["lzf", "gzip", "none"], default="lzf",
                    help="frame compression (sim frames are mostly flat colour: lzf shrinks them ~30x)")
     args = p.parse_args(argv)
