@@ -83,7 +83,7 @@ def check_policy_inputs(train_args, ckpt, task):
 
 def rollout(task, seed, act, cameras, steps, fast_render=True, gif=None):
     """One episode from reset(seed): act(images, qpos, t) -> 14 joint targets, until reward 4 or `steps`.
-    gif: a list that receives every other frame of the first camera (annotated), to write as an animation."""
+    gif: a list that receives every other frame of the first camera and the last one (annotated), to animate."""
     physics, task_obj = record.make_sim(task, fast_render=fast_render)
     record.reset(physics, task_obj, record.object_pose(task, seed))
     best, t0 = 0, time.time()
@@ -95,6 +95,9 @@ def rollout(task, seed, act, cameras, steps, fast_render=True, gif=None):
         best = max(best, reward)
         if reward == 4:
             break
+    if gif is not None and cameras:  # the last frame shows how the episode ended
+        name, size = next(iter(cameras.values()))
+        gif.append(annotate(record.render(physics, size, name), f"seed {seed}  t {t + 1}  stage {best}"))
     return {"seed": seed, "max_reward": int(best), "success": best == 4, "steps": t + 1,
             "seconds": round(time.time() - t0, 2)}
 

@@ -146,7 +146,7 @@ def test_evaluate_closed_loop_writes_report_and_gif(checkpoint, demos, tmp_path)
     gifs = glob.glob(str(tmp_path / "*.gif"))
     assert [os.path.basename(g) for g in gifs] == ["rollout_0_seed1000.gif"]
     with Image.open(gifs[0]) as gif:
-        assert gif.n_frames == 6 and gif.size == (64, 48)  # every other of 12 steps, at the rendered size
+        assert gif.n_frames == 7 and gif.size == (64, 48)  # every other of 12 steps and the end, as rendered
 
 
 def test_wilson_interval():
