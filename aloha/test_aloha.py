@@ -175,5 +175,6 @@ def test_bad_input_gets_one_line(checkpoint, tmp_path, capsys):
         f"error: checkpoint {other} needs camera 'observations/images/low', which the simulator does not render (it "
         "has observations/images/left_pillar, ")
     r = run("aloha/record.py", tmp_path / "x", "--task", "stack_cups")
-    assert r.returncode != 0 and r.stderr.strip() == "error: --task 'stack_cups': unknown task; use transfer_cube, insertion"
+    assert r.returncode != 0
+    assert r.stderr.strip() == "error: --task 'stack_cups': unknown task; use transfer_cube, insertion"
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "report.json")
