@@ -117,7 +117,11 @@ def mean_demonstration(demos_dir, task):
     """The mean of the demonstrations' action trajectories (to the shortest one's length)."""
     import h5py
     actions = []
-    for p in data.list_episodes(demos_dir):
+    try:
+        paths = data.list_episodes(demos_dir)
+    except data.DataError as e:
+        sys.exit(f"error: --baseline {e}")
+    for p in paths:
         with h5py.File(p, "r") as f:
             if "action" not in f or f["action"].ndim != 2 or f["action"].shape[1] != 14:
                 sys.exit(f"error: --baseline {p}: needs an action dataset of shape (T, 14)")
@@ -138,9 +142,9 @@ def training_seeds(train_args):
     return seeds
 
 
-def run(name, episodes_seeds, task, act, cameras, args, gif_count=0, on_start=None):
+def run(name, seeds, task, act, cameras, args, gif_count=0, on_start=None):
     results = []
-    for i, seed in enumerate(episodes_seeds):
+    for i, seed in enumerate(seeds):
         frames = [] if i < gif_count else None
         if on_start:
             on_start()

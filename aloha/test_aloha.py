@@ -155,7 +155,7 @@ def test_wilson_interval():
     assert lo == pytest.approx(0.1124, abs=1e-4) and hi == pytest.approx(0.3304, abs=1e-4)
 
 
-def test_bad_input_gets_one_line(checkpoint, tmp_path, capsys):
+def test_bad_input_gets_one_line(checkpoint, tmp_path):
     def error(*argv):
         with pytest.raises(SystemExit) as e:
             evaluate.main(list(map(str, argv)))
@@ -163,7 +163,9 @@ def test_bad_input_gets_one_line(checkpoint, tmp_path, capsys):
 
     assert error("--checkpoint", checkpoint, "--task", "stack_cups") == \
         "error: --task 'stack_cups': unknown task; use transfer_cube, insertion"
-    assert error("--checkpoint", tmp_path / "nope") == f"error: --checkpoint {tmp_path / 'nope'}: not a directory"
+    missing = tmp_path / "nope"
+    assert error("--checkpoint", missing) == f"error: --checkpoint {missing}: not a directory"
+    assert error("--baseline", missing) == f"error: --baseline {missing}: no such file or directory"
     other = tmp_path / "other"
     os.makedirs(other)
     for f in os.listdir(checkpoint):
