@@ -22,6 +22,7 @@ import os
 import sys
 import time
 
+import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -115,7 +116,6 @@ def write_gif(frames, path):
 
 def mean_demonstration(demos_dir, task):
     """The mean of the demonstrations' action trajectories (to the shortest one's length)."""
-    import h5py
     actions = []
     try:
         paths = data.list_episodes(demos_dir)
@@ -134,7 +134,6 @@ def mean_demonstration(demos_dir, task):
 
 def training_seeds(train_args):
     """Seeds of the recorded demonstrations the checkpoint was trained on (record.py stores them), if readable."""
-    import h5py
     seeds = set()
     for p in glob.glob(os.path.join(str(train_args.get("data_dir", "")), "episode_*.hdf5")):
         with h5py.File(p, "r") as f:
