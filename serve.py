@@ -190,10 +190,13 @@ def main(argv=None):
         p.error(f"--port must be between 0 and 65535, got {args.port}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is visible to torch {torch.__version__}")
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart needs no wait for the old TIME_WAITs
     try:  # before the model loads (minutes for 7B): a taken port is known at once
-        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else
-                                    socket.AF_INET)
+        sock.bind((args.host, args.port))
+        sock.listen()
     except OSError as e:
+        sock.close()
         sys.exit(f"error: cannot listen on --host {args.host} --port {args.port}: {e.strerror or e}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api_key: anyone who reaches the port can use the policy")
