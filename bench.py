@@ -10,6 +10,7 @@ Measure nanoOFT: data loader throughput, training step time / memory / MFU, infe
     python bench.py --what memory                             # 7B training step's peak memory, fit table (no GPU)
     python bench.py --what memory --measure                   # check the memory model against real CPU peaks
     OMP_NUM_THREADS=2 python bench.py --what all              # data, train and infer with 2 CPU threads
+    python bench.py --what serve --cameras 1 --iters 100      # serve.py round trip vs Policy.predict (loopback)
 
 Without --vla_path the model is a random-weight twin built on the device (no download): tiny on CPU, 7B on CUDA.
 """
@@ -20,7 +21,11 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -37,8 +42,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import demo
+import infer
 import model
 import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 GPU_PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H200 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 FLOPS_FORMULA = [  # matmuls only: norms, activations, softmax and the optimizer are noise next to them
@@ -54,12 +62,14 @@ FLOPS_FORMULA = [  # matmuls only: norms, activations, softmax and the optimizer
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=["data", "train", "infer", "flops", "memory", "all"], default="all",
+    p.add_argument("--what", choices=["data", "train", "infer", "flops", "memory", "serve", "all"], default="all",
                    help="all: data, train and infer")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (pick the GPU with CUDA_VISIBLE_DEVICES)")
     p.add_argument("--model", choices=["auto", "tiny", "7b"], default="auto",
                    help="the random twin without --vla_path (and always for --what flops); auto: 7b on CUDA")
     p.add_argument("--vla_path", help="an OpenVLA-format checkpoint (directory or hub id) instead of a random twin")
+    p.add_argument("--checkpoint", help="--what serve: a trained checkpoint; default: the tiny twin trained one step "
+                                        "on 2 demo episodes with --cameras cameras")
     p.add_argument("--data_dir", default="out/demo_data", help="episode_*.hdf5 files for --what data")
     p.add_argument("--batch_size", type=int, default=8, help="training and loader batch")
     p.add_argument("--cameras", type=int, default=2, help="images per sample: the first N of data.ALL_CAMERAS")
@@ -479,6 +489,69 @@ def bench_infer(args, device):
            f"merged / unmerged p50: {rows[1][1] / rows[0][1]:.2f} (infer.Policy merges a training checkpoint's LoRA)"])
 
 
+def serve_checkpoint(args, root):
+    if args.checkpoint:
+        return args.checkpoint
+    demo.make_demo(os.path.join(root, "demo"), episodes=2)
+    demo.make_tiny(os.path.join(root, "tiny"))
+    flags = ["--vla_path", os.path.join(root, "tiny"), "--data_dir", os.path.join(root, "demo"), "--out_dir",
+             os.path.join(root, "run"), "--cameras", ",".join(data.ALL_CAMERAS[:args.cameras]), "--lora_rank",
+             str(args.lora_rank), "--val_episodes", "1", "--batch_size", "2", "--num_workers", "0", "--max_steps", "1",
+             "--save_interval", "1", "--eval_interval", "1", "--eval_batches", "1", "--device", "cpu"]
+    subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *flags], check=True, capture_output=True)
+    return os.path.join(root, "run", "step_000001")
+
+
+def bench_serve(args, device):
+    """The chunk as a robot gets it from serve.py over loopback with openpi's client, against Policy.predict in
+    process on the same observation, alternating call by call so that both see the same machine (this process holds
+    a second copy of the model). What the protocol costs (msgpack, websocket, the worker thread) is the round trip
+    less the server's own infer_ms of the same call."""
+    try:
+        from openpi_client import websocket_client_policy  # the robot's side: only this mode needs it
+    except ImportError:
+        raise SystemExit("--what serve talks to serve.py with openpi's client: pip install -r requirements-serve.txt "
+                         "&& pip install --no-deps openpi-client==0.1.2") from None
+    with tempfile.TemporaryDirectory() as root:
+        ckpt = serve_checkpoint(args, root)
+        with open(os.path.join(root, "serve.log"), "w") as log:
+            server = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--checkpoint", ckpt, "--port",
+                                       "0", "--device", str(device)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            policy = infer.Policy.from_checkpoint(ckpt, device=str(device))
+            deadline = time.time() + 900  # a 7B checkpoint loads for minutes
+            while not (port := re.search(r" on ws://127\.0\.0\.1:(\d+) ", open(log.name).read())):
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"serve.py did not start:\n{open(log.name).read()[-2000:]}")
+                time.sleep(0.2)
+            client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", int(port[1]))
+            rng = np.random.default_rng(0)
+            obs = {"images": {c: rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for c in policy.cameras},
+                   "prompt": demo.SEEN[0]}
+            obs |= {"state": np.zeros(policy.vla.proprio_dim)} if policy.vla.proprio_dim else {}
+            ms = []
+            for _ in range(args.warmup + args.iters):  # predict's copy to the host waits for the GPU: host time
+                t0 = time.perf_counter()
+                policy.predict(obs["images"], obs["prompt"], obs.get("state"))
+                t1 = time.perf_counter()
+                inside = client.infer(obs)["server_timing"]["infer_ms"]
+                ms.append([1000 * (t1 - t0), inside, 1000 * (time.perf_counter() - t1)])
+        finally:
+            server.terminate()
+            server.wait(60)
+    ms = np.array(ms[args.warmup:])
+    rows = [[name, *(float(f(ms[:, i])) for f in (np.median, lambda x: np.percentile(x, 95), np.mean))]
+            for i, name in enumerate(["Policy.predict in process", "serve.py infer_ms (predict in its thread)",
+                                      "round trip, openpi-client over loopback"])]
+    table(f"serving: {args.checkpoint or 'tiny twin, 1 training step'}, {len(policy.cameras)} camera(s) "
+          f"({', '.join(policy.cameras)}) at 256x256, chunk {policy.vla.chunk} x {policy.vla.action_dim}, {device}",
+          ["path", "p50 ms", "p95 ms", "mean ms"], rows,
+          [f"{args.iters} pairs (predict, then the round trip) after {args.warmup} warm-up pairs, perf_counter, the "
+           f"same observation every time; what the protocol adds, round trip - infer_ms of the same call: p50 "
+           f"{np.median(ms[:, 2] - ms[:, 1]):.1f} ms, p95 {np.percentile(ms[:, 2] - ms[:, 1], 95):.1f} ms; load "
+           f"average {os.getloadavg()[0]:.1f}"])
+
+
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -499,7 +572,7 @@ def main(argv=None):
     for what in [args.what] if args.what != "all" else ["data", "train", "infer"]:
         try:
             dict(flops=bench_flops, memory=bench_memory, data=bench_data, train=bench_train,
-                 infer=bench_infer)[what](args, device)
+                 infer=bench_infer, serve=bench_serve)[what](args, device)
         except data.DataError as e:  # no episodes: say how to make some, measure the rest
             print(f"\n## data loader: {e}\n(make episodes with: python demo.py {args.data_dir})")
 

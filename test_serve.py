@@ -2,7 +2,8 @@
 serve.py against openpi's own client: the metadata, actions equal to Policy.predict's, bad requests, several clients,
 /healthz, the API key and SIGTERM, on a tiny checkpoint trained for one step. Loopback only, CPU only.
 
-    pip install -r requirements.txt -r requirements-serve.txt && pip install --no-deps openpi-client==0.1.2
+    pip install -r requirements.txt -r requirements-serve.txt
+    pip install --no-deps openpi-client==0.1.2 dm-tree==0.1.10
     python -m pytest -q test_serve.py
 """
 import http.client
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import websockets
-from openpi_client import msgpack_numpy, websocket_client_policy
+from openpi_client import action_chunk_broker, msgpack_numpy, websocket_client_policy
 from websockets.sync.client import connect
 
 import data
@@ -204,6 +205,15 @@ def test_bad_flags_fail_in_one_line_before_the_model_loads(ckpt, tmp_path):
         with pytest.raises(SystemExit, match=f"^error: cannot listen on --host 127.0.0.1 --port {port}: Address "
                                              f"already in use$"):
             serve.main(["--checkpoint", ckpt, "--port", str(port)])
+
+
+def test_action_chunk_broker_executes_the_chunk_step_by_step(server, policy):
+    broker = action_chunk_broker.ActionChunkBroker(client(server), action_horizon=3)
+    obs = [observation(seed) for seed in range(4)]
+    steps = [broker.infer(o) for o in obs]  # asks for a chunk at steps 0 and 3 only
+    for t in range(3):
+        np.testing.assert_allclose(steps[t]["actions"], expected(policy, obs[0])[t], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(steps[3]["actions"], expected(policy, obs[3])[0], rtol=0, atol=1e-6)
 
 
 def test_sigterm_stops_it_with_one_line(server, policy):  # last: it ends the module's server
