@@ -119,10 +119,10 @@ def parse(policy, message):
 async def run(policy, sock, meta, api_key=None):
     """Serve until SIGINT or SIGTERM; returns the signal's name. The model runs in a worker thread, one request at a
     time, so the event loop keeps answering pings, handshakes and health checks while it works."""
-    loop, lock, stop = asyncio.get_running_loop(), asyncio.Lock(), asyncio.Event()
-    stopped_by = []
+    loop, lock = asyncio.get_running_loop(), asyncio.Lock()
+    stop = loop.create_future()
     for s in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(s, lambda s=s: (stopped_by.append(s.name), stop.set()))
+        loop.add_signal_handler(s, lambda s=s: stop.done() or stop.set_result(s.name))
     hello = packb(meta)
 
     def predict(images, prompt, state):
@@ -159,19 +159,20 @@ async def run(policy, sock, meta, api_key=None):
     def process_request(ws, request):
         if request.path == "/healthz":  # for load balancers and start-up scripts, which hold no key
             return ws.respond(http.HTTPStatus.OK, "OK\n")
-        if api_key and not hmac.compare_digest(request.headers.get("Authorization", ""), f"Api-Key {api_key}"):
+        given = request.headers.get("Authorization", "").encode()  # bytes: compare_digest refuses non-ASCII str
+        if api_key and not hmac.compare_digest(given, f"Api-Key {api_key}".encode()):
             print(f"{'%s:%s' % ws.remote_address[:2]}: refused, missing or wrong API key", flush=True)
             return ws.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
         return None
 
-    # no compression (frames are raw pixels) and no size limit (a 7B server takes several cameras), as openpi
+    # as openpi's server: no compression (camera frames hardly compress), no size limit (frames exceed the 1 MiB one)
     async with serve(handler, sock=sock, compression=None, max_size=None, process_request=process_request):
         host, port = sock.getsockname()[:2]
         print(f"serving {meta['checkpoint']} on ws://{host}:{port} ({', '.join(policy.cameras)} | chunk "
               f"{meta['chunk']} x {meta['action_dim']} | proprio {meta['proprio_dim']} | {policy.device}"
               f"{' | API key required' if api_key else ''}); Ctrl-C stops", flush=True)
-        await stop.wait()
-    return stopped_by[0]
+        stopped_by = await stop
+    return stopped_by
 
 
 def main(argv=None):
@@ -188,7 +189,11 @@ def main(argv=None):
     infer.check_checkpoint(args.checkpoint)
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be between 0 and 65535, got {args.port}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device("cpu" if args.device == "auto" else args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a device (auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is visible to torch {torch.__version__}")
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart needs no wait for the old TIME_WAITs
