@@ -197,9 +197,13 @@ def test_a_missing_or_wrong_api_key_is_refused(server, api_key):
     assert "refused, missing or wrong API key" in server.out.read_text()
 
 
-def test_bad_flags_fail_in_one_line_before_the_model_loads(ckpt, tmp_path):
+def test_bad_flags_fail_in_one_line_before_the_model_loads(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit, match=f"^error: --checkpoint {tmp_path}/none: not a directory$"):
         serve.main(["--checkpoint", str(tmp_path / "none")])
+    with pytest.raises(SystemExit):
+        serve.main(["--checkpoint", ckpt, "--device", "tpu0"])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(": error: --device tpu0: not a device (auto, cpu, cuda "
+                                                            "or cuda:N)")
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit, match=f"^error: cannot listen on --host 127.0.0.1 --port {port}: Address "
