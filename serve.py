@@ -8,7 +8,7 @@ On connect the server sends one binary frame, the msgpack'd metadata (cameras, c
 binary frame from the client is a msgpack-numpy observation {"images": {camera: HxWx3 uint8}, "prompt": str,
 "state": (proprio_dim,) when trained with --proprio}, answered with {"actions": (chunk, action_dim) float32 in raw
 units, "server_timing": {"infer_ms": ...}}, or with a text frame naming what is wrong. On the robot
-(pip install --no-deps openpi-client==0.1.2):
+(pip install openpi-client==0.1.2; beside this project's numpy 2 with --no-deps, see docs/serving.md):
 
     from openpi_client import websocket_client_policy
     policy = websocket_client_policy.WebsocketClientPolicy("gpu-box", 8000)
