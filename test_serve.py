@@ -171,8 +171,9 @@ def test_two_clients_in_turn_and_at_once(server, policy):
     for _ in range(2):
         assert_answers(a.infer(obs[0]), policy, obs[0])
         assert_answers(b.infer(obs[1]), policy, obs[1])
-    answers = {}
-    threads = [threading.Thread(target=lambda i=i, c=c: answers.update({i: c.infer(obs[i])})) for i, c in enumerate((a, b))]
+    answers = {}  # both at once: the server queues one behind the other on the model
+    threads = [threading.Thread(target=lambda i=i, c=c: answers.update({i: c.infer(obs[i])}))
+               for i, c in enumerate((a, b))]
     for t in threads:
         t.start()
     for t in threads:
