@@ -113,7 +113,7 @@ def _jpeg_lengths(f, d, name):
     ts = sorted({0, len(d) // 2, len(d) - 1})
     frames = d[ts]
     for row in rows.astype(int) if rows.ndim == 2 and rows.shape[1] == len(d) else []:
-        if all(2 <= n <= d.shape[1] and x[n - 2:n].tobytes() == b"\xff\xd9" and not x[n:].any()
+        if row.max() <= d.shape[1] and all(2 <= n <= d.shape[1] and x[n - 2:n].tobytes() == b"\xff\xd9" and not x[n:].any()
                for x, n in zip(frames, row[ts])):
             return row
     raise DataError(f"{name}: no row of compress_len {rows.shape} gives the lengths of its JPEG frames (missing, "
