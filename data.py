@@ -113,8 +113,8 @@ def _jpeg_lengths(f, d, name):
     ts = sorted({0, len(d) // 2, len(d) - 1})
     frames = d[ts]
     for row in rows.astype(int) if rows.ndim == 2 and rows.shape[1] == len(d) else []:
-        if row.max() <= d.shape[1] and all(2 <= n <= d.shape[1] and x[n - 2:n].tobytes() == b"\xff\xd9" and not x[n:].any()
-               for x, n in zip(frames, row[ts])):
+        if 2 <= row.min() and row.max() <= d.shape[1] and all(x[n - 2:n].tobytes() == b"\xff\xd9" and not x[n:].any()
+                                                             for x, n in zip(frames, row[ts])):
             return row
     raise DataError(f"{name}: no row of compress_len {rows.shape} gives the lengths of its JPEG frames (missing, "
                     f"longer than the {d.shape[1]} bytes stored per frame, or the frames are not JPEG)")

@@ -19,7 +19,7 @@ from PIL import Image
 import data
 import infer
 import train
-from demo import make_tiny
+from demo import make_tiny, write_aloha
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,40 +60,11 @@ def write_act_sim(path, T, rng, cameras=("top",), h=48, w=64):
     return str(path)
 
 
-def cv2_jpeg(rgb, quality=50):
-    """What cv2.imencode('.jpg', rgb) writes: it takes the array for BGR, so the JPEG holds red and blue swapped."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb[..., ::-1])).save(buf, "JPEG", quality=quality)
-    return np.frombuffer(buf.getvalue(), np.uint8)
-
-
 def write_aloha_jpeg(path, T, rng, cameras=("cam_high", "cam_low", "cam_left_wrist"), h=48, w=64):
-    """As Mobile ALOHA's record_episodes.py with COMPRESS: JPEGs zero-padded to the longest, compress_len (cameras, T)
-    in the recorder's camera order (here not alphabetical, as the static ALOHA's cam_high, cam_low, ...)."""
+    """Mobile ALOHA's compressed layout, its camera order not alphabetical (as the static ALOHA's cam_high, cam_low)."""
     rgb = {cam: scene(rng, T, h, w) for cam in cameras}
-    encoded = {cam: [cv2_jpeg(x) for x in rgb[cam]] for cam in cameras}
-    compressed_len = np.array([[len(e) for e in encoded[cam]] for cam in cameras])
-    padded_size = compressed_len.max()
     qpos = joints(rng, T)
-    with h5py.File(path, "w", rdcc_nbytes=1024 ** 2 * 2) as root:
-        root.attrs["sim"] = False
-        root.attrs["compress"] = True
-        image = root.create_group("observations").create_group("images")
-        for cam in cameras:
-            image.create_dataset(cam, (T, padded_size), dtype="uint8", chunks=(1, padded_size))
-            padded = np.zeros((T, padded_size), np.uint8)
-            for t, e in enumerate(encoded[cam]):
-                padded[t, :len(e)] = e
-            root[f"/observations/images/{cam}"][...] = padded
-        for name in ("qpos", "qvel", "effort"):
-            root["observations"].create_dataset(name, (T, 14))
-        root["/observations/qpos"][...] = qpos
-        root.create_dataset("action", (T, 14))
-        root["/action"][...] = qpos + 0.01
-        root.create_dataset("base_action", (T, 2))
-        root.create_dataset("compress_len", (len(cameras), T))
-        root["/compress_len"][...] = compressed_len
-    return str(path), rgb
+    return write_aloha(path, rgb, qpos, qpos + 0.01), rgb
 
 
 def write_libero(path, lengths, rng, size=32, drop=None):
