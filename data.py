@@ -199,8 +199,9 @@ def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction)
         _numbers(g, action_key, len(action))
         if any(v.dtype != np.uint8 or not (v.ndim == 4 and v.shape[3] == 3 or v.ndim == 2 and f.attrs.get("compress"))
                for v in videos):
-            raise DataError("camera frames must be uint8 (T, H, W, 3), or padded JPEGs (T, bytes) in a file with "
-                            "compress set; found " + ", ".join(f"{c} {v.dtype} {v.shape}" for c, v in zip(cameras, videos)))
+            found = ", ".join(f"{c} {v.dtype} {v.shape}" for c, v in zip(cameras, videos))
+            raise DataError(f"camera frames must be uint8 (T, H, W, 3), or padded JPEGs (T, bytes) in a file with "
+                            f"compress set; found {found}")
         if {len(v) for v in videos} != {len(action)}:
             raise DataError(f"cameras and action differ in length: {action_key} {len(action)}, "
                             + ", ".join(f"{c} {len(v)}" for c, v in zip(cameras, videos)))
@@ -541,7 +542,8 @@ def summarize(data_dir, cameras=None, chunk=8, action_dim=None, action_offset=0,
     stats, lengths = compute_stats(actions), [len(a) for a in actions]
     samples = sum(n - chunk - action_offset + 1 for n in lengths)
     files = len({split_ref(p)[0] for p in paths})
-    print(f"layout: {layout[0] if layout else 'unknown'}" + f", {len(paths)} demos in {files} files" * (files < len(paths)))
+    demos = f", {len(paths)} demos in {files} files" if files < len(paths) else ""
+    print(f"layout: {layout[0] if layout else 'unknown'}{demos}")
     print(f"{len(paths)} episodes, {sum(lengths)} frames (length {min(lengths)}-{max(lengths)}, "
           f"mean {np.mean(lengths):.0f}), {samples} samples (chunk {chunk}, action offset {action_offset})")
     episode = read_episode(paths[0], cameras, swap_red_blue, action_key)

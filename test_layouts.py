@@ -206,7 +206,8 @@ def test_broken_variants_are_one_line_naming_the_file_and_the_demo(tmp_path):
         assert str(e.value).startswith(f"{ref}: ") and message in str(e.value) and "\n" not in str(e.value)
     r = run_data_cli(tmp_path, "--cameras", cams[0], "--instruction", "go")  # its episode_*.hdf5, one line each
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert [line.split(": ")[0] for line in r.stderr.splitlines()] == [jpeg_bad, too_long, str(tmp_path / "episode_2.hdf5")]
+    named = [line.split(": ")[0] for line in r.stderr.splitlines()]
+    assert named == [jpeg_bad, too_long, str(tmp_path / "episode_2.hdf5")]
     r = run_data_cli(no_actions)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert [line.split(": ")[0] for line in r.stderr.splitlines()] == [f"{no_actions}:demo_0", f"{no_actions}:demo_1"]
@@ -222,7 +223,8 @@ def test_data_files_that_are_wrong_in_their_own_way(tmp_path):
     os.remove(tmp_path / "episode_1.hdf5")
     cases = {"ints": ("seen", np.arange(5), "seen holds int64 (5,), not text"),
              "2-d": ("seen", np.array([[b"a", b"b"]]), "seen holds |S1 (1, 2), not text"),
-             "latin-1": ("seen", np.array(["café".encode("latin-1")]), "seen is not UTF-8 text (unexpected end of data at byte 3)"),
+             "latin-1": ("seen", np.array(["café".encode("latin-1")]),
+                         "seen is not UTF-8 text (unexpected end of data at byte 3)"),
              "bools": ("observations/qpos", np.ones((12, 14), bool), "observations/qpos holds bool, not numbers"),
              "strings": ("action", np.array([[b"1"] * 14] * 12), "action holds |S1, not numbers")}
     for name, (key, value, message) in cases.items():
