@@ -2,7 +2,8 @@
 Measure nanoOFT: data loader throughput, training step time / memory / MFU, inference latency per chunk. Each
 --what prints one table under a line naming the machine, ready for the README's performance table.
 
-    python bench.py --what data --data_dir out/demo_data      # loader samples/s with 0, 1 and 2 workers
+    python bench.py --what data --data_dir out/demo_data      # loader samples/s with 0 and 2 workers, RoboTwin's
+                                                              # layout and real ALOHA's (3 cameras of 480x640 JPEGs)
     python bench.py --what train                              # CPU: tiny twin, float32; CUDA: 7B-shaped, bf16
     python bench.py --what train --device cuda --vla_path DIR # a real checkpoint instead of random 7B weights
     python bench.py --what infer --no-compile                 # latency per chunk: LoRA unmerged vs merged, eager
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import transformers.masking_utils
+from PIL import Image
 from torch._C._profiler import _EventType
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
@@ -73,6 +75,8 @@ def get_args(argv=None):
     p.add_argument("--data_dir", default="out/demo_data", help="episode_*.hdf5 files for --what data")
     p.add_argument("--batch_size", type=int, default=8, help="training and loader batch")
     p.add_argument("--cameras", type=int, default=2, help="images per sample: the first N of data.ALL_CAMERAS")
+    p.add_argument("--jpeg_episodes", type=int, default=4, help="--what data: episodes of the real ALOHA layout made "
+                   "from the first demo episodes (kept beside --data_dir)")
     p.add_argument("--lora_rank", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps / chunks / batches first")
     p.add_argument("--iters", type=int, default=10, help="timed steps / chunks, or batches per loader repeat")
@@ -375,10 +379,10 @@ def bench_memory(args, device):
 # the three benchmarks
 
 
-def bench_data(args, device):
-    dataset = data.EpisodeDataset(args.data_dir, cameras=data.ALL_CAMERAS[:args.cameras])
+def loader_rows(dataset, args):
+    """samples/s of the loader (median, min, max over repeats) and per process, with 0 and 2 workers."""
     rows, n = [], args.batch_size * (args.warmup + args.repeats * args.iters)
-    for workers in (0, 1, 2):
+    for workers in (0, 2):
         # one sampler for every batch: no epoch boundary (worker restart) inside a timed repeat
         sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=n)
         batches = iter(torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=workers))
@@ -390,10 +394,33 @@ def bench_data(args, device):
             for _ in range(args.iters):
                 next(batches)
             rates.append(args.iters * args.batch_size / (time.perf_counter() - t0))
-        rows.append([str(workers), float(np.median(rates)), min(rates), max(rates)])
+        rows.append([str(workers), float(np.median(rates)), min(rates), max(rates), np.median(rates) / max(workers, 1)])
+    return rows
+
+
+def bench_data(args, device):
+    header = ["num_workers", "samples/s", "min", "max", "per process"]
+    notes = [f"median of {args.repeats} repeats of {args.iters} batches after {args.warmup} warm-up batches"]
+    dataset = data.EpisodeDataset(args.data_dir, cameras=data.ALL_CAMERAS[:args.cameras])
     table(f"data loader: {args.data_dir}, {len(dataset.paths)} episodes, {args.cameras} cameras, batch "
-          f"{args.batch_size}", ["num_workers", "samples/s", "min", "max"], rows,
-          [f"median of {args.repeats} repeats of {args.iters} batches after {args.warmup} warm-up batches"])
+          f"{args.batch_size}", header, loader_rows(dataset, args), notes)
+    # real ALOHA's layout: the demo's first episodes as 3 cameras of 480x640 JPEGs (quality 50, as its recorder)
+    jpeg_dir = os.path.join(args.data_dir, "..", "bench_aloha_jpeg")
+    os.makedirs(jpeg_dir, exist_ok=True)
+    for i, path in enumerate(dataset.paths[:args.jpeg_episodes]):
+        target = os.path.join(jpeg_dir, f"episode_{i}.hdf5")
+        if not os.path.exists(target):
+            episode = data.read_episode(path, data.ALL_CAMERAS[:3])
+            frames = np.stack([episode["frames"](t).permute(0, 2, 3, 1).numpy() for t in range(episode["length"])], 1)
+            big = {f"cam_{c}": np.stack([np.asarray(Image.fromarray(x).resize((640, 480), Image.BICUBIC)) for x in f])
+                   for c, f in zip(("high", "left_wrist", "right_wrist"), frames)}
+            demo.write_aloha(target + ".tmp", big, episode["actions"], episode["actions"])
+            os.replace(target + ".tmp", target)
+            episode["close"]()
+    cameras = [f"observations/images/cam_{c}" for c in ("high", "left_wrist", "right_wrist")]
+    jpeg = data.EpisodeDataset(jpeg_dir, cameras=cameras, instruction="place the shoe on the mat")
+    table(f"data loader: real ALOHA layout ({jpeg_dir}), {len(jpeg.paths)} episodes, 3 cameras of 480x640 JPEG "
+          f"frames, batch {args.batch_size}", header, loader_rows(jpeg, args), notes)
 
 
 def train_row(args, device, ckpt):

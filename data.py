@@ -1,29 +1,40 @@
 """
 Robot episodes for nanoOFT: the chunked HDF5 dataset, action statistics and a data check.
 
-Check a directory of RoboTwin episodes (episode_*.hdf5) before a long run starts:
+It reads the field's layouts as they are (`python data.py DIR` says which it found and the train.py flags for it):
+RoboTwin's OFT conversion (flat datasets), ACT's sim and real ALOHA episodes (observations/images/CAM, JPEG frames
+when compressed) and robomimic/LIBERO files holding many demos, each an episode named FILE.hdf5:demo_N.
 $ python data.py /path/to/place_shoe --cameras head_camera_image,left_wrist_image --chunk 8 --action_dim 14
 $ python data.py /path/to/place_shoe --vla_path openvla/openvla-7b --preview frame.png   # prompt lengths, colours
-Synthetic episodes in the same layout: python demo.py demo_data --episodes 48 --seed 0
+$ python data.py /path/to/act_sim_transfer_cube --instruction "transfer the cube to the left arm"
+Synthetic episodes in RoboTwin's layout: python demo.py demo_data --episodes 48 --seed 0
 """
 import argparse
 import glob
+import hashlib
+import io
 import json
 import os
 import re
+import shlex
 import sys
+from collections import OrderedDict
 
 import h5py
 import numpy as np
 import torch
 from PIL import Image
 
-ALL_CAMERAS = ["head_camera_image", "left_wrist_image", "right_wrist_image", "low_cam_image"]
+ALL_CAMERAS = ["head_camera_image", "left_wrist_image", "right_wrist_image", "low_cam_image"]  # RoboTwin's
 DEFAULT_CAMERAS = ["head_camera_image", "left_wrist_image"]
+STATE_KEYS = ["state", "observations/qpos", "obs/joint_states,obs/gripper_states"]  # what --state_key auto tries
+MAX_OPEN = 64  # episode files a loader process keeps open: 10,000 episodes must not hit `ulimit -n` (often 1024)
 ACTION_NAMES = [f"{arm}_{j}" for arm in ("left", "right") for j in ("j1", "j2", "j3", "j4", "j5", "j6", "gripper")]
 ACTION_OFFSET_HELP = ("the target of frame t is action[t+o : t+o+chunk]. RoboTwin's action[t] is the joint target "
                       "recorded at frame t, close to the state the frame already shows, and RoboTwin's own converters "
                       "train on action[t+1]: 1 may suit it")
+STATE_KEY_HELP = (f"dataset(s) --proprio reads, comma-separated ones concatenated; default: the first of "
+                  f"{' | '.join(STATE_KEYS)} the episodes hold, else the action")
 
 
 class DataError(ValueError):
@@ -34,69 +45,223 @@ def _natural(path):
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", str(path))]
 
 
+def split_ref(ref):
+    """FILE.hdf5:demo_N (a demo inside a robomimic/LIBERO file) -> (FILE.hdf5, demo_N); a plain file -> (it, None)."""
+    m = re.fullmatch(r"(.+\.hdf5):([^/:]+)", str(ref))
+    return (m[1], m[2]) if m else (str(ref), None)
+
+
+def open_episode(ref):
+    """The open file and the group that holds the episode's datasets: the root, or data/demo_N."""
+    path, demo = split_ref(ref)
+    f = h5py.File(path, "r")
+    if demo is not None and not isinstance(f.get(f"data/{demo}"), h5py.Group):
+        f.close()
+        raise DataError(f"{ref}: {path} has no group data/{demo}")
+    return f, f[f"data/{demo}"] if demo else f
+
+
+def _demos(path):
+    try:
+        with h5py.File(path, "r") as f:
+            group = f.get("data")
+            return [f"{path}:{d}" for d in group if isinstance(group[d], h5py.Group)] \
+                if isinstance(group, h5py.Group) else []
+    except OSError:
+        return []  # check_episodes names it
+
+
 def list_episodes(data_dir_or_paths):
-    """episode_*.hdf5 files of a directory (or of several, or explicit files), episode_2 before episode_10."""
+    """The episodes of a directory (its episode_*.hdf5 files, else every *.hdf5), of several, or explicit files; a
+    robomimic/LIBERO file gives one episode FILE.hdf5:demo_N per demo. episode_2 before episode_10, demo_2 before
+    demo_10."""
     items = [data_dir_or_paths] if isinstance(data_dir_or_paths, (str, os.PathLike)) else list(data_dir_or_paths)
-    paths = []
+    refs = []
     for item in map(str, items):
-        if not os.path.exists(item):
+        if not os.path.exists(split_ref(item)[0]):
             raise DataError(f"{item}: no such file or directory")
-        paths += glob.glob(os.path.join(item, "episode_*.hdf5")) if os.path.isdir(item) else [item]
-    if not paths:
-        raise DataError(f"{', '.join(map(str, items)) or '(no path given)'}: no episode_*.hdf5 files found")
-    return sorted(paths, key=_natural)
+        files = [item]
+        if os.path.isdir(item):
+            files = glob.glob(os.path.join(item, "episode_*.hdf5")) or glob.glob(os.path.join(item, "*.hdf5"))
+        refs += [r for p in files for r in (split_ref(p)[1] is None and _demos(p) or [p])]
+    if not refs:
+        raise DataError(f"{', '.join(map(str, items)) or '(no path given)'}: no episode_*.hdf5 (or other .hdf5) "
+                        "files found")
+    return sorted(refs, key=_natural)
 
 
-def check_episodes(paths, cameras, chunk, action_dim, action_offset=0):
-    """Validate every file up front (so a broken one fails now, not hours into training); return the usable ones."""
-    unknown = [c for c in cameras if c not in ALL_CAMERAS]
-    if unknown or not cameras:
-        raise DataError(f"unknown camera(s) {', '.join(unknown) or '(none given)'}; use {', '.join(ALL_CAMERAS)}")
+def detect_layout(f, g):
+    """(name, cameras, action key) of the layout an episode is stored in; None for a layout nanoOFT does not know."""
+    if isinstance(g.get("observations/images"), h5py.Group):
+        name = "real ALOHA, JPEG frames" if f.attrs.get("compress", False) else "ACT/ALOHA"
+        return name, [f"observations/images/{c}" for c in g["observations/images"]], "action"
+    if g is not f:
+        return "robomimic/LIBERO", [f"obs/{k}" for k in g.get("obs", {}) if k.endswith(("rgb", "image"))], "actions"
+    cameras = [c for c in DEFAULT_CAMERAS if c in g] or [c for c in ALL_CAMERAS if c in g]
+    return ("RoboTwin (flat)", cameras, "action") if cameras else None
+
+
+def _contents(g):
+    sets = [k for k in g if isinstance(g.get(k), h5py.Dataset)]
+    return f"datasets {', '.join(sets) or 'none'} and groups {', '.join(k for k in g if k not in sets) or 'none'}"
+
+
+def _jpeg_lengths(f, d, name):
+    """ALOHA's compress_len (cameras, T) lists the cameras in its recorder's order, which HDF5 does not keep: this
+    camera's row is the one whose lengths end its padded frames where their JPEGs end (FF D9, then zeros)."""
+    rows = f["compress_len"][()] if "compress_len" in f else np.zeros((0, 0))
+    ts = sorted({0, len(d) // 2, len(d) - 1})
+    frames = d[ts]
+    for row in rows.astype(int) if rows.ndim == 2 and rows.shape[1] == len(d) else []:
+        if 2 <= row.min() and row.max() <= d.shape[1] and all(x[n - 2:n].tobytes() == b"\xff\xd9" and not x[n:].any()
+                                                             for x, n in zip(frames, row[ts])):
+            return row
+    raise DataError(f"{name}: no row of compress_len {rows.shape} gives the lengths of its JPEG frames (missing, "
+                    f"longer than the {d.shape[1]} bytes stored per frame, or the frames are not JPEG)")
+
+
+def camera_reader(f, g, camera, ref):
+    """Frame t of a camera as (H, W, 3) uint8 RGB. ALOHA's compressed files hold each frame as a zero-padded JPEG
+    that cv2 encoded from the RGB array as if it were BGR, so PIL decodes it with red and blue reversed."""
+    d = g[camera]
+    if not (f.attrs.get("compress", False) and d.ndim == 2):
+        return d.__getitem__
+    lengths = _jpeg_lengths(f, d, f"{ref}: {camera}")
+    return lambda t: np.asarray(Image.open(io.BytesIO(d[t][:lengths[t]].tobytes())).convert("RGB"))[..., ::-1]
+
+
+def _filters(d):
+    plist = d.id.get_create_plist()
+    found = [plist.get_filter(i) for i in range(plist.get_nfilters())]
+    return [f"{name.decode() or 'unnamed'} (id {fid})" for fid, _, _, name in found if not h5py.h5z.filter_avail(fid)]
+
+
+def read_instructions(f, g, key="seen", instruction=None):
+    """Instruction variants: the episode's `key` dataset (a vlen UTF-8 array, a fixed-length bytes array or one
+    string); else, for seen, LIBERO's problem_info attribute, else [instruction] (train.py --instruction)."""
+    if key in g:
+        d = g[key]
+        if d.dtype.kind not in "SOU" or d.ndim > 1:
+            raise DataError(f"{key} holds {d.dtype} {d.shape}, not text (one string or a 1-D array of strings)")
+        try:
+            items = [x.decode() if isinstance(x, bytes) else x for x in ([d[()]] if d.ndim == 0 else d[()])]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{key} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return [s for s in items if isinstance(s, str) and s.strip()]
+    info = f["data"].attrs.get("problem_info") if g is not f and key == "seen" else None
+    if info is not None:
+        try:
+            return [s for s in [json.loads(info)["language_instruction"]] if s.strip()]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise DataError("data.attrs['problem_info'] is not JSON with a language_instruction string") from None
+    return [instruction] if instruction and key == "seen" else []
+
+
+def state_key_of(g, state_key=None, action_key="action"):
+    """The dataset(s) --proprio reads: --state_key, else the first of STATE_KEYS the episode holds, else the action
+    (RoboTwin's action[t] is the joint target recorded at frame t; its ACT/DP converters use it as the state).
+    None when the episode lacks the --state_key asked for."""
+    for key in [state_key] if state_key else STATE_KEYS + [action_key]:
+        if all(k in g for k in key.split(",")):
+            return key
+    return None
+
+
+def read_state(g, key):
+    return np.concatenate([g[k][()].reshape(len(g[k]), -1) for k in key.split(",")], 1)
+
+
+def _numbers(g, key, length):
+    """Refuse a (T, D) dataset (comma-separated keys: side by side) that is not finite numbers, one row per frame."""
+    sets = [g[k] for k in key.split(",")]
+    if any(d.dtype.kind not in "iuf" for d in sets):
+        raise DataError(f"{key} holds {', '.join(str(d.dtype) for d in sets)}, not numbers")
+    if any(d.ndim != 2 or len(d) != length for d in sets):
+        raise DataError(f"{key} has shape {' + '.join(str(d.shape) for d in sets)}, expected (T={length}, D)")
+    if not np.isfinite(read_state(g, key)).all():
+        raise DataError(f"{key} holds NaN or inf")
+
+
+def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction):
+    """Length, frame shape and a fingerprint of the actions of one episode; a DataError says what is wrong."""
+    f, g = open_episode(ref)
+    with f:
+        missing, layout = [k for k in [action_key, *cameras] if k not in g], detect_layout(f, g)
+        if missing and layout is None:
+            raise DataError(f"no known episode layout (RoboTwin's flat datasets, ALOHA's observations/images, "
+                            f"robomimic's data/demo_N): it holds {_contents(g)}")
+        if missing:
+            raise DataError(f"missing {', '.join(missing)} (a {layout[0]} episode: `python data.py DIR` prints the "
+                            "flags that read it)")
+        action, videos = g[action_key], [g[c] for c in cameras]
+        if action.ndim == 2 and action.dtype.kind in "iuf" and action.shape[1] != action_dim:
+            raise DataError(f"{action_key} has shape {action.shape}, expected (T, {action_dim}) (--action_dim)")
+        _numbers(g, action_key, len(action))
+        if any(v.dtype != np.uint8 or not (v.ndim == 4 and v.shape[3] == 3 or v.ndim == 2 and f.attrs.get("compress"))
+               for v in videos):
+            found = ", ".join(f"{c} {v.dtype} {v.shape}" for c, v in zip(cameras, videos))
+            raise DataError(f"camera frames must be uint8 (T, H, W, 3), or padded JPEGs (T, bytes) in a file with "
+                            f"compress set; found {found}")
+        if {len(v) for v in videos} != {len(action)}:
+            raise DataError(f"cameras and action differ in length: {action_key} {len(action)}, "
+                            + ", ".join(f"{c} {len(v)}" for c, v in zip(cameras, videos)))
+        key = state_key_of(g, state_key, action_key)
+        if key is None:
+            raise DataError(f"missing {state_key} (--state_key)")
+        if key != action_key:
+            _numbers(g, key, len(action))
+        if not read_instructions(f, g, "seen", instruction):
+            raise DataError("seen instructions missing, empty or all blank" if "seen" in g else "no instructions (no "
+                            "seen dataset or LIBERO problem_info): pass --instruction \"what the robot should do\"")
+        if "unseen" in g and not read_instructions(f, g, "unseen"):
+            raise DataError("unseen instructions missing, empty or all blank")
+        shapes = set()
+        for c, v in zip(cameras, videos):
+            read = camera_reader(f, g, c, ref)
+            try:  # the last frame must decode: catches cut-off data, missing compression filters, broken JPEGs
+                shapes |= {read(-1).shape, read(0).shape} if v.ndim == 2 else {read(-1).shape}
+            except (OSError, ValueError) as e:
+                why = f"stored with HDF5 filter {', '.join(_filters(v))}, not installed here" if _filters(v) else \
+                    str(e).splitlines()[0]
+                raise DataError(f"{c}: its frames do not read ({why})") from None
+        if len(shapes) > 1:
+            raise DataError(f"frame sizes differ: {sorted(shapes)} (all cameras, all episodes must agree)")
+        return len(action), shapes.pop(), hashlib.sha1(np.ascontiguousarray(action[()])).hexdigest()
+
+
+def check_episodes(paths, cameras, chunk, action_dim, action_offset=0, action_key="action", state_key=None,
+                   instruction=None):
+    """Validate every episode up front (so a broken one fails now, not hours into training); return the usable ones."""
+    if not cameras or not all(cameras):
+        raise DataError(f"--cameras {','.join(cameras)}: give the camera datasets, comma-separated")
     if chunk < 1 or action_offset < 0 or action_dim < 1:
         raise DataError(f"need chunk >= 1, action_offset >= 0 and action_dim >= 1; got {chunk}, {action_offset}, "
                         f"{action_dim}")
-    problems, usable, frame_shape = [], [], None
+    problems, usable, frame_shape, seen = [], [], None, {}
     for p in paths:
-        if not os.path.isfile(p):
-            problems.append(f"{p}: no such file or directory")
-            continue
+        path, demo = split_ref(p)
         try:
-            with h5py.File(p, "r") as f:
-                missing = [k for k in ["action", *cameras] if k not in f]
-                if missing:
-                    problems.append(f"{p}: missing {', '.join(missing)}")
-                    continue
-                action, videos = f["action"][()], [f[c] for c in cameras]
-                lengths, shapes = [len(v) for v in videos], {v.shape[1:] for v in videos} | ({frame_shape} - {None})
-                if action.ndim != 2 or action.shape[1] != action_dim:
-                    problems.append(f"{p}: action has shape {action.shape}, expected (T, {action_dim}) (--action_dim)")
-                elif any(v.ndim != 4 or v.shape[3] != 3 or v.dtype != np.uint8 for v in videos):
-                    problems.append(f"{p}: camera frames must be uint8 (T, H, W, 3), found "
-                                    + ", ".join(f"{c} {v.dtype} {v.shape}" for c, v in zip(cameras, videos)))
-                elif set(lengths) != {len(action)}:
-                    problems.append(f"{p}: cameras and action differ in length: action {len(action)}, "
-                                    + ", ".join(f"{c} {n}" for c, n in zip(cameras, lengths)))
-                elif len(shapes) > 1:
-                    problems.append(f"{p}: frame sizes differ: {sorted(shapes)} (all cameras, all episodes must agree)")
-                elif not np.isfinite(action).all():
-                    problems.append(f"{p}: action holds NaN or inf")
-                elif "state" in f and (f["state"].ndim != 2 or len(f["state"]) != len(action)
-                                       or not np.isfinite(f["state"][()]).all()):
-                    problems.append(f"{p}: state has shape {f['state'].shape} or non-finite values; expected "
-                                    f"(T={len(action)}, D), finite")
-                elif empty := [k for k in ("seen", "unseen") if k in ("seen", *f) and not read_instructions(f, k)]:
-                    problems.append(f"{p}: {' and '.join(empty)} instructions missing, empty or all blank")
-                else:
-                    frame_shape = shapes.pop()
-                    for v in videos:
-                        v[-1:]  # the last frame must decode: catches cut-off data and missing compression filters
-                    if len(action) >= chunk + action_offset:
-                        usable.append(p)
-                    else:
-                        print(f"warning: {p}: {len(action)} frames, too short for one chunk of {chunk} at offset "
-                              f"{action_offset}; skipped", file=sys.stderr)
+            if not os.path.isfile(path):
+                raise DataError("no such file or directory")
+            length, shape, digest = _check_episode(p, cameras, action_dim, action_key, state_key, instruction)
+            if twin := seen.get((os.path.realpath(path), demo)) or seen.get(digest):
+                raise DataError(f"the same episode as {twin} (same file or same actions): remove one")
+            if frame_shape not in (None, shape):
+                raise DataError(f"frame sizes differ: {sorted({frame_shape, shape})} (all cameras, all episodes must "
+                                "agree)")
+        except DataError as e:
+            problems.append(f"{p}: {str(e).removeprefix(f'{p}: ')}")
+            continue
         except (OSError, ValueError) as e:
             problems.append(f"{p}: not a readable HDF5 file or truncated ({str(e).splitlines()[0]})")
+            continue
+        seen[(os.path.realpath(path), demo)] = seen[digest] = p
+        frame_shape = shape
+        if length >= chunk + action_offset:
+            usable.append(p)
+        else:
+            print(f"warning: {p}: {length} frames, too short for one chunk of {chunk} at offset {action_offset}; "
+                  "skipped", file=sys.stderr)
     if problems:
         raise DataError("\n".join(problems))
     if not usable:
@@ -199,39 +364,26 @@ def unnormalize(actions, stats, mode="bounds"):
     return back(where(raw, y, where(flat, lo, (y + 1) / 2 * span + lo)))
 
 
-def read_instructions(f, key):
-    """Instruction variants stored as a vlen UTF-8 array, a fixed-length bytes array or a single string."""
-    if key not in f:
-        return []
-    v = f[key][()]
-    items = [v] if f[key].shape == () else list(v)
-    return [s for s in (x.decode() if isinstance(x, bytes) else str(x) for x in items) if s.strip()]
-
-
-def read_state(f):
-    """Proprioception per frame: the file's `state` (T, D) when it has one, else the recorded joint vector
-    `action` (RoboTwin's action[t] is the joint target recorded at frame t; its ACT/DP converters use it as state)."""
-    return f["state" if "state" in f else "action"][()]
-
-
 def normalize_state(state, stats):
     """OFT's proprioception: min/max bounds to [-1, 1], clipped (a live state may leave the training range)."""
     return normalize(state, stats, "bounds").clip(-1, 1)
 
 
-def _frames(dsets, t, swap_red_blue=False):
-    x = np.stack([d[t] for d in dsets])
+def _frames(readers, t, swap_red_blue=False):
+    x = np.stack([read(t) for read in readers])
     return torch.from_numpy((x[..., ::-1] if swap_red_blue else x).transpose(0, 3, 1, 2).copy())
 
 
-def read_episode(path, cameras=DEFAULT_CAMERAS, swap_red_blue=False):
+def read_episode(ref, cameras=DEFAULT_CAMERAS, swap_red_blue=False, action_key="action", state_key=None,
+                 instruction=None):
     """A whole episode for stepping through it: actions and states in memory, frames(t) -> uint8 (N, 3, H, W) read
     on demand (red and blue reversed for files known to hold them swapped)."""
-    f = h5py.File(path, "r")
-    dsets = [f[c] for c in cameras]
-    return {"length": len(f["action"]), "actions": f["action"][()], "states": read_state(f),
-            "seen": read_instructions(f, "seen"), "unseen": read_instructions(f, "unseen"),
-            "frames": lambda t: _frames(dsets, t, swap_red_blue), "close": f.close}
+    f, g = open_episode(ref)
+    readers = [camera_reader(f, g, c, ref) for c in cameras]
+    return {"length": len(g[action_key]), "actions": g[action_key][()],
+            "states": read_state(g, state_key_of(g, state_key, action_key) or action_key),
+            "seen": read_instructions(f, g, "seen", instruction), "unseen": read_instructions(f, g, "unseen"),
+            "frames": lambda t: _frames(readers, t, swap_red_blue), "close": f.close}
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
@@ -241,25 +393,34 @@ class EpisodeDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths, cameras=DEFAULT_CAMERAS, chunk=8, action_dim=14, stats=None, norm="bounds",
                  action_offset=0, instructions="seen", instruction_variant=None, seed=0, proprio=False,
-                 proprio_stats=None, image_aug=False, swap_red_blue=False):
-        self.paths = check_episodes(list_episodes(paths), cameras, chunk, action_dim, action_offset)
+                 proprio_stats=None, image_aug=False, swap_red_blue=False, action_key="action", state_key=None,
+                 instruction=None):
+        self.paths = check_episodes(list_episodes(paths), cameras, chunk, action_dim, action_offset, action_key,
+                                    state_key, instruction)
         self.cameras, self.chunk, self.action_offset, self.norm = list(cameras), chunk, action_offset, norm
         self.instruction_variant, self.seed, self.epoch = instruction_variant, seed, 0
         self.image_aug, self.swap_red_blue = image_aug, swap_red_blue
-        actions, states, self.instructions, problems = [], [], [], []
+        actions, states, keys, self.instructions = [], [], [], []
         for p in self.paths:  # actions, states and texts are small: keep them; frames stay on disk
-            with h5py.File(p, "r") as f:
-                actions.append(f["action"][()])
-                states += [read_state(f)] if proprio else []
-                self.instructions.append(read_instructions(f, instructions))
-                self.frame_sizes = {c: list(f[c].shape[1:3]) for c in cameras}  # the same in every file (checked)
-            if not self.instructions[-1]:
-                problems.append(f"{p}: no '{instructions}' instructions")
-            if proprio and states[-1].shape != (len(actions[-1]), states[0].shape[1]):
-                problems.append(f"{p}: state has shape {states[-1].shape}, expected ({len(actions[-1])}, "
-                                f"{states[0].shape[1]}) like {self.paths[0]}")
+            f, g = open_episode(p)
+            with f:
+                actions.append(g[action_key][()])
+                keys.append(state_key_of(g, state_key, action_key))
+                states += [read_state(g, keys[-1])] if proprio else []
+                self.instructions.append(read_instructions(f, g, instructions, instruction))
+                if p == self.paths[0]:  # the same in every file (checked)
+                    self.frame_sizes = {c: list(camera_reader(f, g, c, p)(0).shape[:2]) for c in cameras}
+        problems = [f"{p}: no '{instructions}' instructions" for p, texts in zip(self.paths, self.instructions)
+                    if not texts]
+        if proprio and len(set(keys)) > 1:  # one state in milli-units beside another in radians would train silently
+            problems.append(f"--proprio: {self.paths[0]} reads its state from {keys[0]}, but " + ", ".join(
+                f"{p} from {k}" for p, k in zip(self.paths, keys) if k != keys[0])[:400] + ": pass --state_key")
+        if proprio and len({s.shape[1] for s in states}) > 1:
+            problems.append(f"--proprio: the states are {sorted({s.shape[1] for s in states})} wide in different "
+                            f"episodes (e.g. {self.paths[0]}: {states[0].shape[1]})")
         if problems:
             raise DataError("\n".join(problems))
+        self.state_key = keys[0] if proprio else None
         self.stats = stats if stats is not None else compute_stats(actions)
         if len(self.stats["min"]) != action_dim:
             raise DataError(f"the statistics have {len(self.stats['min'])} action dimensions, not {action_dim}")
@@ -269,10 +430,10 @@ class EpisodeDataset(torch.utils.data.Dataset):
         self.proprio_dim = states[0].shape[1] if proprio else 0
         self.lengths = [len(a) for a in actions]
         self.index = [(e, t) for e, n in enumerate(self.lengths) for t in range(n - chunk - action_offset + 1)]
-        self._files, self._pid = {}, None
+        self._files, self._pid = OrderedDict(), None
 
     def __getstate__(self):  # spawned workers get no h5py handles (they cannot be pickled); they open their own
-        return {**self.__dict__, "_files": {}, "_pid": None}
+        return {**self.__dict__, "_files": OrderedDict(), "_pid": None}
 
     def set_epoch(self, epoch):
         """New instruction draws each epoch (effective in workers that are re-created per epoch, the default)."""
@@ -281,18 +442,30 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.index)
 
+    def _readers(self, e):
+        """The episode's camera readers; each process keeps the MAX_OPEN files it used last open."""
+        if self._pid != os.getpid():  # h5py handles must not cross a fork: each worker opens its own
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if e not in self._files:
+            if len(self._files) >= MAX_OPEN:
+                self._files.popitem(last=False)[1][0].close()
+            f, g = open_episode(self.paths[e])
+            self._files[e] = (f, [camera_reader(f, g, c, self.paths[e]) for c in self.cameras])
+        self._files.move_to_end(e)
+        return self._files[e][1]
+
     def __getitem__(self, i):
         i = range(len(self.index))[i]  # negative indices too: i seeds the instruction draw
         e, t = self.index[i]
-        if self._pid != os.getpid():  # h5py handles must not cross a fork: each worker opens its own, once
-            self._files, self._pid = {}, os.getpid()
-        if e not in self._files:
-            f = h5py.File(self.paths[e], "r")
-            self._files[e] = (f, [f[c] for c in self.cameras])
+        try:
+            images = _frames(self._readers(e), t, self.swap_red_blue)
+        except (OSError, ValueError, KeyError) as err:  # deleted, truncated or rewritten while training
+            self._files.pop(e, None)
+            raise DataError(f"{self.paths[e]}: frame {t} no longer reads ({str(err).splitlines()[0]})") from None
         texts, rng = self.instructions[e], np.random.default_rng([self.seed, self.epoch, i])
         k = rng.integers(len(texts)) if self.instruction_variant is None else self.instruction_variant % len(texts)
         start = t + self.action_offset
-        sample = {"images": _frames(self._files[e][1], t, self.swap_red_blue), "instruction": texts[k],
+        sample = {"images": images, "instruction": texts[k],
                   "actions": torch.from_numpy(self.actions[e][start:start + self.chunk]), "episode": e, "t": t}
         if self.states is not None:
             sample["state"] = torch.from_numpy(self.states[e][t])
@@ -312,10 +485,11 @@ def named_arm(instructions):
 
 
 def moving_arm(action):
-    """The arm whose six joints travel furthest over a (T, 14) episode in ACTION_NAMES' order; None if a tie."""
+    """The arm whose six joints travel at least twice as far as the other's over a (T, 14) episode in ACTION_NAMES'
+    order; None when neither does (a handover moves both: the arm an instruction names may be the receiving one)."""
     travel = np.abs(np.diff(action, axis=0)).sum(0)
     left, right = travel[:6].sum(), travel[7:13].sum()
-    return None if left == right else "left" if left > right else "right"
+    return "left" if left > 2 * right else "right" if right > 2 * left else None
 
 
 def check_arms(paths, actions, instructions):
@@ -336,26 +510,47 @@ def check_arms(paths, actions, instructions):
     return wrong
 
 
-def summarize(data_dir, cameras, chunk, action_dim, action_offset, swap_red_blue=False, preview=None, vla_path=None,
-              proprio=False):
-    paths = check_episodes(list_episodes(data_dir), cameras, chunk, action_dim, action_offset)
-    actions, texts, has_state = [], {"seen": [], "unseen": []}, []
+def summarize(data_dir, cameras=None, chunk=8, action_dim=None, action_offset=0, swap_red_blue=False, preview=None,
+              vla_path=None, proprio=False, action_key=None, state_key=None, instruction=None):
+    """Print what the episodes hold and the train.py flags that read them; every problem is a DataError."""
+    refs, layout, width, texts_inside = list_episodes(data_dir), None, None, True
+    for ref in refs:  # the first episode that opens tells the layout; check_episodes names any that do not
+        try:
+            f, g = open_episode(ref)
+        except (OSError, DataError):
+            continue
+        with f:
+            layout = detect_layout(f, g)
+            key = action_key or (layout[2] if layout else "action")
+            width = g[key].shape[-1] if key in g and g[key].ndim == 2 else None
+            texts_inside = "seen" in g or g is not f and "problem_info" in f["data"].attrs
+        break
+    cameras = cameras or (layout[1] if layout and layout[1] else DEFAULT_CAMERAS)
+    action_key, action_dim = action_key or (layout[2] if layout else "action"), action_dim or width or 14
+    text = instruction or (None if texts_inside else "TEXT")  # TEXT stands for the instruction the files lack
+    paths = check_episodes(refs, cameras, chunk, action_dim, action_offset, action_key, state_key, text)
+    actions, texts, keys = [], {"seen": [], "unseen": []}, []
     for p in paths:
-        with h5py.File(p, "r") as f:
-            actions.append(f["action"][()])
-            has_state.append("state" in f)
-            shape = f[cameras[0]].shape[1:3]
+        f, g = open_episode(p)
+        with f:
+            actions.append(g[action_key][()])
+            keys.append(state_key_of(g, state_key, action_key))
             for key in texts:
-                texts[key].append(read_instructions(f, key))
+                texts[key].append(read_instructions(f, g, key, text))
     fits = vla_path and check_prompts(paths, [s + u for s, u in zip(*texts.values())], vla_path, len(cameras), proprio,
                                       chunk)
     stats, lengths = compute_stats(actions), [len(a) for a in actions]
     samples = sum(n - chunk - action_offset + 1 for n in lengths)
+    files = len({split_ref(p)[0] for p in paths})
+    demos = f", {len(paths)} demos in {files} files" if files < len(paths) else ""
+    print(f"layout: {layout[0] if layout else 'unknown'}{demos}")
     print(f"{len(paths)} episodes, {sum(lengths)} frames (length {min(lengths)}-{max(lengths)}, "
           f"mean {np.mean(lengths):.0f}), {samples} samples (chunk {chunk}, action offset {action_offset})")
+    episode = read_episode(paths[0], cameras, swap_red_blue, action_key)
+    shape = episode["frames"](0).shape[2:]
     print(f"cameras: {', '.join(cameras)} at {shape[0]}x{shape[1]}" + " (red and blue swapped on read)" * swap_red_blue)
-    print(f"state for --proprio: {sum(has_state)} episodes have a `state` dataset; the others use `action`")
-    print(f"{'action':<16}{'min':>9}{'max':>9}{'mean':>9}{'std':>9}")
+    print("state for --proprio: " + ", ".join(f"{k} in {keys.count(k)} episodes" for k in dict.fromkeys(keys)))
+    print(f"{action_key:<16}{'min':>9}{'max':>9}{'mean':>9}{'std':>9}")
     names = ACTION_NAMES if action_dim == len(ACTION_NAMES) else [f"dim_{i}" for i in range(action_dim)]
     for i, name in enumerate(names):
         print(f"{name:<16}" + "".join(f"{stats[k][i]:9.3f}" for k in ("min", "max", "mean", "std")))
@@ -368,18 +563,26 @@ def summarize(data_dir, cameras, chunk, action_dim, action_offset, swap_red_blue
     if action_dim == len(ACTION_NAMES):
         check_arms(paths, actions, texts["seen"])
     if preview:  # the first frame of every camera as training will read it: check the colours by eye
-        episode = read_episode(paths[0], cameras, swap_red_blue)
         Image.fromarray(np.concatenate(episode["frames"](0).permute(0, 2, 3, 1).numpy(), 1)).save(preview)
         print(f"wrote {preview}: frame 0 of {paths[0]}, cameras left to right")
+    episode["close"]()
+    flags = [("--cameras", ",".join(cameras))] + [("--action_key", action_key)] * (action_key != "action") + \
+        [("--action_dim", str(action_dim))] * (action_dim != 14) + [("--state_key", state_key)] * bool(state_key) + \
+        [("--instruction", text)] * bool(text)
+    print("flags: " + " ".join(f"{k} {shlex.quote(v)}" for k, v in flags))
+    if text == "TEXT":
+        print("instructions: these files hold none: put what the robot should do in place of TEXT")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_dir", nargs="?", help="directory of episode_*.hdf5 files to check")
-    parser.add_argument("--cameras", default=",".join(DEFAULT_CAMERAS),
-                        help="comma-separated, in order, any of " + ", ".join(ALL_CAMERAS))
+    parser.add_argument("data_dir", nargs="?", help="directory of episodes (episode_*.hdf5, or multi-demo .hdf5 files)")
+    parser.add_argument("--cameras", help="comma-separated camera datasets, in order; default: the layout's")
+    parser.add_argument("--action_key", help="the action dataset; default: the layout's (action, or actions)")
+    parser.add_argument("--state_key", help=STATE_KEY_HELP)
+    parser.add_argument("--instruction", help="the instruction of episodes that carry none (ACT, teleoperation data)")
     parser.add_argument("--chunk", type=int, default=8, help="actions per sample")
-    parser.add_argument("--action_dim", type=int, default=14, help="action width every file must have")
+    parser.add_argument("--action_dim", type=int, help="action width every file must have; default: the first file's")
     parser.add_argument("--action_offset", type=int, default=0, help=ACTION_OFFSET_HELP)
     parser.add_argument("--swap_red_blue", action="store_true", help="read frames with red and blue reversed, as "
                         "train.py --swap_red_blue does (files known to hold them swapped)")
@@ -388,11 +591,11 @@ if __name__ == "__main__":
                         "query tokens (reads its config.json and tokenizer only)")
     parser.add_argument("--proprio", action="store_true", help="count the state token too, as train.py --proprio")
     args = parser.parse_args()
+    if not args.data_dir:
+        parser.error("give a directory to check (demo episodes: python demo.py DIR)")
     try:
-        if args.data_dir:
-            summarize(args.data_dir, args.cameras.split(","), args.chunk, args.action_dim, args.action_offset,
-                      args.swap_red_blue, args.preview, args.vla_path, args.proprio)
-        else:
-            parser.error("give a directory to check (demo episodes: python demo.py DIR)")
+        summarize(args.data_dir, args.cameras and args.cameras.split(","), args.chunk, args.action_dim,
+                  args.action_offset, args.swap_red_blue, args.preview, args.vla_path, args.proprio, args.action_key,
+                  args.state_key, args.instruction)
     except DataError as e:
         sys.exit(str(e))

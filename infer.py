@@ -112,10 +112,12 @@ class Policy:
         return torch.tensor(image).permute(2, 0, 1)  # PIL gives read-only arrays
 
     @torch.no_grad()
-    def predict(self, images, instruction, state=None):
-        """images: camera name -> HxWx3 uint8 RGB frame of any size; instruction: str or UTF-8 bytes; state: the raw
-        (proprio_dim,) joint state when the policy was trained with proprioception. Returns the chunk in raw action
-        units, (chunk, action_dim)."""
+    def predict(self, images, instruction=None, state=None):
+        """images: camera name (a camera dataset of the training episodes: head_camera_image, observations/images/top)
+        -> HxWx3 uint8 RGB frame of any size; instruction: str or UTF-8 bytes (None: train.py's --instruction);
+        state: the raw (proprio_dim,) joint state when the policy was trained with proprioception. Returns the chunk
+        in raw action units, (chunk, action_dim)."""
+        instruction = self.args.get("instruction") if instruction is None else instruction  # train.py --instruction
         instruction = instruction.decode() if isinstance(instruction, bytes) else instruction  # h5py gives bytes
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError(f"predict: expected the instruction as a non-blank str or bytes, got {instruction!r:.60}")
@@ -139,7 +141,7 @@ class Policy:
         self.plan = deque()  # actions still to execute open-loop
         self.recent = deque(maxlen=self.args["chunk"])  # the chunks that still cover the coming step
 
-    def act(self, images, instruction, state=None):
+    def act(self, images, instruction=None, state=None):
         """One control step: the next action, re-planning every `execute` steps or ensembling every step."""
         if self.ensemble:
             self.recent.append(self.predict(images, instruction, state))
@@ -219,8 +221,9 @@ def plot(executed, recorded, names, stats, path, title):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a step_NNNNNN directory or a merged export")
-    p.add_argument("--episode", required=True, help="an episode_*.hdf5 file")
-    p.add_argument("--instruction", default="seen", help="seen or unseen (first variant of that set), or the text")
+    p.add_argument("--episode", required=True, help="an episode file, or FILE.hdf5:demo_N in a multi-demo file")
+    p.add_argument("--instruction", default="seen", help="seen or unseen (first variant of that set; seen falls back "
+                   "to the checkpoint's --instruction), or the text")
     p.add_argument("--execute", type=int, default=1, help="actions executed per chunk before re-planning")
     p.add_argument("--ensemble", action="store_true", help="temporal ensembling over overlapping chunks (ACT)")
     p.add_argument("--vla_path", help="base model, overriding the one named in the checkpoint's args.json")
@@ -231,12 +234,13 @@ def main(argv=None):
     if not 1 <= args.execute <= train_args["chunk"]:
         p.error(f"--execute must be between 1 and the chunk length {train_args['chunk']}, got {args.execute}")
     cameras = train_args["cameras"].split(",")
+    keys = {k: train_args.get(k, v) for k, v in dict(action_key="action", state_key=None, instruction=None).items()}
     try:
         data.check_episodes([args.episode], cameras, train_args["chunk"], train_args["action_dim"],
-                            train_args["action_offset"])
+                            train_args["action_offset"], **keys)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    episode = data.read_episode(args.episode, cameras, train_args.get("swap_red_blue", False))  # as trained on
+    episode = data.read_episode(args.episode, cameras, train_args.get("swap_red_blue", False), **keys)  # as trained
     if args.instruction in ("seen", "unseen") and not episode[args.instruction]:
         sys.exit(f"error: {args.episode} has no {args.instruction} instructions; pass --instruction \"text\"")
     instruction = episode[args.instruction][0] if args.instruction in ("seen", "unseen") else args.instruction

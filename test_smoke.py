@@ -61,7 +61,7 @@ def tiny_dir(tmp_path_factory):
 
 def write_episode(path, T=20, cameras=data.ALL_CAMERAS, res=8, width=14, frames=None, seen=("pick it", "place it")):
     """A tiny episode in the real layout (8x8 frames keep the tests fast); seen=None leaves the instructions out."""
-    rng = np.random.default_rng(T)
+    rng = np.random.default_rng([T, *os.path.basename(str(path)).encode()])  # two episodes are never the same
     with h5py.File(path, "w") as f:
         for c in cameras:
             f[c] = rng.integers(0, 256, (frames or T, res, res, 3), dtype=np.uint8)
@@ -257,7 +257,7 @@ def test_instruction_storage_forms(tmp_path, form):
             f["seen"] = np.bytes_(texts[1].encode())
     expect = texts if form in ("vlen", "fixed_bytes") else texts[1:2]
     with h5py.File(path, "r") as f:
-        assert data.read_instructions(f, "seen") == expect
+        assert data.read_instructions(f, f, "seen") == expect
     for k in range(4):
         ds = data.EpisodeDataset([path], instruction_variant=k)
         assert {ds[i]["instruction"] for i in range(len(ds))} == {expect[k % len(expect)]}
@@ -307,7 +307,8 @@ def test_state_comes_from_the_file_or_the_action_bounded_and_clipped(tmp_path, d
     np.testing.assert_array_equal(data.normalize_state(hi + 1, ds.proprio_stats), np.ones(5))  # clipped
     assert "state" not in data.EpisodeDataset([a, b])[0]
     without = write_episode(tmp_path / "episode_2.hdf5", T=20)  # no `state`: the recorded joint vector
-    with pytest.raises(data.DataError, match=r"episode_2.hdf5: state has shape \(20, 14\), expected \(20, 5\)"):
+    with pytest.raises(data.DataError, match=r"--proprio: .*episode_0.hdf5 reads its state from state, but "
+                                             r".*episode_2.hdf5 from action: pass --state_key"):
         data.EpisodeDataset([a, without], proprio=True)
     demo_set = data.EpisodeDataset(demo[:1], proprio=True, action_offset=1)
     actions = actions_of(demo[0])
@@ -315,7 +316,7 @@ def test_state_comes_from_the_file_or_the_action_bounded_and_clipped(tmp_path, d
     np.testing.assert_allclose(demo_set[9]["actions"].numpy(), data.normalize(actions[10:18], demo_set.stats), atol=1e-6)
     with h5py.File(without, "a") as f:
         f["state"] = np.full((20, 5), np.nan)
-    with pytest.raises(data.DataError, match="episode_2.hdf5: state has shape .* or non-finite values"):
+    with pytest.raises(data.DataError, match="episode_2.hdf5: state holds NaN or inf"):
         data.check_episodes([without], data.ALL_CAMERAS, 8, 14)
 
 
@@ -368,7 +369,7 @@ def test_short_episodes_are_skipped_until_none_is_left(tmp_path, capsys):
     assert "episode_1.hdf5" in capsys.readouterr().err
     with pytest.raises(data.DataError, match="no episode is long enough"):
         data.check_episodes([short], data.DEFAULT_CAMERAS, 8, 14, action_offset=1)
-    with pytest.raises(data.DataError, match="unknown camera"):
+    with pytest.raises(data.DataError, match="episode_0.hdf5: missing wrist .a RoboTwin .flat. episode"):
         data.check_episodes([good], ["head_camera_image", "wrist"], 8, 14)
     with pytest.raises(data.DataError, match="frame sizes differ"):
         data.check_episodes([good, write_episode(tmp_path / "episode_2.hdf5", res=16)], data.DEFAULT_CAMERAS, 8, 14)
@@ -384,9 +385,9 @@ def test_cli_reports_problems_without_traceback(broken, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     r = run_cli(empty, "--cameras", "head_camera_image,wrist_cam")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "no episode_*.hdf5 files" in r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no episode_*.hdf5 (or other .hdf5) files" in r.stderr
     r = run_cli(broken / "episode_0.hdf5", "--cameras", "head_camera_image,wrist_cam")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "unknown camera(s) wrist_cam" in r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "missing wrist_cam" in r.stderr
 
 
 def test_cli_summary(tmp_path):
@@ -415,7 +416,9 @@ def test_check_refuses_missing_empty_and_blank_instructions(tmp_path):
         data.check_episodes(paths, data.DEFAULT_CAMERAS, 8, 14)
     lines = str(err.value).splitlines()
     assert [line.split(":")[0] for line in lines] == paths[1:]
-    assert all(line.endswith("seen instructions missing, empty or all blank") for line in lines[:3])
+    assert lines[0].endswith(": no instructions (no seen dataset or LIBERO problem_info): pass --instruction "
+                             '"what the robot should do"')
+    assert all(line.endswith(": seen instructions missing, empty or all blank") for line in lines[1:3])
     assert lines[3].endswith(": unseen instructions missing, empty or all blank")
     r = run_cli(tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().splitlines() == lines
@@ -1143,7 +1146,7 @@ def test_nan_loss_stops_without_saving(tiny_dir, demo_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--cameras", "head_camera_image,top_cam"], "unknown camera top_cam"),
+    (["--cameras", "head_camera_image,top_cam"], "episode_0.hdf5: missing top_cam"),
     (["--batch_size", "0"], "--batch_size must be positive"),
     (["--chunk", "5000"], "too short"),
     (["--resume", "/nonexistent/step_000100"], "missing /nonexistent/step_000100/adapter_model.safetensors"),
@@ -1187,7 +1190,7 @@ def test_validation_split_takes_only_usable_episodes(tiny_dir, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("seen, message", [
-    (None, "seen instructions missing, empty or all blank"),
+    (None, "no instructions (no seen dataset or LIBERO problem_info): pass --instruction"),
     (("pick it", "place the shoe " * 1700), "the instruction is too long: "),  # 5,000 words
 ])
 def test_instructions_are_checked_before_the_model_loads(seen, message, tiny_dir, tmp_path, monkeypatch):
@@ -1594,7 +1597,7 @@ def copy_episode(src, dst, drop=None, action_width=None):
     ("no head", "is missing action_head.safetensors"),
     ("no camera", "left_wrist_image"),
     ("action width", ", 12), expected (T, 14)"),
-    ("no seen", ": seen instructions missing, empty or all blank"),
+    ("no seen", ": no instructions (no seen dataset or LIBERO problem_info): pass --instruction"),
     ("no unseen", " has no unseen instructions; pass --instruction"),
 ])
 def test_bad_input_fails_before_the_model_loads(case, message, run_a, val_episode, tmp_path, monkeypatch):

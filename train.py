@@ -36,7 +36,12 @@ def get_args(argv=None):
     p.add_argument("--val_data_dir", help="held-out episodes; default: --val_episodes taken out of --data_dir")
     p.add_argument("--val_episodes", type=int, default=2, help="episodes held out of --data_dir for validation")
     p.add_argument("--out_dir", default="out/run")
-    p.add_argument("--cameras", default=",".join(data.DEFAULT_CAMERAS), help="comma-separated, in model order")
+    p.add_argument("--cameras", default=",".join(data.DEFAULT_CAMERAS), help="camera datasets, comma-separated, in "
+                   "model order (e.g. observations/images/top; `python data.py DIR` prints the flags for its layout)")
+    p.add_argument("--action_key", default="action", help="the action dataset (LIBERO's: actions)")
+    p.add_argument("--state_key", help=data.STATE_KEY_HELP)
+    p.add_argument("--instruction", help="the instruction of episodes that carry none (ACT, teleoperation data); "
+                   "recorded in the checkpoint, Policy's default")
     p.add_argument("--chunk", type=int, default=8, help="actions predicted per forward pass")
     p.add_argument("--action_dim", type=int, default=14)
     p.add_argument("--action_offset", type=int, default=0, help=data.ACTION_OFFSET_HELP)
@@ -102,16 +107,16 @@ def get_args(argv=None):
     for name in filter(None, args.preempt_signals.split(",")):
         if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
             p.error(f"--preempt_signals: {name} is not a signal a process can catch (e.g. SIGTERM,SIGUSR1)")
-    unknown = [c for c in args.cameras.split(",") if c not in data.ALL_CAMERAS]
-    if unknown:
-        p.error(f"--cameras: unknown camera {','.join(unknown)} (choose from {','.join(data.ALL_CAMERAS)})")
+    if args.instruction is not None and not args.instruction.strip():
+        p.error("--instruction: give the text of the task, not a blank")
     return args
 
 
 CHECKPOINT_FILES = ["adapter_model.safetensors", "adapter_config.json", "action_head.safetensors",
                     "dataset_statistics.json", "args.json", "trainer_state.pt"]
+# they change shapes or the data: a resumed run keeps the checkpoint's
 SAME_ON_RESUME = ["chunk", "action_dim", "lora_rank", "cameras", "proprio", "attention", "action_offset", "norm",
-                  "swap_red_blue", "image_aug"]  # they change shapes or the data: a resumed run keeps the checkpoint's
+                  "swap_red_blue", "image_aug", "action_key", "state_key", "instruction"]
 
 
 def read_checkpoint(ckpt):
@@ -157,6 +162,7 @@ def find_resume(args):
         sys.exit(f"error: --resume {ckpt} would write over the newer {', '.join(map(os.path.basename, newer))} in "
                  f"--out_dir {args.out_dir}: pass a new --out_dir")
     saved.setdefault("attention", "queries" if saved.get("bidirectional") else "causal")  # before --attention
+    args.state_key = args.state_key or saved.get("state_key")  # the run recorded what auto resolved to
     for name in SAME_ON_RESUME:
         if saved.get(name, getattr(args, name)) != getattr(args, name):
             sys.exit(f"error: {ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: resume with "
@@ -310,8 +316,9 @@ def main(argv=None):
     cameras = args.cameras.split(",")
     try:
         # only episodes that give samples may be held out: a too-short validation episode would leave none
+        keys = dict(action_key=args.action_key, state_key=args.state_key, instruction=args.instruction)
         paths = data.check_episodes(data.list_episodes(args.data_dir), cameras, args.chunk, args.action_dim,
-                                    args.action_offset)
+                                    args.action_offset, **keys)
         if args.val_data_dir:
             train_paths, val_paths = paths, data.list_episodes(args.val_data_dir)
         else:
@@ -320,7 +327,7 @@ def main(argv=None):
         stats = data.load_stats(stats_file) if resume else None
         proprio_stats = data.load_stats(stats_file, key="proprio") if resume and args.proprio else None
         common = dict(cameras=cameras, chunk=args.chunk, action_dim=args.action_dim, norm=args.norm,
-                      action_offset=args.action_offset, proprio=args.proprio, swap_red_blue=args.swap_red_blue)
+                      action_offset=args.action_offset, proprio=args.proprio, swap_red_blue=args.swap_red_blue, **keys)
         train_set = data.EpisodeDataset(train_paths, stats=stats, proprio_stats=proprio_stats, seed=args.seed,
                                         image_aug=args.image_aug, **common)
         stats, proprio_stats = train_set.stats, train_set.proprio_stats
@@ -338,6 +345,7 @@ def main(argv=None):
                  f"on each of {world} ranks")
     args.val_episode_files = val_paths  # saved in args.json so infer.py can be pointed at episodes never trained on
     args.frame_sizes = train_set.frame_sizes  # so deployment brings live frames to the training frames' size
+    args.state_key = train_set.state_key  # what --state_key auto resolved to, for deployment
     global_batch = args.batch_size * args.grad_accum * world
     log(json.dumps(vars(args) | {"world_size": world, "global_batch": global_batch}, indent=1))
     log(f"train: {len(train_paths)} episodes, {len(train_set)} samples | val: {len(val_paths)} episodes | "

@@ -57,7 +57,8 @@ def get_model(usr_args):
 def eval(TASK_ENV, model, observation):
     """Execute `execute` actions, one re-plan's worth (or `execute` ensembled steps), fetching a fresh observation
     after each action as RoboTwin's template does: absolute joint targets, 6 joints + gripper per arm."""
-    instruction = TASK_ENV.get_instruction()  # an unseen instruction by default (instruction_type: unseen)
+    # train.py --instruction when it trained on one, else the task's (unseen by default: instruction_type)
+    instruction = model.args.get("instruction") or TASK_ENV.get_instruction()
     ours = {name: cam for cam, name in CAMERAS.items()}
     for _ in range(model.execute):
         images = {c: observation["observation"][ours[c]]["rgb"] for c in model.cameras}  # 240x320 RGB
