@@ -66,7 +66,8 @@ def describe(x):
 
 
 def expected_keys(policy):
-    return ["images", "prompt"] + ["state"] * bool(policy.vla.proprio_dim)
+    """The keys a request must hold: a checkpoint trained with --instruction has that as its default prompt."""
+    return ["images"] + ["prompt"] * (not policy.args.get("instruction")) + ["state"] * bool(policy.vla.proprio_dim)
 
 
 def metadata(policy, checkpoint):
@@ -74,14 +75,14 @@ def metadata(policy, checkpoint):
     return {"cameras": policy.cameras, "checkpoint": os.path.abspath(checkpoint), "keys": expected_keys(policy),
             "frame_sizes": {c: list(policy.frame_sizes.get(c) or [vla.image_size] * 2) for c in policy.cameras},
             "chunk": vla.chunk, "action_dim": vla.action_dim, "proprio_dim": vla.proprio_dim,
-            "action_offset": policy.args["action_offset"],
+            "action_offset": policy.args["action_offset"], "instruction": policy.args.get("instruction"),
             "action_names": data.ACTION_NAMES if vla.action_dim == len(data.ACTION_NAMES) else
             [f"dim_{i}" for i in range(vla.action_dim)]}
 
 
 def parse(policy, message):
     """The (images, prompt, state) of one request, or a ValueError naming what is wrong with it. Keys and cameras
-    the policy does not read are ignored, as openpi's policies do."""
+    the policy does not read are ignored, as openpi's policies do; no prompt means the checkpoint's --instruction."""
     if isinstance(message, str):
         raise ValueError("expected a binary frame holding a msgpack'd observation, got a text frame")
     try:
@@ -102,8 +103,9 @@ def parse(policy, message):
         if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3 or not x.size:
             raise ValueError(f"images[{c!r}]: expected an HxWx3 uint8 RGB array, got {describe(x)}")
     prompt = obs.get("prompt")
+    prompt = policy.args.get("instruction") if prompt is None else prompt  # as Policy.predict's default
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"prompt: expected the instruction as a non-blank str, got {prompt!r:.60}")
+        raise ValueError(f"prompt: expected the instruction as a non-blank str, got {obs.get('prompt')!r:.60}")
     state, dim = obs.get("state"), policy.vla.proprio_dim
     if dim:
         try:

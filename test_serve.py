@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import msgpack
 import numpy as np
@@ -103,7 +104,7 @@ def test_metadata_and_actions_equal_policy_predict(server, policy, ckpt):
     assert c.get_server_metadata() == {
         "cameras": list(SIZES), "checkpoint": os.path.abspath(ckpt), "keys": ["images", "prompt", "state"],
         "frame_sizes": {c: [256, 256] for c in SIZES}, "chunk": 8, "action_dim": 14, "proprio_dim": 14,
-        "action_offset": 0, "action_names": data.ACTION_NAMES}
+        "action_offset": 0, "instruction": None, "action_names": data.ACTION_NAMES}
     answers = []
     for seed in range(3):
         obs = observation(seed)
@@ -196,6 +197,18 @@ def test_a_missing_or_wrong_api_key_is_refused(server, api_key):
         client(server, api_key)
     assert e.value.response.status_code == 401
     assert "refused, missing or wrong API key" in server.out.read_text()
+
+
+def test_a_checkpoint_trained_with_instruction_needs_no_prompt(policy, ckpt):
+    fixed = SimpleNamespace(cameras=policy.cameras, vla=policy.vla, frame_sizes=policy.frame_sizes,
+                            args=policy.args | {"instruction": "place the shoe"})
+    obs = observation(0)
+    assert serve.parse(fixed, msgpack_numpy.packb(without(obs, "prompt")))[1] == "place the shoe"
+    assert serve.parse(fixed, msgpack_numpy.packb(obs))[1] == obs["prompt"]
+    with pytest.raises(ValueError, match="^prompt: expected the instruction as a non-blank str, got ''$"):
+        serve.parse(fixed, msgpack_numpy.packb(obs | {"prompt": ""}))
+    meta = serve.metadata(fixed, ckpt)
+    assert meta["instruction"] == "place the shoe" and meta["keys"] == ["images", "state"]
 
 
 def test_bad_flags_fail_in_one_line_before_the_model_loads(ckpt, tmp_path, capsys):
