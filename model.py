@@ -610,7 +610,8 @@ def check_adapter(ckpt_dir):
 
 def check_base(ckpt_dir, base):
     """Refuses, before it loads, another base than ckpt_dir trained on: by the config fingerprint its head records
-    (older heads record only the LLM's width). -> the base's directory."""
+    (older heads record only the LLM's width), and its adapter against its config. -> the base's directory."""
+    check_adapter(ckpt_dir)
     path, head = resolve(base), head_options(os.path.join(ckpt_dir, "action_head.safetensors"))
     config, trained = read_json(os.path.join(path, "config.json")), head["base"] or f"LLM width {head['hidden']}"
     found = fingerprint(config) if head["base"] else f"LLM width {LlamaConfig(**config['text_config']).hidden_size}"
