@@ -52,7 +52,8 @@ def check_checkpoint(ckpt_dir):
         # what the weights were trained for, as the head records it (and the cameras, in order, as frame_sizes does)
         trained = {k: head[k] for k in ("chunk", "action_dim", "attention", "image_aug")} | \
             {"proprio": bool(head["proprio_dim"]), "cameras": ",".join(args.get("frame_sizes") or [args["cameras"]])}
-        for k in [k for k in trained if k in args and args[k] != trained[k]][:1]:
+        k = next((k for k in trained if k in args and args[k] != trained[k]), None)
+        if k:
             raise ValueError(f"{where}: {k} {args[k]!r}, but the checkpoint was trained with {trained[k]!r}")
         for key, n in [("action", head["action_dim"])] + [("proprio", head["proprio_dim"])] * bool(head["proprio_dim"]):
             v = {k: np.array(x, dtype=float) for k, x in data.load_stats(stats, key=key).items() if k in NORM_KEYS}
@@ -283,8 +284,7 @@ def main(argv=None):
     mode = "ensemble" if args.ensemble else f"execute {args.execute}"
     plot(executed, recorded, result["names"], policy.stats, os.path.join(args.out, "plot.png"),
          f"{os.path.basename(args.episode)} | {mode} | L1 {result['l1']:.3f} (normalized)")
-    lat = result["latency_ms"]
-    agree = result["gripper_agreement"]
+    lat, agree = result["latency_ms"], result["gripper_agreement"]
     print(f"L1 {result['l1']:.4f} normalized, {result['l1_raw']:.4f} raw | gripper agreement "
           f"{'n/a' if agree is None else f'{agree:.3f}'} | latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, "
           f"{result['chunks_per_s']:.1f} chunks/s")
