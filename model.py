@@ -496,8 +496,8 @@ def fingerprint(config):  # what a checkpoint records of its base: config.json, 
 
 
 def save_head(vla, path):
-    meta = {k: getattr(vla, k) for k in HEAD_OPTIONS} | {"hidden": vla.llm.config.hidden_size,
-                                                         "base": fingerprint(vla.config)}
+    meta = {k: getattr(vla, k) for k in HEAD_OPTIONS} | dict(hidden=vla.llm.config.hidden_size,
+                                                             base=fingerprint(vla.config))
     sd = {k: v.detach().contiguous() for k, v in vla.state_dict().items() if k.startswith(HEAD)}
     save_file(sd, path, metadata={k: json.dumps(v) for k, v in meta.items()})
 
@@ -629,7 +629,7 @@ def trained_base(ckpt_dir, train_args):
     path, out = os.path.expanduser(train_args["vla_path"]), os.path.normpath(train_args.get("out_dir") or "/")
     run = os.path.dirname(os.path.abspath(ckpt_dir))
     started = os.path.join(run[:-len(out)], path) if run.endswith(os.sep + out) else path
-    if os.path.isabs(path) or os.path.isdir(path) or is_hub_id(path) and not os.path.isdir(started):
+    if os.path.isdir(path) or is_hub_id(path) and not os.path.isdir(started):  # as given: here, or a hub id
         return path
     if not os.path.isdir(started):
         raise FileNotFoundError(f"{ckpt_dir}: its args.json's vla_path {path} is not found from here: pass the base "
