@@ -61,7 +61,7 @@ def check_checkpoint(ckpt_dir):
                 [f"{lo} > {hi}" for lo, hi in (NORM_KEYS[:2], NORM_KEYS[2:]) if (v[lo] > v[hi]).any()]
             if bad:
                 raise ValueError(f"{stats}: {key} {', '.join(bad)}: expected {n} finite values each, min <= max")
-    except (OSError, ValueError, data.DataError) as e:
+    except (OSError, ValueError) as e:  # data.DataError is a ValueError
         sys.exit(f"error: {e}")
     return args
 

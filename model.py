@@ -613,10 +613,11 @@ def check_base(ckpt_dir, base):
     (older heads record only the LLM's width), and its adapter against its config. -> the base's directory."""
     check_adapter(ckpt_dir)
     path, head = resolve(base), head_options(os.path.join(ckpt_dir, "action_head.safetensors"))
-    config, trained = read_json(os.path.join(path, "config.json")), head["base"] or f"LLM width {head['hidden']}"
-    found = fingerprint(config) if head["base"] else f"LLM width {LlamaConfig(**config['text_config']).hidden_size}"
+    config, what = read_json(os.path.join(path, "config.json")), "LLM width" if not head["base"] else "config.json"
+    trained, found = (head["base"], fingerprint(config)) if head["base"] else \
+        (head["hidden"], LlamaConfig(**config["text_config"]).hidden_size)
     if found != trained:
-        raise ValueError(f"{ckpt_dir} was trained on another base than {base} (config {trained}; {base}: {found}): "
+        raise ValueError(f"{ckpt_dir} was trained on another base than {base} ({what} {trained}; {base}'s: {found}): "
                          "pass the base it was trained on")
     if not head["base"]:
         print(f"note: {ckpt_dir} records no base fingerprint (saved before nanoOFT did): checked {base}'s LLM width")

@@ -1716,7 +1716,8 @@ def test_merge_never_writes_into_the_base_or_the_checkpoint_and_refuses_another_
 
     other = shutil.copytree(tiny_dir, tmp_path / "other-base")  # the same shapes, another config (norm_stats)
     edit_json(other / "config.json", lambda c: c.update(norm_stats={"libero": {}}))
-    with pytest.raises(SystemExit, match=f"{ckpt} was trained on another base than {other} \\(config [0-9a-f]{{16}}; "):
+    with pytest.raises(SystemExit, match=f"{ckpt} was trained on another base than {other} \\(config.json "
+                                         f"[0-9a-f]{{16}}; {other}'s: [0-9a-f]{{16}}\\): pass the base"):
         run_merge(monkeypatch, ckpt, "--base", other, "--out", tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
 
@@ -1729,7 +1730,7 @@ def test_merge_never_writes_into_the_base_or_the_checkpoint_and_refuses_another_
     assert capsys.readouterr().out == f"note: {old} records no base fingerprint (saved before nanoOFT did): " \
                                       f"checked {other}'s LLM width\n"
     save_file(sd, str(old / "action_head.safetensors"), metadata={**meta, "hidden": "256", "base": "null"})
-    with pytest.raises(ValueError, match=r"another base .* \(config LLM width 256; .*: LLM width 128\)"):
+    with pytest.raises(ValueError, match=r"another base .* \(LLM width 256; .*'s: 128\)"):
         model.check_base(str(old), tiny_dir)
 
 
