@@ -317,8 +317,9 @@ def save_stats(path, action_stats, proprio_stats=None, dataset_name="place_shoe"
         json.dump({dataset_name: entry}, f, indent=2)
 
 
-def load_stats(path, dataset_name=None, key="action"):
-    """The action (or proprio) block of a dataset_statistics.json; dataset_name picks one when it holds several."""
+def load_stats(path, dataset_name=None, key="action", dim=None):
+    """The action (or proprio) block of a dataset_statistics.json; dataset_name picks one when it holds several.
+    Its min, max, q01 and q99 must be `dim` (default: as many as min) finite values each, min <= max, q01 <= q99."""
     with open(path) as f:
         stats = json.load(f)
     if dataset_name is None and len(stats) == 1:
@@ -329,6 +330,11 @@ def load_stats(path, dataset_name=None, key="action"):
     if missing:
         raise DataError(f"{path}: expected OpenVLA norm_stats {{name: {{'{key}': {{'min', 'max', 'q01', 'q99'}}}}}} "
                         f"with one dataset, or a dataset_name; found {list(stats)[:5]}, missing {sorted(missing)}")
+    n, v = dim or np.size(block["min"]), {k: np.array(block[k], dtype=float) for k in ("min", "max", "q01", "q99")}
+    bad = [k for k, x in v.items() if x.shape != (n,) or not np.isfinite(x).all()] or \
+        [f"{lo} > {hi}" for lo, hi in (("min", "max"), ("q01", "q99")) if (v[lo] > v[hi]).any()]
+    if bad:  # min > max would make every action a constant, NaN every action NaN
+        raise DataError(f"{path}: {key} {', '.join(bad)}: expected {n} finite values each, min <= max, q01 <= q99")
     return block
 
 

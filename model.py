@@ -22,6 +22,7 @@ Command line:
     python model.py --merge checkpoints/step-1000 --base openvla/openvla-7b --out out/merged --device cpu
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -490,26 +491,37 @@ def load_weights(vla, path, dtype, device):
 HEAD_OPTIONS = ("chunk", "action_dim", "proprio_dim", "attention", "image_aug")  # saved with the head's weights
 
 
+def fingerprint(config):  # what a checkpoint records of its base: config.json, which fixes every shape
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def save_head(vla, path):
-    meta = {k: getattr(vla, k) for k in HEAD_OPTIONS} | {"hidden": vla.llm.config.hidden_size}
+    meta = {k: getattr(vla, k) for k in HEAD_OPTIONS} | dict(hidden=vla.llm.config.hidden_size,
+                                                             base=fingerprint(vla.config))
     sd = {k: v.detach().contiguous() for k, v in vla.state_dict().items() if k.startswith(HEAD)}
     save_file(sd, path, metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
-def load_head(vla, path):
-    """The head's weights, and the options it was trained with (they win over the model's)."""
+def head_options(path):
+    """What a head was trained with, from its file's header: HEAD_OPTIONS, its width and its base's fingerprint."""
     with open_safetensors(path) as f:
-        meta, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata() or {}
     try:
         meta = {k: json.loads(v) for k, v in meta.items()}
-        # heads saved before proprioception, augmentation and --attention (which replaced --bidirectional)
+        # heads saved before proprioception, augmentation, --attention (which replaced --bidirectional), the base
         old = dict(proprio_dim=0, image_aug=False, attention="queries" if meta.get("bidirectional") else "causal")
-        meta = old | meta
-        options, hidden = {k: meta[k] for k in HEAD_OPTIONS}, meta["hidden"]
+        return {k: (old | meta)[k] for k in HEAD_OPTIONS + ("hidden",)} | {"base": meta.get("base")}
     except (KeyError, ValueError):
         raise ValueError(f"{path}: no action-head config in its metadata (not written by save_trained?)") from None
-    if hidden != vla.llm.config.hidden_size:
-        raise ValueError(f"{path}: head width {hidden} != LLM width {vla.llm.config.hidden_size}")
+
+
+def load_head(vla, path):
+    """The head's weights, and the options it was trained with (they win over the model's)."""
+    options = head_options(path)
+    with open_safetensors(path) as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if options["hidden"] != vla.llm.config.hidden_size:
+        raise ValueError(f"{path}: head width {options['hidden']} != LLM width {vla.llm.config.hidden_size}")
     shape = [options[k] for k in ("chunk", "action_dim", "proprio_dim")]
     if shape != [vla.chunk, vla.action_dim, vla.proprio_dim]:
         vla.new_head(*shape, vla.device)
@@ -582,8 +594,52 @@ def save_trained(vla, ckpt_dir):
     save_head(vla, os.path.join(ckpt_dir, "action_head.safetensors"))
 
 
+def check_adapter(ckpt_dir):
+    """adapter_config.json's rank and target_modules against the tensors in adapter_model.safetensors (headers)."""
+    config = read_json(os.path.join(ckpt_dir, "adapter_config.json"))
+    with open_safetensors(os.path.join(ckpt_dir, "adapter_model.safetensors")) as f:  # <module>.lora_A.weight: (r, in)
+        ranks = {k.removeprefix("base_model.model.").split(".lora_A.")[0]: f.get_slice(k).get_shape()[0]
+                 for k in f.keys() if ".lora_A." in k}
+    targets, hit = config.get("target_modules") or [], lambda m, t: m == t or m.endswith(f".{t}")  # peft's rule
+    odd = [t for t in targets if not any(hit(m, t) for m in ranks)] + \
+        [m for m in ranks if not any(hit(m, t) for t in targets)]
+    if set(ranks.values()) != {config.get("r")} or odd:
+        raise ValueError(f"{ckpt_dir}: adapter_config.json (r {config.get('r')}) does not match the tensors in "
+                         f"adapter_model.safetensors (rank {sorted(set(ranks.values()))}; modules [{_listing(odd)}])")
+
+
+def check_base(ckpt_dir, base):
+    """Refuses, before it loads, another base than ckpt_dir trained on: by the config fingerprint its head records
+    (older heads record only the LLM's width), and its adapter against its config. -> the base's directory."""
+    check_adapter(ckpt_dir)
+    path, head = resolve(base), head_options(os.path.join(ckpt_dir, "action_head.safetensors"))
+    config, what = read_json(os.path.join(path, "config.json")), "LLM width" if not head["base"] else "config.json"
+    trained, found = (head["base"], fingerprint(config)) if head["base"] else \
+        (head["hidden"], LlamaConfig(**config["text_config"]).hidden_size)
+    if found != trained:
+        raise ValueError(f"{ckpt_dir} was trained on another base than {base} ({what} {trained}; {base}'s: {found}): "
+                         "pass the base it was trained on")
+    if not head["base"]:
+        print(f"note: {ckpt_dir} records no base fingerprint (saved before nanoOFT did): checked {base}'s LLM width")
+    return path
+
+
+def trained_base(ckpt_dir, train_args):
+    """args.json's vla_path. Runs before absolute paths were recorded kept a relative one: looked for from here, then
+    from the directory the run started in, where its relative out_dir leads to ckpt_dir."""
+    path, out = os.path.expanduser(train_args["vla_path"]), os.path.normpath(train_args.get("out_dir") or "/")
+    run = os.path.dirname(os.path.abspath(ckpt_dir))
+    started = os.path.join(run[:-len(out)], path) if run.endswith(os.sep + out) else path
+    if os.path.isdir(path) or is_hub_id(path) and not os.path.isdir(started):  # as given: here, or a hub id
+        return path
+    if not os.path.isdir(started):
+        raise FileNotFoundError(f"{ckpt_dir}: its args.json's vla_path {path} is not found from here: pass the base "
+                                "(--vla_path; --base for model.py --merge)")
+    return started
+
+
 def load_trained(vla, ckpt_dir):
-    read_json(os.path.join(ckpt_dir, "adapter_config.json"))  # a clear error if missing or corrupt
+    check_adapter(ckpt_dir)  # a clear error if missing or corrupt, or if its config does not fit its tensors
     if not hasattr(vla, "peft_config"):
         _inject(vla, LoraConfig.from_pretrained(ckpt_dir))
     path = os.path.join(ckpt_dir, "adapter_model.safetensors")
@@ -643,7 +699,7 @@ def _write_json(path, obj):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--merge", metavar="CKPT_DIR", help="save_trained checkpoint whose LoRA to fold into --base")
-    ap.add_argument("--base", default="openvla/openvla-7b", help="base checkpoint (directory or hub id) for --merge")
+    ap.add_argument("--base", help="base checkpoint (directory or hub id) for --merge; default: CKPT_DIR's own")
     ap.add_argument("--out", metavar="DIR", help="where --merge writes the merged OpenVLA-format export")
     ap.add_argument("--device", default="cpu", help="device to merge on (cpu keeps the GPUs free)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
@@ -652,12 +708,19 @@ if __name__ == "__main__":
     if args.merge:
         if not args.out:
             ap.error("--merge needs --out")
-        vla = VLA.from_pretrained(args.base, getattr(torch, args.dtype), args.device)
+        try:  # the statistics and run args travel with the weights: both are read before any model loads
+            train_args, _ = (read_json(os.path.join(args.merge, f)) for f in ("args.json", "dataset_statistics.json"))
+            base = args.base or trained_base(args.merge, train_args)
+            path, out = check_base(args.merge, base), os.path.realpath(args.out)
+            if any(os.path.commonpath([out, os.path.realpath(d)]) == os.path.realpath(d) for d in (path, args.merge)):
+                raise ValueError(f"--out {args.out} is (or is inside) {base} or {args.merge}: pass another --out")
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"error: {e}")
+        vla = VLA.from_pretrained(path, getattr(torch, args.dtype), args.device)
         merge_lora(load_trained(vla, args.merge))
         save_pretrained(vla, args.out)
-        for f in os.listdir(args.merge):  # normalization stats and run args must travel with the weights
-            if f.endswith(".json") and f != "adapter_config.json" and not os.path.exists(os.path.join(args.out, f)):
-                shutil.copy(os.path.join(args.merge, f), args.out)
-        print(f"merged {args.merge} into {args.base} -> {args.out}")
+        for f in ("dataset_statistics.json", "args.json"):
+            shutil.copy(os.path.join(args.merge, f), args.out)
+        print(f"merged {args.merge} into {base} -> {args.out}")
     else:
         ap.print_help()

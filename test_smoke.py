@@ -9,6 +9,8 @@ import json
 import math
 import os
 import pickle
+import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -1526,6 +1528,9 @@ def test_policy_with_proprio_takes_the_raw_state(run_p, tmp_path):
     for wrong in (None, raw[:-1], raw[None]):
         with pytest.raises(ValueError, match="trained with proprioception: pass state.*got"):
             policy.predict(frames, "place it", wrong)
+    for bad in (np.nan, np.inf, -np.inf):  # one NaN joint would make every joint of the chunk NaN
+        with pytest.raises(ValueError, match=r"^predict: the state is NaN or inf at dims \[3\]$"):
+            policy.predict(frames, "place it", np.where(np.arange(14) == 3, bad, raw))
     infer.main(["--checkpoint", str(ckpt), "--episode", val, "--out", str(tmp_path)])  # replay feeds the states
     executed = np.array(json.load(open(tmp_path / "report.json"))["executed"])
     assert len(executed) == episode["length"] - 1  # action offset 1
@@ -1616,8 +1621,9 @@ def test_bad_input_fails_before_the_model_loads(case, message, run_a, val_episod
 
 
 def test_policy_from_merged_export(run_a, policy, val_episode, tmp_path):
-    cmd = [sys.executable, "model.py", "--merge", str(run_a / "step_000006"), "--base", policy.args["vla_path"],
-           "--out", str(tmp_path), "--dtype", "float32"]
+    """--base defaults to the base the checkpoint trained on."""
+    cmd = [sys.executable, "model.py", "--merge", str(run_a / "step_000006"), "--out", str(tmp_path), "--dtype",
+           "float32"]
     r = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     merged = infer.Policy.from_checkpoint(str(tmp_path), device="cpu")
@@ -1625,6 +1631,150 @@ def test_policy_from_merged_export(run_a, policy, val_episode, tmp_path):
     images = frame_dict(episode, 5, policy.cameras)
     np.testing.assert_allclose(merged.predict(images, "place it"), policy.predict(images, "place it"),
                                rtol=1e-3, atol=1e-4)
+
+
+def edit_json(path, edit):
+    obj = json.load(open(path))
+    edit(obj)
+    json.dump(obj, open(path, "w"))
+
+
+def edit_stats(key, edit):
+    return lambda ckpt: edit_json(ckpt / "dataset_statistics.json", lambda s: edit(next(iter(s.values()))[key]))
+
+
+def edit_args(edit):
+    return lambda ckpt: edit_json(ckpt / "args.json", edit)
+
+
+def truncate(ckpt):
+    with open(ckpt / "adapter_model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(ckpt / "adapter_model.safetensors") - 100)
+
+
+@pytest.mark.parametrize("case, edit, message", [
+    ("min > max", edit_stats("action", lambda a: a.update(min=a["max"], max=a["min"])), "action min > max: "),
+    ("NaN", edit_stats("action", lambda a: a["min"].__setitem__(2, float("nan"))), "action min: expected 14 finite"),
+    ("inf", edit_stats("action", lambda a: a["q99"].__setitem__(0, float("inf"))), "action q99: expected 14 finite"),
+    ("length", edit_stats("action", lambda a: a["max"].pop()), "action max: expected 14 finite values each"),
+    ("proprio length", edit_stats("proprio", lambda a: a["q01"].pop()), "proprio q01: expected 14 finite values"),
+    ("cameras removed", edit_args(lambda a: a.update(cameras="head_camera_image")),
+     "cameras 'head_camera_image', but the checkpoint was trained with 'head_camera_image,left_wrist_image'"),
+    ("cameras reordered", edit_args(lambda a: a.update(cameras="left_wrist_image,head_camera_image")),
+     "cameras 'left_wrist_image,head_camera_image', but the checkpoint was trained with 'head_camera_image,left"),
+    ("chunk 0", edit_args(lambda a: a.update(chunk=0)), "chunk 0, but the checkpoint was trained with 8"),
+    ('chunk "8"', edit_args(lambda a: a.update(chunk="8")), "chunk '8', but the checkpoint was trained with 8"),
+    ("keys missing", edit_args(lambda a: [a.pop("norm"), a.pop("vla_path")]), "args.json: no vla_path, norm"),
+    ("args.json corrupt", lambda ckpt: (ckpt / "args.json").write_text("{"), "corrupt .*args.json"),
+    ("adapter truncated", truncate, "corrupt safetensors file .*adapter_model.safetensors"),
+    ("adapter rank", lambda ckpt: edit_json(ckpt / "adapter_config.json", lambda c: c.update(r=8)),
+     r"adapter_config.json \(r 8\) does not match the tensors in adapter_model.safetensors \(rank \[4\]"),
+    ("adapter targets", lambda ckpt: edit_json(ckpt / "adapter_config.json", lambda c: c["target_modules"].remove(
+        "q_proj")), r"does not match .* \(rank \[4\]; modules \[language_model.model.layers.0.self_attn.q_proj"),
+])
+def test_checkpoint_files_are_checked_against_each_other_before_the_model_loads(case, edit, message, run_a, run_p,
+                                                                                val_episode, tmp_path, monkeypatch):
+    """A hand-edited or damaged checkpoint: one line naming the file (and the key) from infer.py and from
+    Policy.from_checkpoint, before any model loads, instead of a traceback or actions from other inputs."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree((run_p / "step_000004") if case.startswith("proprio") else (run_a / "step_000006"), ckpt)
+    edit(ckpt)
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    for load in (lambda: infer.main(["--checkpoint", str(ckpt), "--episode", val_episode, "--out", str(tmp_path)]),
+                 lambda: infer.Policy.from_checkpoint(str(ckpt), device="cpu")):
+        with pytest.raises(SystemExit) as e:
+            load()
+        assert re.search(message, str(e.value.code)) and str(ckpt) in str(e.value.code), e.value.code
+        assert "\n" not in str(e.value.code)
+
+
+def test_merged_export_with_a_missing_shard_is_one_line(run_a, tiny_dir, tmp_path):
+    export = tmp_path / "export"
+    vla = merge_lora(load_trained(VLA.from_pretrained(tiny_dir), str(run_a / "step_000006")))
+    save_pretrained(vla, str(export), max_shard_bytes=1 << 20)
+    for f in ("args.json", "dataset_statistics.json"):
+        shutil.copy(run_a / "step_000006" / f, export)
+    shard = sorted(set(json.load(open(export / "model.safetensors.index.json"))["weight_map"].values()))[1]
+    os.remove(export / shard)
+    with pytest.raises(SystemExit, match=f"^error: missing .*{shard}$"):
+        infer.Policy.from_checkpoint(str(export), device="cpu")
+
+
+def run_merge(monkeypatch, *args):
+    """model.py --merge in this process: runpy runs its __main__ block as the command line does."""
+    monkeypatch.setattr(sys, "argv", ["model.py", "--merge", *map(str, args), "--dtype", "float32"])
+    runpy.run_path(os.path.join(HERE, "model.py"), run_name="__main__")
+
+
+def test_merge_never_writes_into_the_base_or_the_checkpoint_and_refuses_another_base(run_a, tiny_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    ckpt = str(run_a / "step_000006")
+    before = {f: open(os.path.join(tiny_dir, f), "rb").read() for f in os.listdir(tiny_dir)}
+    for out, where in [(tiny_dir, tiny_dir), (os.path.join(tiny_dir, "merged"), tiny_dir), (ckpt, ckpt),
+                       (os.path.join(ckpt, "merged"), ckpt)]:
+        with pytest.raises(SystemExit, match=f"--out {re.escape(out)} is \\(or is inside\\) .*{re.escape(where)}"):
+            run_merge(monkeypatch, ckpt, "--base", tiny_dir, "--out", out)
+    assert {f: open(os.path.join(tiny_dir, f), "rb").read() for f in os.listdir(tiny_dir)} == before
+    assert not os.path.exists(os.path.join(ckpt, "merged")) and "config.json" not in os.listdir(ckpt)
+
+    other = shutil.copytree(tiny_dir, tmp_path / "other-base")  # the same shapes, another config (norm_stats)
+    edit_json(other / "config.json", lambda c: c.update(norm_stats={"libero": {}}))
+    with pytest.raises(SystemExit, match=f"{ckpt} was trained on another base than {other} \\(config.json "
+                                         f"[0-9a-f]{{16}}; {other}'s: [0-9a-f]{{16}}\\): pass the base"):
+        run_merge(monkeypatch, ckpt, "--base", other, "--out", tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+
+    old = tmp_path / "old"  # a checkpoint saved before heads recorded their base: only the LLM width is compared
+    shutil.copytree(ckpt, old)
+    with model.open_safetensors(str(old / "action_head.safetensors")) as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(sd, str(old / "action_head.safetensors"), metadata={k: v for k, v in meta.items() if k != "base"})
+    assert model.check_base(str(old), str(other)) == str(other)
+    assert capsys.readouterr().out == f"note: {old} records no base fingerprint (saved before nanoOFT did): " \
+                                      f"checked {other}'s LLM width\n"
+    save_file(sd, str(old / "action_head.safetensors"), metadata={**meta, "hidden": "256", "base": "null"})
+    with pytest.raises(ValueError, match=r"another base .* \(LLM width 256; .*'s: 128\)"):
+        model.check_base(str(old), tiny_dir)
+
+
+def test_relative_vla_path_of_older_runs_is_found_from_where_the_run_started(run_a, tiny_dir, tmp_path,
+                                                                             monkeypatch):
+    """launch.sh --demo trained with --vla_path out/tiny-openvla --out_dir out/demo, as args.json kept them: used
+    from elsewhere (RoboTwin's root) the base is looked for where the run started, not on the Hub."""
+    start = tmp_path / "nanoOFT"
+    ckpt = start / "out" / "demo" / "step_000006"
+    shutil.copytree(run_a / "step_000006", ckpt)
+    os.symlink(tiny_dir, start / "out" / "tiny-openvla")
+    args = json.load(open(ckpt / "args.json")) | {"vla_path": "out/tiny-openvla", "out_dir": "out/demo"}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert model.trained_base(str(ckpt), args) == str(start / "out" / "tiny-openvla")
+    assert model.trained_base(os.path.join("..", "nanoOFT", "out", "demo", "step_000006"), args) == \
+        str(start / "out" / "tiny-openvla")
+    assert model.trained_base(str(ckpt), args | {"vla_path": "openvla/openvla-7b"}) == "openvla/openvla-7b"
+    with pytest.raises(FileNotFoundError, match="vla_path tiny-openvla is not found from here: pass the base"):
+        model.trained_base(str(ckpt), args | {"vla_path": "tiny-openvla"})
+    with pytest.raises(FileNotFoundError, match="vla_path ./out/tiny-openvla is not found"):  # an absolute out_dir
+        model.trained_base(str(ckpt), args | {"vla_path": "./out/tiny-openvla", "out_dir": "/elsewhere"})
+    monkeypatch.chdir(start)  # the working directory comes first
+    assert model.trained_base(str(ckpt), args) == "out/tiny-openvla"
+    (start / "out" / "demo" / "step_000006").rename(start / "step_000006")  # moved: no start directory to find
+    with pytest.raises(FileNotFoundError, match="not found from here"):
+        model.trained_base(str(start / "step_000006"), args | {"vla_path": "./tiny-openvla"})
+
+
+@pytest.mark.parametrize("execute", [0, -1, 9, 2.0, None])
+def test_policy_refuses_execute_outside_the_chunk(execute, policy):
+    with pytest.raises(ValueError, match=f"^Policy: execute must be 1..8 \\(the chunk\\), got {execute!r}$"):
+        infer.Policy(policy.vla, policy.stats, policy.args, policy.device, execute=execute)
+
+
+def test_infer_refuses_a_blank_instruction_before_the_model_loads(run_a, val_episode, monkeypatch, capsys):
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--checkpoint", str(run_a / "step_000006"), "--episode", val_episode, "--instruction", " "])
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: --instruction is blank: pass seen, unseen or the text")
 
 
 # ----------------------------------------------------------------------------------------------------
