@@ -7,8 +7,8 @@ All GPUs of this machine (launch.sh wraps torchrun):
     torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe
 Continue the newest checkpoint exactly where it stopped:
     torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe --resume auto
-SIGTERM or SIGUSR1 (--preempt_signals) saves after the current step and exits 75 (at once during start-up); an
-episode file that fails mid-run saves the last finished step and exits 65; --grad_ckpt auto tries a step on CUDA.
+SIGTERM or SIGUSR1 (--preempt_signals) saves after the current step and exits 75 (at once in start-up); exit 65:
+an episode file failed mid-run and the last finished step was saved. --grad_ckpt auto tries a step on CUDA.
 """
 import argparse
 import datetime
@@ -16,9 +16,7 @@ import fcntl
 import glob
 import json
 import math
-import multiprocessing
 import os
-import re
 import shutil
 import signal
 import sys
@@ -125,12 +123,9 @@ def read_checkpoint(ckpt):
     """Its args.json and trainer state, once every file has been opened (safetensors headers, JSON, the state):
     a bad checkpoint fails before the model loads, with an OSError or ValueError naming the file."""
     read = {}
-    for f in CHECKPOINT_FILES[:-1]:
-        if f.endswith(".json"):
-            read[f] = model.read_json(os.path.join(ckpt, f))
-        else:
-            with model.open_safetensors(os.path.join(ckpt, f)):
-                pass
+    for f in CHECKPOINT_FILES[:-1]:  # in order: an empty directory is missing the adapter first
+        path = os.path.join(ckpt, f)
+        read[f] = model.read_json(path) if f.endswith(".json") else model.open_safetensors(path).keys()
     data.load_stats(os.path.join(ckpt, "dataset_statistics.json"))  # and it holds OpenVLA's norm_stats
     path = os.path.join(ckpt, CHECKPOINT_FILES[-1])
     try:
@@ -141,8 +136,8 @@ def read_checkpoint(ckpt):
 
 
 def checkpoints(out_dir):  # (step, dir) oldest first by number; a copy step_000004_v2 or a step_000005.tmp is none
-    found = [re.fullmatch(r"step_(\d+)", d) for d in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])]
-    return sorted((int(m[1]), os.path.join(out_dir, m[0])) for m in found if m)
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted((int(d[5:]), os.path.join(out_dir, d)) for d in names if d[:5] == "step_" and d[5:].isdecimal())
 
 
 def find_resume(args):
@@ -173,12 +168,11 @@ def find_resume(args):
         if saved.get(name, getattr(args, name)) != getattr(args, name):
             sys.exit(f"error: {ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: resume with "
                      f"the same --{name}, or train anew in a new --out_dir")
-    kept = "its validation split is kept"  # another would move it onto episodes already trained on
-    for name, why in [("batch_size", "the data order will differ"), ("grad_accum", "the global batch changes"),
-                      ("seed", kept + ", the data order follows the new seed"), ("val_episodes", kept),
-                      ("val_data_dir", kept)]:
+    for name in ["batch_size", "grad_accum", "seed", "val_episodes", "val_data_dir"]:  # the last 3 make the split
         if saved.get(name, getattr(args, name)) != getattr(args, name):
-            note(f"note: {ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: {why}")
+            why = {"batch_size": "the data order will differ", "grad_accum": "the global batch changes"}
+            note(f"note: {ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: "
+                 f"{why.get(name, 'its validation split is kept')}")
     args.val_episodes, args.val_data_dir = (saved.get(k, getattr(args, k)) for k in ("val_episodes", "val_data_dir"))
     if state["step"] >= args.max_steps:
         note(f"{ckpt} is at step {state['step']} of --max_steps {args.max_steps}: the run is finished, nothing to do")
@@ -246,8 +240,7 @@ def evaluate(vla, val_set, stats, args, device, autocast, rank, world):
         dist.all_reduce(sums)
     curr, future, raw, baseline = (sums[:4] / sums[4]).tolist()
     vla.train()
-    k = args.chunk
-    return {"val_l1": (curr + (k - 1) * future) / k, "val_curr_l1": curr, "val_future_l1": future,
+    return {"val_l1": (curr + (args.chunk - 1) * future) / args.chunk, "val_curr_l1": curr, "val_future_l1": future,
             "val_l1_raw": raw, "val_l1_baseline": baseline}
 
 
@@ -315,20 +308,15 @@ def metrics_step(row):  # a kill -9 leaves a half-written last row (no "\n"); a 
         return None
 
 
-def on_signals(names, handler):
-    for name in filter(None, names.split(",")):
-        signal.signal(signal.Signals[name], handler)
-
-
-def exit_now(sig, frame):  # nothing to save before the first step, and a cluster's grace period would not wait for it
-    print(f"stopped in start-up ({signal.Signals(sig).name}), before any step: run the same command to start again",
-          file=sys.stderr, flush=True)
+def exit_now(sig, frame):  # start-up: nothing to save, and a cluster's grace period would not wait for a first step
+    print(f"stopped in start-up ({signal.Signals(sig).name}): run the same command to start again", file=sys.stderr)
     sys.exit(75)
 
 
 def main(argv=None):
     args = get_args(argv)
-    on_signals(args.preempt_signals, exit_now)
+    for name in filter(None, args.preempt_signals.split(",")):
+        signal.signal(signal.Signals[name], exit_now)
     resume, state = find_resume(args)
     try:  # a run that cannot save fails now, not after the model has loaded and trained
         os.makedirs(args.out_dir, exist_ok=True)
@@ -399,9 +387,9 @@ def main(argv=None):
     if ddp:  # node-local copies that differ would give each rank its own split, statistics and data order
         everyone = [None] * world
         dist.all_gather_object(everyone, args.data_files)
-        if any(f != everyone[0] for f in everyone):
-            sys.exit(f"error: --data_dir {args.data_dir} holds other episode files (names or sizes) on ranks "
-                     f"{[r for r, f in enumerate(everyone) if f != everyone[0]]} than on rank 0" if master else 1)
+        if differ := [r for r, f in enumerate(everyone) if f != everyone[0]]:
+            sys.exit(f"error: --data_dir {args.data_dir}: ranks {differ} hold other episode files than rank 0 (names "
+                     "or sizes)" if master else 1)
     was, now = state["args"].get("data_files", args.data_files) if resume else args.data_files, args.data_files
     if was != now:  # the split was kept above; the saved data position now points into another set
         log(f"note: --data_dir {args.data_dir} changed since {resume}: added {sorted(now.keys() - was)}, removed "
@@ -430,17 +418,16 @@ def main(argv=None):
         if ddp:  # one rank's GPU short of memory decides for all: every rank must run the same graph
             dist.all_reduce(oom, op=dist.ReduceOp.MAX)
         args.grad_ckpt = "on" if oom.item() else "off"
-        log(f"--grad_ckpt auto: {args.grad_ckpt} (a step of the longest prompt without it " + (
-            "ran out of GPU memory)" if oom.item() else "fit in GPU memory)" if use_cuda else "is not tried on a CPU)"))
+        log(f"--grad_ckpt auto: {args.grad_ckpt}" + " (a step of the longest prompt ran out of memory without it)"
+            * bool(oom.item()))
     if args.grad_ckpt == "on":
         model.enable_grad_ckpt(vla)
     trainable = [p for p in vla.parameters() if p.requires_grad]  # fp32 even on a bf16 base: AdamW needs it
-    if resume:
-        model.load_trained(vla, resume)
     log(model.param_report(vla))
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     start_step, epoch, pos = 0, 0, 0
-    if resume:
+    if resume:  # the weights are loaded in place: the optimizer holds the same parameters
+        model.load_trained(vla, resume)
         opt.load_state_dict(state["optimizer"])
         start_step, epoch, pos = state["step"], state["epoch"], state["pos"] * state["world_size"] // world
         if state["world_size"] == world:
@@ -475,25 +462,24 @@ def main(argv=None):
     stream = batch_stream(train_set, args, rank, world, epoch, pos, use_cuda)
     stream_state = (epoch, pos)
     vla.train()
-    on_signals(args.preempt_signals, lambda sig, frame: stop.setdefault("why", signal.Signals(sig).name))
+    for name in filter(None, args.preempt_signals.split(",")):
+        signal.signal(signal.Signals[name], lambda sig, frame: stop.setdefault("why", signal.Signals(sig).name))
     t_log, steps_since_log = time.time(), 0
     for step in range(start_step + 1, args.max_steps + 1):
         lr = get_lr(step - 1, args)
         for group in opt.param_groups:
             group["lr"] = lr
         try:  # every micro-batch first: a rank whose file fails must not leave the others waiting in DDP's backward
-            micro_batches, failed = [next(stream) for _ in range(args.grad_accum)], ""
+            micro_batches, failed = [next(stream) for _ in range(args.grad_accum)], torch.zeros((), device=device)
         except data.DataError as e:  # from a worker, torch wraps it in a traceback: ours is its last line
-            failed = str(e).strip().splitlines()[-1].split("DataError: ")[-1]
-            print(f"error: {failed}", file=sys.stderr, flush=True)
-        bad = torch.tensor(float(bool(failed)), device=device)
+            print("error: " + str(e).strip().splitlines()[-1].split("DataError: ")[-1], file=sys.stderr, flush=True)
+            failed = torch.ones((), device=device)
         if ddp:
-            dist.all_reduce(bad)
-        if bad.item():  # exit 65 (EX_DATAERR): a data file failed; the last finished step is saved
+            dist.all_reduce(failed)
+        if failed.item():  # exit 65 (EX_DATAERR): a data file failed; the last finished step is saved
             if step - 1 > start_step and (step - 1) % args.save_interval:
                 save_checkpoint(vla, opt, step - 1, stream_state, saved_stats, args, world)
-            log(f"stopped before step {step}: an episode file failed (see the error): fix or remove it, then run the "
-                "same command with --resume auto", flush=True)
+            log(f"stopped before step {step}: fix or remove the episode named above, then --resume auto", flush=True)
             sys.exit(65)
         terms = torch.zeros(4, device=device)  # loss, curr, future, and whether any rank must stop after this step
         for micro, (epoch, pos, batch) in enumerate(micro_batches):
@@ -553,7 +539,7 @@ if __name__ == "__main__":
         print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
         sys.exit(130)
     finally:  # workers ignore SIGTERM, so exit's terminate-and-join of the ones an error left alive would never end
-        for worker in multiprocessing.active_children():
+        for worker in torch.multiprocessing.active_children():
             worker.kill()
         if dist.is_initialized():  # only once main() has freed the DDP wrapper: freeing it after gloo can hang a rank
             dist.destroy_process_group()
