@@ -1449,8 +1449,8 @@ def test_ranks_must_read_the_same_files_and_get_the_dist_timeout(tiny_dir, demo_
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(SystemExit) as e:
         train.main(train_flags(tiny_dir, demo_dir, tmp_path, "--dist_timeout", 0.5))
-    assert str(e.value.code) == (f"error: --data_dir {demo_dir} holds other episode files (names or sizes) on ranks "
-                                 "[1] than on rank 0")
+    assert str(e.value.code) == (f"error: --data_dir {demo_dir}: ranks [1] hold other episode files than rank 0 "
+                                 "(names or sizes)")
     assert got["timeout"].total_seconds() == 30
 
 
@@ -1516,7 +1516,6 @@ def test_resume_keeps_the_validation_split_and_says_what_changed(run_a, tiny_dir
         assert f"note: {ckpt} was trained with {note}" in out
     args = json.loads(out[out.index("{"):out.index("\n}") + 2])
     assert [os.path.basename(p) for p in args["val_episode_files"]] == val and "train: 5 episodes" in out
-    assert args["data_files"] == {f: os.path.getsize(tmp_path / "data" / f) for f in os.listdir(tmp_path / "data")}
 
 
 def test_grad_ckpt_auto_tries_a_step_and_leaves_no_trace(tiny_dir, demo, monkeypatch):
@@ -1603,11 +1602,12 @@ def test_a_data_file_failing_mid_run_saves_the_last_step_and_exits_65(tiny_dir, 
     code, out, left = run_patched(FILE_FAILS_AT_STEP_3, flags)
     assert code == 65 and not left and "Traceback" not in out, out[-3000:]
     assert re.search(r"^error: \S+episode_\d+\.hdf5:demo: wrong B-tree signature$", out, re.M), out[-3000:]
-    assert "stopped before step 3: an episode file failed" in out
+    assert "stopped before step 3: fix or remove the episode named above, then --resume auto" in out
     ckpt = tmp_path / "run" / "step_000002"
     assert sorted(os.listdir(tmp_path / "run")) == [".lock", "metrics.jsonl", "step_000002"]
     args, state = train.read_checkpoint(str(ckpt))
     assert state["step"] == 2 and state["pos"] == 2 and args["vla_path"] == tiny_dir
+    assert args["data_files"] == {os.path.basename(p): os.path.getsize(p) for p in data.list_episodes(demo_dir)}
     monkeypatch.chdir(tmp_path)
     assert infer.Policy.from_checkpoint(str(ckpt), device="cpu").vla.chunk == 8
 

@@ -401,7 +401,8 @@ def main(argv=None):
     args.val_episode_files = val_paths  # saved in args.json so infer.py can be pointed at episodes never trained on
     args.frame_sizes = train_set.frame_sizes  # so deployment brings live frames to the training frames' size
     global_batch = args.batch_size * args.grad_accum * world
-    log(json.dumps(vars(args) | {"world_size": world, "global_batch": global_batch}, indent=1))
+    shown = {k: v for k, v in vars(args).items() if k != "data_files"}  # args.json holds it: one line per episode
+    log(json.dumps(shown | {"world_size": world, "global_batch": global_batch}, indent=1))
     log(f"train: {len(train_paths)} episodes, {len(train_set)} samples | val: {len(val_paths)} episodes | "
         f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} accum x {world} ranks")
 
@@ -479,6 +480,8 @@ def main(argv=None):
         if failed.item():  # exit 65 (EX_DATAERR): a data file failed; the last finished step is saved
             if step - 1 > start_step and (step - 1) % args.save_interval:
                 save_checkpoint(vla, opt, step - 1, stream_state, saved_stats, args, world)
+            if ddp:  # a rank that exits first gets the others killed, rank 0 perhaps while it saves
+                dist.barrier()
             log(f"stopped before step {step}: fix or remove the episode named above, then --resume auto", flush=True)
             sys.exit(65)
         terms = torch.zeros(4, device=device)  # loss, curr, future, and whether any rank must stop after this step
@@ -539,6 +542,7 @@ if __name__ == "__main__":
         print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
         sys.exit(130)
     finally:  # workers ignore SIGTERM, so exit's terminate-and-join of the ones an error left alive would never end
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would turn their end into another error
         for worker in torch.multiprocessing.active_children():
             worker.kill()
         if dist.is_initialized():  # only once main() has freed the DDP wrapper: freeing it after gloo can hang a rank
