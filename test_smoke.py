@@ -1462,7 +1462,7 @@ def test_val_data_dir_holding_the_training_files_is_refused(tiny_dir, demo_dir, 
         with pytest.raises(SystemExit) as e:
             train.main(train_flags(tiny_dir, demo_dir, tmp_path / "out", "--val_data_dir", val_dir))
         assert str(e.value.code) == (f"error: --val_data_dir {val_dir}: 6 of its episodes are files of --data_dir "
-                                     f"{demo_dir} (e.g. {first}): it would validate on training data")
+                                     f"{demo_dir} (e.g. {first}): it would validate on them")
 
 
 def test_checkpoints_are_ordered_by_step_number_and_copies_ignored(run_a, tiny_dir, demo_dir, tmp_path):
