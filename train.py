@@ -7,8 +7,7 @@ All GPUs of this machine (launch.sh wraps torchrun):
     torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe
 Continue the newest checkpoint exactly where it stopped:
     torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe --resume auto
-SIGTERM or SIGUSR1 (--preempt_signals) saves after the current step and exits 75 (at once in start-up); exit 65:
-an episode file failed mid-run and the last finished step was saved. --grad_ckpt auto tries a step on CUDA.
+SIGTERM/SIGUSR1 (--preempt_signals): save after the step, exit 75 (at once in start-up); a data file failing: 65.
 """
 import argparse
 import datetime
@@ -76,8 +75,7 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="frozen base weights and autocast; auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the newest one in --out_dir")
-    p.add_argument("--dist_timeout", type=float, default=10, help="minutes a rank waits for the others in a "
-                   "collective before it fails (gloo's default: 30); above the longest model load and save")
+    p.add_argument("--dist_timeout", type=float, default=10, help="minutes a rank waits for the others (gloo: 30)")
     p.add_argument("--preempt_signals", default="SIGTERM,SIGUSR1", help="on these, finish the step, save and exit "
                    "with code 75 (SLURM sends SIGTERM before it preempts or requeues a job); '' to disable")
     removed = {"--bidirectional": "--attention queries", "--no-bidirectional": "--attention causal"}
@@ -318,17 +316,16 @@ def main(argv=None):
     for name in filter(None, args.preempt_signals.split(",")):
         signal.signal(signal.Signals[name], exit_now)
     resume, state = find_resume(args)
-    try:  # a run that cannot save fails now, not after the model has loaded and trained
+    try:  # a run that cannot save fails now, and one run per --out_dir: a second would write over the first's saves
         os.makedirs(args.out_dir, exist_ok=True)
         lock = open(os.path.join(args.out_dir, ".lock"), "a")
-    except OSError as e:
-        sys.exit(f"error: --out_dir {args.out_dir} is not writable: {e}")
-    try:  # one run per --out_dir, a second would write over the first's checkpoints; the lock dies with its process
-        if os.environ.get("RANK", "0") == "0":
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        if os.environ.get("RANK", "0") == "0":  # the kernel drops the lock when the process ends, killed or not
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by another process: EAGAIN on Linux, NFS too
+    except BlockingIOError:
         sys.exit(f"error: --out_dir {args.out_dir} is in use by another run (it holds {lock.name}): wait for it "
                  "to end, or pass another --out_dir")
+    except OSError as e:
+        sys.exit(f"error: --out_dir {args.out_dir} is not writable: {e}")
     stop = {}  # why this rank should save and stop at the end of the current step
     launcher = os.getppid()
     # -------------------------------------------------------------------------------- distributed
@@ -360,8 +357,8 @@ def main(argv=None):
         if args.val_data_dir:
             train_paths, val_paths = paths, data.list_episodes(args.val_data_dir)
             if shared := set(map(os.path.realpath, paths)) & set(map(os.path.realpath, val_paths)):
-                raise data.DataError(f"--val_data_dir {args.val_data_dir}: {len(shared)} of its episodes are files of "
-                                     f"--data_dir {args.data_dir} (e.g. {min(shared)}): it would validate on them")
+                raise data.DataError(f"--val_data_dir {args.val_data_dir} holds {len(shared)} of --data_dir's files "
+                                     f"(e.g. {min(shared)}): it would validate on training data")
         elif resume:  # the checkpoint's split, whichever files came or went: its validation episodes never train
             held = {os.path.basename(p) for p in state["args"].get("val_episode_files", [])}
             train_paths, val_paths = ([p for p in paths if (os.path.basename(p) in held) == v] for v in (False, True))
@@ -388,8 +385,7 @@ def main(argv=None):
         everyone = [None] * world
         dist.all_gather_object(everyone, args.data_files)
         if differ := [r for r, f in enumerate(everyone) if f != everyone[0]]:
-            sys.exit(f"error: --data_dir {args.data_dir}: ranks {differ} hold other episode files than rank 0 (names "
-                     "or sizes)" if master else 1)
+            sys.exit(f"error: --data_dir {args.data_dir}: ranks {differ} hold other files than rank 0" if master else 1)
     was, now = state["args"].get("data_files", args.data_files) if resume else args.data_files, args.data_files
     if was != now:  # the split was kept above; the saved data position now points into another set
         log(f"note: --data_dir {args.data_dir} changed since {resume}: added {sorted(now.keys() - was)}, removed "
@@ -419,8 +415,7 @@ def main(argv=None):
         if ddp:  # one rank's GPU short of memory decides for all: every rank must run the same graph
             dist.all_reduce(oom, op=dist.ReduceOp.MAX)
         args.grad_ckpt = "on" if oom.item() else "off"
-        log(f"--grad_ckpt auto: {args.grad_ckpt}" + " (a step of the longest prompt ran out of memory without it)"
-            * bool(oom.item()))
+        log(f"--grad_ckpt auto: {args.grad_ckpt}")
     if args.grad_ckpt == "on":
         model.enable_grad_ckpt(vla)
     trainable = [p for p in vla.parameters() if p.requires_grad]  # fp32 even on a bf16 base: AdamW needs it
