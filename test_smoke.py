@@ -3,6 +3,7 @@ nanoOFT's test suite: CPU only, a few minutes on 2 cores, on the tiny twin check
 
     pip install -r requirements.txt && python -m pytest -q test_smoke.py robotwin/test_robotwin.py
 """
+import ast
 import glob
 import io
 import json
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 
 import h5py
 import numpy as np
@@ -1162,6 +1164,7 @@ def test_nan_loss_stops_without_saving(tiny_dir, demo_dir, tmp_path):
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")),
     (["--data_dir", "/nonexistent/episodes"], "/nonexistent/episodes: no such file or directory"),
     (["--bidirectional"], "--bidirectional was replaced by --attention queries"),
+    (["--dist_timeout", "0"], "--dist_timeout must be positive, got 0.0"),
 ])
 def test_bad_flags_fail_before_the_model_loads(flags, message, tiny_dir, demo_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
@@ -1304,7 +1307,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_dir, demo_di
         train.main(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 3, "--save_interval", 1,
                                "--eval_interval", 9))
     assert f"could not save {tmp_path / 'step_000002'} (RuntimeError: " in str(e.value.code)
-    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "step_000001"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "metrics.jsonl", "step_000001"]
     assert train.read_checkpoint(str(tmp_path / "step_000001"))[1]["step"] == 1
 
 
@@ -1312,11 +1315,13 @@ def test_metrics_hold_each_step_once_after_a_resume(run_a, tiny_dir, demo_dir, t
     """A run killed after logging step 6 but before saving it logs steps 4-6 again when resumed from step 3."""
     out = shutil.copytree(run_a, tmp_path / "run")
     shutil.rmtree(out / "step_000006")
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"step": 7, "lo')  # the half-written row of a kill -9
+    rows = open(out / "metrics.jsonl").readlines()
+    with open(out / "metrics.jsonl", "w") as f:  # a garbage line, and the half-written row of a kill -9
+        f.writelines(rows[:2] + ["\x00garbage\n"] + rows[2:] + ['{"step": 7, "lo'])
     r = run_train(train_flags(tiny_dir, demo_dir, out, "--max_steps", 6, "--save_interval", 3, "--eval_interval", 3,
                               "--lr_decay_step", 4, "--resume", "auto"))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"note: {out / 'metrics.jsonl'}: dropping unreadable lines [3, 10]" in r.stdout
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if "val_l1" in r] == [3, 6]
@@ -1375,15 +1380,18 @@ def test_ctrl_c_is_one_line(tiny_dir, demo_dir, tmp_path):
 
 def test_ranks_stop_together_on_one_ranks_signal_and_without_their_launcher(tiny_dir, demo_dir, tmp_path):
     flags = ["--max_steps", 50, "--save_interval", 50, "--val_episodes", 0]
-    signalled, signalled_output = start_train(train_flags(tiny_dir, demo_dir, tmp_path / "usr1", *flags), nproc=2)
+    signalled, signalled_output = start_train(train_flags(tiny_dir, demo_dir, tmp_path / "usr1", *flags), nproc=2,
+                                              until="step 1/")  # in start-up a signalled rank exits at once
     ranks = open(f"/proc/{signalled.pid}/task/{signalled.pid}/children").read().split()
     rank1 = [pid for pid in ranks if "\0RANK=1\0" in open(f"/proc/{pid}/environ").read()]
     os.kill(int(rank1[0]), signal.SIGUSR1)  # rank 1 alone: rank 0 must stop after the same step and save it
     orphaned, orphaned_output = start_train(train_flags(tiny_dir, demo_dir, tmp_path / "orphans", *flags), nproc=2)
     orphaned.kill()  # torchrun killed: its ranks must not train on unsupervised
     out = signalled_output()
-    assert "stopped after step 1 (asked by another rank) and saved it" in out, out[-3000:]
-    assert sorted(os.listdir(tmp_path / "usr1")) == ["metrics.jsonl", "step_000001"]
+    stopped = re.search(r"stopped after step (\d+) \(asked by another rank\) and saved it", out)
+    assert stopped, out[-3000:]
+    k = int(stopped[1])
+    assert sorted(os.listdir(tmp_path / "usr1")) == [".lock", "metrics.jsonl", f"step_{k:06d}"]
     out = orphaned_output()  # returns once both orphaned ranks have exited
     assert "(the launcher exited) and saved it" in out, out[-3000:]
     assert [os.path.basename(c) for c in glob.glob(str(tmp_path / "orphans" / "step_*"))] == ["step_000001"]
@@ -1396,6 +1404,227 @@ def test_two_rank_runs_always_exit(tiny_dir, demo_dir, tmp_path):
     for i, (p, output) in enumerate(runs):
         out = output()
         assert p.returncode == 0 and os.path.isdir(tmp_path / str(i) / "step_000001"), out[-3000:]
+
+def test_one_run_per_out_dir_and_a_killed_run_leaves_no_lock(tiny_dir, demo_dir, tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+                               str(lock)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        train.main(train_flags(tiny_dir, demo_dir, tmp_path / "run"))
+    assert str(e.value.code) == (f"error: --out_dir {tmp_path / 'run'} is in use by another run (it holds {lock}): "
+                                 "wait for it to end, or pass another --out_dir")
+    holder.kill()
+    holder.wait()
+    monkeypatch.setattr(model.VLA, "from_pretrained", stop_at_model_load)
+    with pytest.raises(ModelLoads):  # its .lock is still there, its lock is not
+        train.main(train_flags(tiny_dir, demo_dir, tmp_path / "run"))
+
+
+def test_sigterm_in_start_up_exits_at_once_with_75(tiny_dir, demo_dir, tmp_path, monkeypatch, capsys):
+    def slow_load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+        pytest.fail("SIGTERM did not stop the start-up")
+
+    monkeypatch.setattr(model.VLA, "from_pretrained", slow_load)
+    with pytest.raises(SystemExit) as e:
+        train.main(train_flags(tiny_dir, demo_dir, tmp_path))
+    assert e.value.code == 75
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "stopped in start-up (SIGTERM): run the same command to start again"
+
+
+def test_ranks_must_read_the_same_files_and_get_the_dist_timeout(tiny_dir, demo_dir, tmp_path, monkeypatch):
+    got = {}
+    for name, value in [("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")]:
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: got.update(timeout=timeout))
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
+
+    def all_gather_object(everyone, files):  # rank 1's node-local copy lacks one episode
+        everyone[:] = [files, dict(list(files.items())[1:])]
+
+    monkeypatch.setattr(train.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        train.main(train_flags(tiny_dir, demo_dir, tmp_path, "--dist_timeout", 0.5))
+    assert str(e.value.code) == f"error: --data_dir {demo_dir}: ranks [1] hold other files than rank 0"
+    assert got["timeout"].total_seconds() == 30
+
+
+def test_val_data_dir_holding_the_training_files_is_refused(tiny_dir, demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    os.symlink(demo_dir, tmp_path / "same")
+    first = min(os.path.realpath(p) for p in data.list_episodes(demo_dir))
+    for val_dir in (demo_dir, str(tmp_path / "same")):
+        with pytest.raises(SystemExit) as e:
+            train.main(train_flags(tiny_dir, demo_dir, tmp_path / "out", "--val_data_dir", val_dir))
+        assert str(e.value.code) == (f"error: --val_data_dir {val_dir} holds 6 of --data_dir's files (e.g. {first}): "
+                                     "it would validate on training data")
+
+
+def test_checkpoints_are_ordered_by_step_number_and_copies_ignored(run_a, tiny_dir, demo_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run_a / "step_000003", out / "step_999999")
+    shutil.copytree(run_a / "step_000006", out / "step_1000000")
+    shutil.copytree(run_a / "step_000006", out / "step_000004_v2")
+    (out / "step_1000001.tmp").mkdir()
+    assert train.checkpoints(str(out)) == [(999999, str(out / "step_999999")), (1000000, str(out / "step_1000000"))]
+    assert find_resume(tiny_dir, demo_dir, out, "--resume", "auto", "--max_steps", 2000000)[0] == str(
+        out / "step_1000000")
+
+
+def test_keep_last_never_deletes_the_resumed_or_the_saved_checkpoint(run_a, tiny_dir, demo_dir, tmp_path, capsys):
+    """The newest checkpoint is corrupt: --resume auto takes step 3, and pruning to 1 must keep what it saves."""
+    out = shutil.copytree(run_a, tmp_path / "run")
+    with open(out / "step_000006" / "trainer_state.pt", "r+b") as f:
+        f.truncate(100)
+    shutil.copytree(out / "step_000003", out / "step_000003_v2")
+    train.main(train_flags(tiny_dir, demo_dir, out, "--max_steps", 5, "--save_interval", 1, "--eval_interval", 9,
+                           "--keep_last", 1, "--resume", "auto"))
+    assert f"note: --resume auto skips {out / 'step_000006'}: " in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl", "step_000003_v2", "step_000005", "step_000006"]
+    assert train.read_checkpoint(str(out / "step_000005"))[1]["step"] == 5
+    assert train.read_checkpoint(str(out / "step_000003_v2"))[1]["step"] == 3
+    assert find_resume(tiny_dir, demo_dir, out, "--resume", "auto")[0] == str(out / "step_000005")
+
+
+def test_resume_keeps_the_validation_split_and_says_what_changed(run_a, tiny_dir, demo_dir, tmp_path, monkeypatch,
+                                                                 capsys):
+    ckpt = run_a / "step_000003"
+    val = [os.path.basename(p) for p in json.load(open(ckpt / "args.json"))["val_episode_files"]]
+    files = [os.path.basename(p) for p in data.list_episodes(demo_dir)]
+    gone = [f for f in files if f not in val][0]
+    (tmp_path / "data").mkdir()
+    for f in files:
+        if f != gone:
+            os.symlink(os.path.join(demo_dir, f), tmp_path / "data" / f)
+    shutil.copy(os.path.join(demo_dir, gone), added := tmp_path / "data" / "episode_99.hdf5")
+    with h5py.File(added, "r+") as f:
+        f["action"][...] = f["action"][()] * 0.5
+    monkeypatch.setattr(model.VLA, "from_pretrained", stop_at_model_load)
+    with pytest.raises(ModelLoads):
+        train.main(train_flags(tiny_dir, str(tmp_path / "data"), tmp_path / "out", "--max_steps", 9, "--resume", ckpt,
+                               "--seed", 8, "--val_episodes", 2, "--grad_accum", 2))
+    out = capsys.readouterr().out
+    assert (f"note: --data_dir {tmp_path / 'data'} changed since {ckpt}: added ['episode_99.hdf5'], removed "
+            f"['{gone}'], resized []; its validation episodes stay out of training") in out
+    for note in ["--seed 7, not 8: its validation split is kept", "--val_episodes 1, not 2: its validation split is "
+                 "kept", "--grad_accum 1, not 2: the global batch changes"]:
+        assert f"note: {ckpt} was trained with {note}" in out
+    args = json.loads(out[out.index("{"):out.index("\n}") + 2])
+    assert [os.path.basename(p) for p in args["val_episode_files"]] == val and "train: 5 episodes" in out
+
+
+def test_grad_ckpt_auto_tries_a_step_and_leaves_no_trace(tiny_dir, demo, monkeypatch):
+    vla = lora_vla(tiny_dir).train()
+    batch = torch.utils.data.default_collate([data.EpisodeDataset(demo[:1], image_aug=True)[i] for i in range(2)])
+    real = VLA.forward
+
+    def forward(self, *args):  # a model that draws from the global RNG (dropout would)
+        torch.rand(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(VLA, "forward", forward)
+    rng = torch.get_rng_state()
+    assert train.out_of_memory(vla, batch, nullcontext(), torch.device("cpu")) is False
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in vla.parameters())
+
+    def oom(self, *args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(VLA, "forward", oom)
+    assert train.out_of_memory(vla, batch, nullcontext(), torch.device("cpu")) is True
+
+
+def test_the_core_imports_no_leaf():
+    """bench.py imports train.py for its memory model: train.py (--grad_ckpt auto) must not import it back."""
+    for name in ["train.py", "model.py", "data.py", "infer.py"]:
+        tree = ast.parse(open(os.path.join(HERE, name)).read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"bench", "demo", "serve", "robotwin", "test_smoke"}, name
+
+
+def run_patched(patch, flags):
+    """train.py run as a script after `patch` (Python run first, inherited by the forked data workers): its exit
+    code, its output, and whether some process of the run outlived it (a hang is killed after 120 s)."""
+    code = f"import runpy, sys, torch, data, model\n{patch}\nsys.argv = ['train.py', *{list(map(str, flags))!r}]\n" \
+           "runpy.run_path('train.py', run_name='__main__')"
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = p.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out = p.communicate()[0] + "\n(hung: killed after 120 s)"
+    try:
+        os.killpg(p.pid, signal.SIGKILL)  # a data worker left behind
+        return p.returncode, out, True
+    except ProcessLookupError:
+        return p.returncode, out, False
+
+
+OOM_AT_STEP_3 = """
+real, calls = model.VLA.forward, []
+def forward(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return real(self, *args, **kwargs)
+model.VLA.forward = forward
+"""
+# worker 0 of 1 makes batches 0, 1, 2... of batch size 2: its 5th sample is step 3's first (as data.py will raise it)
+FILE_FAILS_AT_STEP_3 = """
+real, calls = data.EpisodeDataset.__getitem__, []
+def getitem(self, i):
+    calls.append(i)
+    if len(calls) == 5 and self.image_aug:
+        raise data.DataError(f"{self.paths[self.index[i][0]]}:demo: wrong B-tree signature")
+    return real(self, i)
+data.EpisodeDataset.__getitem__ = getitem
+"""
+
+
+def test_an_error_in_a_step_ends_every_process(tiny_dir, demo_dir, tmp_path):
+    """Data workers ignore SIGTERM (for preemption); an error with them alive used to hang at exit for ever."""
+    code, out, left = run_patched(OOM_AT_STEP_3, train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 9,
+                                                              "--num_workers", 1, "--eval_interval", 9))
+    assert code == 1 and not left and "torch.OutOfMemoryError: CUDA out of memory" in out, out[-3000:]
+
+
+def test_a_data_file_failing_mid_run_saves_the_last_step_and_exits_65(tiny_dir, demo_dir, tmp_path, monkeypatch):
+    """Also: a relative --vla_path is recorded absolute, so the checkpoint loads from another working directory."""
+    flags = train_flags(os.path.relpath(tiny_dir, HERE), demo_dir, tmp_path / "run", "--max_steps", 9,
+                        "--num_workers", 1, "--eval_interval", 9, "--save_interval", 100)
+    code, out, left = run_patched(FILE_FAILS_AT_STEP_3, flags)
+    assert code == 65 and not left and "Traceback" not in out, out[-3000:]
+    assert re.search(r"^error: \S+episode_\d+\.hdf5:demo: wrong B-tree signature$", out, re.M), out[-3000:]
+    assert "stopped before step 3: fix or remove the episode named above, then --resume auto" in out
+    ckpt = tmp_path / "run" / "step_000002"
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "metrics.jsonl", "step_000002"]
+    args, state = train.read_checkpoint(str(ckpt))
+    assert state["step"] == 2 and state["pos"] == 2 and args["vla_path"] == tiny_dir
+    assert args["data_files"] == {os.path.basename(p): os.path.getsize(p) for p in data.list_episodes(demo_dir)}
+    monkeypatch.chdir(tmp_path)
+    assert infer.Policy.from_checkpoint(str(ckpt), device="cpu").vla.chunk == 8
+
+
+def test_a_killed_data_worker_ends_every_process(tiny_dir, demo_dir, tmp_path):
+    p, output = start_train(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 1000, "--num_workers", 2),
+                            until="step 1/")
+    workers = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
+    os.kill(int(workers[0]), signal.SIGKILL)  # as the OOM killer does
+    out = output()
+    assert p.returncode == 1 and f"DataLoader worker (pid {workers[0]}) is killed by signal: Killed" in out, out[-3000:]
+    with pytest.raises(ProcessLookupError):
+        os.killpg(p.pid, 0)
+
 
 # ----------------------------------------------------------------------------------------------------
 # infer.py
