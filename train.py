@@ -113,7 +113,7 @@ def get_args(argv=None):
 CHECKPOINT_FILES = ["adapter_model.safetensors", "adapter_config.json", "action_head.safetensors",
                     "dataset_statistics.json", "args.json", "trainer_state.pt"]
 SAME_ON_RESUME = ["chunk", "action_dim", "lora_rank", "cameras", "proprio", "attention", "action_offset", "norm",
-                  "swap_red_blue", "image_aug", "film"]  # they change shapes or the data: a resumed run keeps the checkpoint's
+                  "swap_red_blue", "image_aug", "film"]  # they change shapes or data: a resumed run keeps the checkpoint's
 
 
 def read_checkpoint(ckpt):
