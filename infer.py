@@ -84,7 +84,7 @@ class Policy:
                               "cpu" if device == "auto" else device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         merged = os.path.isfile(os.path.join(ckpt_dir, "config.json"))
-        # the head records chunk, action_dim, proprioception, attention and augmentation: they come with it
+        # the head records chunk, action_dim, proprioception, attention, augmentation and FiLM: they come with it
         vla = model.VLA.from_pretrained(ckpt_dir if merged else vla_path or train_args["vla_path"], dtype=dtype,
                                         device=device)
         if not merged:  # an export already holds LoRA folded in and its head
