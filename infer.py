@@ -48,7 +48,7 @@ def check_checkpoint(ckpt_dir):
         if absent:
             raise ValueError(f"{where}: no {', '.join(absent)}")
         # what the weights were trained for, as the head records it (and the cameras, in order, as frame_sizes does)
-        trained = {k: head[k] for k in ("chunk", "action_dim", "attention", "image_aug")} | \
+        trained = {k: head[k] for k in ("chunk", "action_dim", "attention", "image_aug", "film")} | \
             {"proprio": bool(head["proprio_dim"]), "cameras": ",".join(args.get("frame_sizes") or [args["cameras"]])}
         k = next((k for k in trained if k in args and args[k] != trained[k]), None)
         if k:
@@ -103,7 +103,7 @@ class Policy:
         try:  # the adapter is checked against its config, and the base against it, before the base loads
             base = ckpt_dir if merged else \
                 model.check_base(ckpt_dir, vla_path or model.trained_base(ckpt_dir, train_args))
-            # the head records chunk, action_dim, proprioception, attention and augmentation: they come with it
+            # the head records chunk, action_dim, proprioception, attention, augmentation and FiLM: they come with it
             vla = model.VLA.from_pretrained(base, dtype=dtype, device=device)
             if not merged:  # an export already holds LoRA folded in and its head
                 model.load_trained(vla, ckpt_dir)

@@ -760,23 +760,91 @@ def test_vit_block_and_tower_by_hand():
     torch.testing.assert_close(vit(img), vit.blocks[1](vit.blocks[0](t))[:, 5:])
 
 
-@pytest.mark.parametrize("proprio_dim", [0, 5])
-def test_one_step_trains_only_lora_and_head(tiny_dir, proprio_dim):
+def timm_film_block(sd, x, heads, gamma, beta):
+    """timm's ViT Block.forward (fused qkv, softmax attention, exact GELU) wrapped as OpenVLA-OFT's
+    FiLMedVisionTransformerBlock: x * (1 + gamma) + beta between the attention and the MLP residuals."""
+    B, T, d = x.shape
+    ls = lambda name, t: t * sd[f"{name}.scale_factor"] if f"{name}.scale_factor" in sd else t
+    qkv = F.linear(F.layer_norm(x, (d,), sd["norm1.weight"], sd["norm1.bias"], 1e-6), sd["attn.qkv.weight"],
+                   sd["attn.qkv.bias"]).reshape(B, T, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    attn = ((q * (d // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+    a = (attn @ v).transpose(1, 2).reshape(B, T, d)
+    x = x + ls("ls1", F.linear(a, sd["attn.proj.weight"], sd["attn.proj.bias"]))
+    x = x * (1 + gamma.view(B, 1, d)) + beta.view(B, 1, d)
+    m = F.linear(F.layer_norm(x, (d,), sd["norm2.weight"], sd["norm2.bias"], 1e-6), sd["mlp.fc1.weight"],
+                 sd["mlp.fc1.bias"])
+    return x + ls("ls2", F.linear(F.gelu(m), sd["mlp.fc2.weight"], sd["mlp.fc2.bias"]))
+
+
+def tower_outputs(vla, x, instructions):
+    """What each tower receives and gives in vla(x, instructions): {tower name: (pixels, features)}."""
+    seen, hooks = {}, [t.register_forward_hook(lambda m, args, out, name=name: seen.update({name: (args[0], out)}))
+                       for name, t in vla.vision_backbone.items()]
+    with torch.no_grad():
+        vla(x, instructions)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_film_is_ofts_formula_on_each_samples_prompt_and_listens_to_it(tiny_dir):
+    """--film against an independent implementation: timm-style blocks with OFT's FiLM, the same weights (read by
+    their names film_layers.{tower}.{block}), e = the mean input embedding of each sample's own prompt (BOS, prompt,
+    "▁") taken row by row, so the batch's padding cannot enter. Then: another instruction, other image features."""
     torch.manual_seed(0)
-    vla = add_lora(VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim), rank=32).train()
+    vla = VLA.from_pretrained(tiny_dir, film=True).eval()
+    x, tok = images(3, 2), vla.tokenizer
+    assert len({len(t) for t in vla.tokenize(INSTR)}) == 3  # the two shorter prompts are padded in the batch
+    table, sd = vla.llm.model.embed_tokens.weight.detach(), vla.state_dict()
+    e = torch.stack([table[model.prompt_ids(tok, s)].mean(0) for s in INSTR]).repeat_interleave(2, 0)  # per camera
+    seen = tower_outputs(vla, x, INSTR)
+    for name, tid in zip(model.TOWERS, vla.config["timm_model_ids"]):
+        (pixels, out), tower, spec = seen[name], vla.vision_backbone[name], model.VIT[tid]
+        h = F.conv2d(pixels, tower.patch_embed.proj.weight, tower.patch_embed.proj.bias, stride=14)
+        h = h.flatten(2).transpose(1, 2) + tower.pos_embed
+        prefix = [t.expand(len(h), -1, -1) for t in (tower.cls_token, tower.reg_token) if t is not None]
+        h = torch.cat(prefix + [h], 1)
+        for i in range(spec["depth"] - 1):  # features from the second-to-last block: those are FiLMed
+            block = {k[len(f"vision_backbone.{name}.blocks.{i}."):]: v for k, v in sd.items()
+                     if k.startswith(f"vision_backbone.{name}.blocks.{i}.")}
+            film = lambda part: F.linear(e, sd[f"film_layers.{name}.{i}.{part}.weight"],
+                                         sd[f"film_layers.{name}.{i}.{part}.bias"])
+            h = timm_film_block(block, h, spec["heads"], film("scale"), film("shift"))
+        expected = h[:, spec["regs"] + spec["cls"]:]
+        assert (out - expected).abs().max() < 1e-5, name
+    assert sorted(k for k in sd if k.startswith("film_layers.")) == sorted(
+        f"film_layers.{t}.{i}.{p}.{w}" for t in model.TOWERS for i in range(2) for p in ("scale", "shift")
+        for w in ("weight", "bias"))
+    # only the instruction changes: with FiLM the features follow it, without they cannot
+    other = ["place it", "pick up the shoe", INSTR[2]]  # and a shorter batch: sample 2 sees other padding
+    for film, vla in [(True, vla), (False, VLA.from_pretrained(tiny_dir).eval())]:
+        a, b = tower_outputs(vla, x, INSTR), tower_outputs(vla, x, other)
+        for name in model.TOWERS:
+            diff = (a[name][1] - b[name][1]).abs().amax((1, 2))  # per image: samples 0 and 1 changed, sample 2 not
+            assert (diff[:4].min() > 1e-3) if film else diff.max() == 0, (film, name, diff)
+            assert diff[4:].max() == 0
+
+
+@pytest.mark.parametrize("proprio_dim, film", [(0, False), (5, True)])
+def test_one_step_trains_only_lora_and_head(tiny_dir, proprio_dim, film):
+    torch.manual_seed(0)
+    vla = add_lora(VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim, film=film), rank=32).train()
     cfg = vla.peft_config["default"]
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.init_lora_weights) == (32, 16, 0.0, "gaussian")
     wrapped = {n for n, m in vla.named_modules() if isinstance(m, LoraLayer)}
     assert len(wrapped) == 2 * 2 * 4 + 3 + 2 * 7  # 2 towers x 2 blocks x 4, projector, 2 LLM layers x 7
-    assert not any(n.startswith(("action_head", "language_model.lm_head")) for n in wrapped)
+    assert not any(n.startswith(("action_head", "language_model.lm_head", "film_layers")) for n in wrapped)
     trainable = {n for n, p in vla.named_parameters() if p.requires_grad}
-    assert all("lora_" in n or n.startswith(("action_head.", "action_queries", "proprio_projector.")) for n in trainable)
-    fully = {n for n, p in vla.named_parameters() if n.startswith(("action_head.", "action_queries", "proprio_proj"))}
+    head = ("action_head.", "action_queries", "proprio_projector.", "film_layers.")
+    assert all("lora_" in n or n.startswith(head) for n in trainable)
+    fully = {n for n, p in vla.named_parameters() if n.startswith(head)}
     assert {n for n in trainable if not "lora_" in n} == fully and all(vla.get_parameter(n).dtype == torch.float32
                                                                        for n in fully)
     assert len([n for n in fully if n.startswith("proprio_projector.")]) == 4 * (proprio_dim > 0)  # 2 Linear layers
+    assert len([n for n in fully if n.startswith("film_layers.")]) == 16 * film  # 2 towers x 2 blocks x 2 Linear
     assert [n for n, p in vla.named_parameters() if p.requires_grad] == [n for n, p in add_lora(
-        VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim)).named_parameters() if p.requires_grad]  # same order
+        VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim, film=film)).named_parameters() if p.requires_grad]
     frozen = {n: p.detach().clone() for n, p in vla.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW([p for p in vla.parameters() if p.requires_grad], lr=1e-3)
     x, target, state = images(2), torch.randn(2, 8, 14), torch.rand(2, proprio_dim) * 2 - 1
@@ -801,15 +869,16 @@ def test_one_step_trains_only_lora_and_head(tiny_dir, proprio_dim):
     assert "trainable" in param_report(vla)
 
 
-def test_grad_ckpt_gives_the_same_gradients(tiny_dir):
+@pytest.mark.parametrize("film", [False, True])
+def test_grad_ckpt_gives_the_same_gradients(tiny_dir, film):
     def grads(ckpt):
-        vla = lora_vla(tiny_dir).train()
+        vla = lora_vla(tiny_dir, film=film).train()
         if ckpt:
             enable_grad_ckpt(vla)
         vla(images(1), INSTR[:1]).square().sum().backward()
         return {n: p.grad for n, p in vla.named_parameters() if p.requires_grad}
     plain, ckpt = grads(False), grads(True)
-    assert plain.keys() == ckpt.keys()
+    assert plain.keys() == ckpt.keys() and sum(n.startswith("film_layers.") for n in plain) == 16 * film
     for n in plain:
         torch.testing.assert_close(plain[n], ckpt[n], atol=1e-6, rtol=1e-5)
 
@@ -861,38 +930,38 @@ def test_attention_modes_differ_and_never_see_padding(tiny_dir):
 
 
 def test_save_and_load_trained_reproduce_outputs(tiny_dir, tmp_path):
-    vla = lora_vla(tiny_dir, chunk=4, action_dim=7, attention="queries", proprio_dim=3, image_aug=True)
+    vla = lora_vla(tiny_dir, chunk=4, action_dim=7, attention="queries", proprio_dim=3, image_aug=True, film=True)
     x, state = images(2), torch.rand(2, 3) * 2 - 1
     out = vla(x, INSTR[:2], state)
     save_trained(vla, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["action_head.safetensors", "adapter_config.json",
                                             "adapter_model.safetensors"]
     assert all(k.startswith("base_model.model.") for k in load_file(tmp_path / "adapter_model.safetensors"))
-    fresh = VLA.from_pretrained(tiny_dir)  # default chunk 8 x 14, causal, no state: the head's config wins
+    fresh = VLA.from_pretrained(tiny_dir)  # default chunk 8 x 14, causal, no state, no FiLM: the head's config wins
     assert not hasattr(fresh, "peft_config")
     load_trained(fresh, str(tmp_path))
-    assert (fresh.chunk, fresh.action_dim, fresh.attention, fresh.proprio_dim, fresh.image_aug) == \
-        (4, 7, "queries", 3, True)
+    assert (fresh.chunk, fresh.action_dim, fresh.attention, fresh.proprio_dim, fresh.image_aug, fresh.film) == \
+        (4, 7, "queries", 3, True, True)
     assert torch.equal(fresh.eval()(x, INSTR[:2], state), out)
-    again = add_lora(VLA.from_pretrained(tiny_dir, chunk=4, action_dim=7, proprio_dim=3))  # resume: LoRA injected
+    again = add_lora(VLA.from_pretrained(tiny_dir, chunk=4, action_dim=7, proprio_dim=3, film=True))  # resume
     assert torch.equal(load_trained(again, str(tmp_path)).eval()(x, INSTR[:2], state), out)
-    # a head saved before --attention replaced --bidirectional (and before proprio / augmentation) still loads
+    # a head saved before --attention replaced --bidirectional (and before proprio / augmentation / FiLM) still loads
     head, old = str(tmp_path / "old_head.safetensors"), lora_vla(tiny_dir, chunk=4, action_dim=7)
     save_file({k: v.contiguous() for k, v in old.state_dict().items() if k.startswith(model.HEAD)}, head,
               metadata={"chunk": "4", "action_dim": "7", "hidden": "128", "bidirectional": "true"})
     model.load_head(fresh, head)
-    assert (fresh.attention, fresh.proprio_dim, fresh.image_aug) == ("queries", 0, False)
+    assert (fresh.attention, fresh.proprio_dim, fresh.image_aug, fresh.film) == ("queries", 0, False, False)
 
 
 def test_merge_matches_lora_and_export_reloads(tiny_dir, tmp_path):
-    vla = lora_vla(tiny_dir, proprio_dim=4, attention="full")
+    vla = lora_vla(tiny_dir, proprio_dim=4, attention="full", film=True)
     x, state = images(2), torch.rand(2, 4) * 2 - 1
     out = vla(x, INSTR[:2], state)
     with pytest.raises(ValueError, match="merge_lora"):
         save_pretrained(vla, str(tmp_path / "export"))
     merge_lora(vla)
     assert not any(isinstance(m, LoraLayer) for m in vla.modules())
-    plain = VLA.from_pretrained(tiny_dir, proprio_dim=4, attention="full")
+    plain = VLA.from_pretrained(tiny_dir, proprio_dim=4, attention="full", film=True)
     plain.load_state_dict({k: v for k, v in vla.state_dict().items() if k.startswith(model.HEAD)}, strict=False)
     assert set(vla.state_dict()) == set(plain.state_dict())
     merged = vla(x, INSTR[:2], state)
@@ -900,8 +969,10 @@ def test_merge_matches_lora_and_export_reloads(tiny_dir, tmp_path):
     assert (merged - plain(x, INSTR[:2], state)).abs().max() > 1e-3  # LoRA changed something
     save_pretrained(vla, str(tmp_path / "export"), max_shard_bytes=1 << 20)  # several shards + index
     assert os.path.exists(tmp_path / "export" / "model.safetensors.index.json")
-    export = VLA.from_pretrained(str(tmp_path / "export"))  # the head brings proprio_dim and attention along
-    assert (export.proprio_dim, export.attention) == (4, "full")
+    export = VLA.from_pretrained(str(tmp_path / "export"))  # the head brings proprio_dim, attention, FiLM along
+    assert (export.proprio_dim, export.attention, export.film) == (4, "full", True)
+    film = {k for k in vla.state_dict() if k.startswith("film_layers.")}
+    assert len(film) == 16 and film <= set(load_file(tmp_path / "export" / "action_head.safetensors"))
     torch.testing.assert_close(export(x, INSTR[:2], state), merged, atol=0, rtol=0)
 
 
@@ -1061,26 +1132,31 @@ def test_resume_is_exact(run_a, tiny_dir, demo_dir, tmp_path):
     assert max_diff(trained_weights(run_a / "step_000003"), straight) > 1e-4  # the last 3 steps did change them
 
 
-P_FLAGS = ["--proprio", "--action_offset", 1, "--attention", "full", "--save_interval", 2, "--eval_interval", 2,
-           "--grad_ckpt", "auto"]
+P_FLAGS = ["--proprio", "--action_offset", 1, "--attention", "full", "--film", "--save_interval", 2,
+           "--eval_interval", 2, "--grad_ckpt", "auto"]
 
 
 @pytest.fixture(scope="session")
 def run_p(tiny_dir, demo_dir, tmp_path_factory):
-    """4 steps with OFT's other levers: proprioception (the demo has no `state`: action[t]), offset 1, full attention."""
+    """4 steps with OFT's other levers: proprioception (the demo has no `state`: action[t]), offset 1, full attention,
+    and OFT+'s FiLM."""
     out = tmp_path_factory.mktemp("run_p")
     r = run_train(train_flags(tiny_dir, demo_dir, out, *P_FLAGS, "--max_steps", 4))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
 
-def test_resume_is_exact_with_proprio_and_full_attention(run_p, tiny_dir, demo_dir, tmp_path):
+def test_resume_is_exact_with_proprio_full_attention_and_film(run_p, tiny_dir, demo_dir, tmp_path):
     r = run_train(train_flags(tiny_dir, demo_dir, tmp_path, *P_FLAGS, "--max_steps", 4, "--resume",
                               run_p / "step_000002"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert max_diff(trained_weights(tmp_path / "step_000004"), trained_weights(run_p / "step_000004")) <= 1e-6
+    resumed, straight = trained_weights(tmp_path / "step_000004"), trained_weights(run_p / "step_000004")
+    assert max_diff(resumed, straight) <= 1e-6
+    film = [k for k in straight if k.startswith("film_layers.")]  # saved with the head, and trained
+    before = trained_weights(run_p / "step_000002")
+    assert len(film) == 16 and min((straight[k] - before[k]).abs().max() for k in film) > 0
     args = json.load(open(run_p / "step_000004" / "args.json"))
-    assert (args["proprio"], args["attention"], args["image_aug"]) == (True, "full", True)
+    assert (args["proprio"], args["attention"], args["image_aug"], args["film"]) == (True, "full", True, True)
     assert args["grad_ckpt"] == "off"  # auto on a CPU
     (stats,) = json.load(open(run_p / "step_000004" / "dataset_statistics.json")).values()
     train_files = [p for p in data.list_episodes(demo_dir) if p not in args["val_episode_files"]]
@@ -1262,6 +1338,7 @@ def test_broken_checkpoint_is_named_before_the_model_loads_and_auto_skips_it(cas
     (["--norm", "q99"], "trained with --norm bounds, not q99"),
     (["--swap_red_blue"], "trained with --swap_red_blue False, not True"),
     (["--no-image_aug"], "trained with --image_aug True, not False"),
+    (["--film"], "trained with --film False, not True"),
 ])
 def test_resume_refuses_flags_that_change_shapes_or_data(flags, message, run_a, tiny_dir, demo_dir, tmp_path):
     with pytest.raises(SystemExit, match=message):
@@ -1742,7 +1819,8 @@ def test_policy_refuses_bad_input_in_one_line(case, message, policy, val_episode
 def test_policy_with_proprio_takes_the_raw_state(run_p, tmp_path):
     ckpt = run_p / "step_000004"
     policy = infer.Policy.from_checkpoint(str(ckpt), device="cpu")
-    assert (policy.vla.proprio_dim, policy.vla.attention, policy.vla.image_aug) == (14, "full", True)
+    assert (policy.vla.proprio_dim, policy.vla.attention, policy.vla.image_aug, policy.vla.film) == \
+        (14, "full", True, True)
     val = json.load(open(ckpt / "args.json"))["val_episode_files"][0]
     episode = data.read_episode(val, policy.cameras)
     frames, raw = frame_dict(episode, 7, policy.cameras), episode["states"][7]
@@ -2047,15 +2125,15 @@ def test_bench_flops_match_a_hand_count_and_a_train_row(tiny_dir, capsys):
 
 
 def test_memory_model_matches_a_real_step_and_its_own_extrapolation(monkeypatch):
-    """On a tiny twin with 4 blocks per stage (grad ckpt, a state token, augmentation, full attention): the estimate,
-    extrapolated from fake runs at 1 and 2 blocks, equals a fake run at full depth, and is within 15% of the CPU
-    allocator's real peak for the same step."""
+    """On a tiny twin with 4 blocks per stage (grad ckpt, a state token, augmentation, full attention, FiLM): the
+    estimate, extrapolated from fake runs at 1 and 2 blocks, equals a fake run at full depth, and is within 15% of the
+    CPU allocator's real peak for the same step."""
     tiny = tiny_config(make_tokenizer())
     for tid in tiny["timm_model_ids"]:
         monkeypatch.setitem(model.VIT, tid, dict(model.VIT[tid], depth=5))  # 4 blocks built
     deep = dict(tiny, text_config=dict(tiny["text_config"], num_hidden_layers=4))
     common = (deep, 2, True, 2, 20, 4, torch.float32)  # batch, grad ckpt, cameras, prompt tokens, LoRA rank, dtype
-    options = dict(chunk=8, action_dim=14, proprio_dim=5, image_aug=True, attention="full")  # as train.py passes them
+    options = dict(chunk=8, action_dim=14, proprio_dim=5, image_aug=True, attention="full", film=True)  # as train.py
     assert set(options) == set(model.HEAD_OPTIONS)
     est = bench.estimate_memory(*common, **options)
     direct = bench.estimate_memory(*common, depths=(4, 4, 4), **options)
@@ -2063,6 +2141,31 @@ def test_memory_model_matches_a_real_step_and_its_own_extrapolation(monkeypatch)
     assert sum(v for k, v in est.items() if k not in ("total", "phase")) == est["total"]
     real = bench.measured_peak(*common, **options)
     assert abs(est["total"] / real - 1) < 0.15, (est, real)
+
+
+def test_bench_memory_film(monkeypatch, capsys):
+    """--what memory --film: the 7B's FiLM layers are 2 x (4096 + 1) x tower width per block used (23 DINOv2 blocks
+    of 1024, 26 SigLIP blocks of 1152); the memory model counts them as trained fp32 weights with AdamW state, and
+    every estimate behind the table and the fit table has them (stubbed there: the 7B's take minutes)."""
+    n, towers = bench.film_parameters(openvla_7b_config())
+    assert towers == [(23, 1024), (26, 1152)] and n == 2 * (4096 + 1) * (23 * 1024 + 26 * 1152) == 438_411_776
+    tiny, one = tiny_config(make_tokenizer()), 2 * (128 + 1) * (64 + 96)  # FiLM at one block per tower
+    plain, film = (bench.estimate_memory(tiny, 1, False, 2, 20, 4, depths=(1, 1, 1), image_aug=True, film=f)
+                   for f in (False, True))
+    assert film["trainable weights"] - plain["trainable weights"] == 4 * one
+    assert 8 * one <= film["AdamW state"] - plain["AdamW state"] < 8 * one + 1024  # 2 moments (+ AdamW's step)
+    calls = []
+
+    def estimate(config, batch_size, grad_ckpt, *args, **options):
+        calls.append(options)
+        return dict(total=(batch_size + 10 * grad_ckpt) * bench.GB, phase="forward")
+    monkeypatch.setattr(bench, "estimate_memory", estimate)
+    bench.main(["--what", "memory", "--film"])
+    out = capsys.readouterr().out
+    assert len(calls) == 11 and all(c == dict(image_aug=True, film=True) for c in calls)
+    assert "FiLM layers: 438,411,776 parameters = 2 x (4096 + 1) x (23 x 1024 + 26 x 1152)" in out
+    assert "1.63 GB in float32, 6.53 GB with their gradients and AdamW state" in out
+    assert "batch 8: 8.0 GB without grad ckpt, 18.0 GB with" in out and "LoRA rank 32, FiLM, bf16" in out
 
 
 def test_fit_table_lines():

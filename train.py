@@ -66,6 +66,8 @@ def get_args(argv=None):
                    "sees every token, as OpenVLA-OFT's patched Llama")
     p.add_argument("--proprio", action="store_true", help="feed the state at frame t (the file's `state`, else "
                    "action[t]) as one token after the image patches, as OFT; pair with --action_offset 1 on RoboTwin")
+    p.add_argument("--film", action="store_true", help="OFT+'s FiLM: the mean embedding of the prompt scales and "
+                   "shifts the features in every block of both vision towers (new layers, trained fully)")
     p.add_argument("--image_aug", action=argparse.BooleanOptionalAction, default=True,
                    help="OFT's random crop and colour jitter in training, its centre crop in evaluation/deployment")
     p.add_argument("--swap_red_blue", action="store_true",
@@ -119,7 +121,7 @@ CHECKPOINT_FILES = ["adapter_model.safetensors", "adapter_config.json", "action_
                     "dataset_statistics.json", "args.json", "trainer_state.pt"]
 # they change shapes or the data: a resumed run keeps the checkpoint's
 SAME_ON_RESUME = ["chunk", "action_dim", "lora_rank", "cameras", "proprio", "attention", "action_offset", "norm",
-                  "swap_red_blue", "image_aug", "action_key", "state_key", "instruction"]
+                  "swap_red_blue", "image_aug", "action_key", "state_key", "instruction", "film"]
 
 
 def read_checkpoint(ckpt):
@@ -414,7 +416,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------------- model
     vla = model.VLA.from_pretrained(args.vla_path, dtype=dtype, device=device, chunk=args.chunk,
                                     action_dim=args.action_dim, proprio_dim=train_set.proprio_dim,
-                                    attention=args.attention, image_aug=args.image_aug)
+                                    attention=args.attention, image_aug=args.image_aug, film=args.film)
     model.add_lora(vla, rank=args.lora_rank)
     if args.grad_ckpt == "auto":  # measured, not estimated: the core does not import bench.py's memory model
         texts = [s for texts in train_set.instructions for s in texts]
