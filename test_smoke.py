@@ -311,8 +311,8 @@ def test_state_comes_from_the_file_or_the_action_bounded_and_clipped(tmp_path, d
     np.testing.assert_array_equal(data.normalize_state(hi + 1, ds.proprio_stats), np.ones(5))  # clipped
     assert "state" not in data.EpisodeDataset([a, b])[0]
     without = write_episode(tmp_path / "episode_2.hdf5", T=20)  # no `state`: the recorded joint vector
-    with pytest.raises(data.DataError, match=r"--proprio: .*episode_0.hdf5 reads its state from state, but "
-                                             r".*episode_2.hdf5 from action: pass --state_key"):
+    with pytest.raises(data.DataError, match=r"--proprio: .*episode_0.hdf5 reads its state from state \(5 wide\), "
+                                             r"but .*episode_2.hdf5 from action \(14 wide\): pass --state_key"):
         data.EpisodeDataset([a, without], proprio=True)
     demo_set = data.EpisodeDataset(demo[:1], proprio=True, action_offset=1)
     actions = actions_of(demo[0])
@@ -1066,15 +1066,6 @@ def train_cmd(flags, nproc=1):
 
 def run_train(flags, nproc=1):
     return subprocess.run(train_cmd(flags, nproc), cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """train.main() installs its --preempt_signals handlers: a test calling it in-process must not leave them."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def trained_weights(ckpt):
