@@ -9,6 +9,7 @@ Measure nanoOFT: data loader throughput, training step time / memory / MFU, infe
     python bench.py --what infer --no-compile                 # latency per chunk: LoRA unmerged vs merged, eager
     python bench.py --what flops --model 7b                   # training FLOPs per sample by part (meta device)
     python bench.py --what memory                             # 7B training step's peak memory, fit table (no GPU)
+    python bench.py --what memory --film                      # the same with OFT+'s FiLM layers (train.py --film)
     python bench.py --what memory --measure                   # check the memory model against real CPU peaks
     OMP_NUM_THREADS=2 python bench.py --what all              # data, train and infer with 2 CPU threads
     python bench.py --what serve --cameras 1 --iters 100      # serve.py round trip vs Policy.predict (loopback)
@@ -85,6 +86,7 @@ def get_args(argv=None):
                    help="also time torch.compile in --what infer")
     p.add_argument("--compile_mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--grad_ckpt", action="store_true", help="--what memory: the parts with grad ckpt")
+    p.add_argument("--film", action="store_true", help="the model with OFT+'s FiLM layers, as train.py --film")
     p.add_argument("--measure", action="store_true",
                    help="--what memory: also run real steps on this CPU and compare their peak with the model's")
     p.add_argument("--peak_tflops", type=float,
@@ -146,10 +148,10 @@ def build(args, device, dtype):
     """--vla_path, else a random-weight twin built directly on `device` (the tiny twin's tokenizer for both).
     On the meta device (shapes only, for FLOP counts) always the --model twin: weights cannot load there."""
     if args.vla_path and str(device) != "meta":
-        return model.VLA.from_pretrained(args.vla_path, dtype, device)
+        return model.VLA.from_pretrained(args.vla_path, dtype, device, film=args.film)
     tok = demo.make_tokenizer()
     config = model.openvla_7b_config() if args.model == "7b" else demo.tiny_config(tok)
-    return model.VLA.from_config(config, dtype, device, tokenizer=tok)
+    return model.VLA.from_config(config, dtype, device, tokenizer=tok, film=args.film)
 
 
 def inputs(args, batch, device):
@@ -299,7 +301,7 @@ def estimate_memory(config, batch_size=8, grad_ckpt=False, cameras=2, prompt_len
     computed on the CPU without allocating. Each phase's peak grows linearly with identical blocks, so each stage
     (DINOv2, SigLIP, LLM) is measured at 1 and 2 blocks and extrapolated to its depth; depths=(dino, siglip, llm)
     runs those depths directly. Assumes CUDA's fused attention (flash / memory-efficient). vla_options: chunk,
-    action_dim, proprio_dim, attention, image_aug, as VLA takes them."""
+    action_dim, proprio_dim, attention, image_aug, film, as VLA takes them."""
     run = lambda d: tracked_peak(config, d, batch_size, grad_ckpt, cameras, prompt_len, lora_rank, dtype,
                                  **vla_options)
     if depths:
@@ -345,12 +347,26 @@ def fit_lines(rows):
     return lines + [f"{r[0]:<5} " + "".join(fits(r, c).rjust(11) for c in FIT_GB) for r in rows]
 
 
+def film_parameters(config):
+    """The FiLM layers' parameter count and the (blocks, tower width) they modulate, from the model's own shapes."""
+    vla = model.VLA._meta(config, torch.bfloat16, None, None, dict(film=True))
+    towers = [(len(t.blocks), t.pos_embed.shape[-1]) for t in vla.vision_backbone.values()]
+    return sum(p.numel() for p in vla.film_layers.parameters()), towers
+
+
 def bench_memory(args, device):
-    options = dict(image_aug=True)  # train.py's default: augmentation draws come with every batch
+    options = dict(image_aug=True, film=args.film)  # train.py's default: augmentation draws come with every batch
     config, t0 = model.openvla_7b_config(), time.perf_counter()
+    if args.film:
+        n, towers = film_parameters(config)
+        d = model.LlamaConfig(**config["text_config"]).hidden_size
+        print(f"FiLM layers: {n:,} parameters = 2 x ({d} + 1) x ({' + '.join(f'{b} x {w}' for b, w in towers)}) "
+              f"(scale and shift, LLM width -> tower width, in every block used); {4 * n / GB:.2f} GB in float32, "
+              f"{16 * n / GB:.2f} GB with their gradients and AdamW state")
     parts = estimate_memory(config, args.batch_size, args.grad_ckpt, args.cameras, PROMPT_LEN, args.lora_rank,
                             **options)
-    what = f"{args.cameras} cameras, {PROMPT_LEN}-token prompt, LoRA rank {args.lora_rank}, bf16 base, AdamW"
+    what = f"{args.cameras} cameras, {PROMPT_LEN}-token prompt, LoRA rank {args.lora_rank}{', FiLM' * args.film}, " \
+           "bf16 base, AdamW"
     table(f"training step peak memory (estimate): 7B, batch {args.batch_size}, "
           f"{'with' if args.grad_ckpt else 'without'} grad ckpt, {what}", ["part", "GB"],
           [[k, v / GB] for k, v in parts.items() if k != "phase"] + [["peak during", parts["phase"]]],
