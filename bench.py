@@ -2,14 +2,17 @@
 Measure nanoOFT: data loader throughput, training step time / memory / MFU, inference latency per chunk. Each
 --what prints one table under a line naming the machine, ready for the README's performance table.
 
-    python bench.py --what data --data_dir out/demo_data      # loader samples/s with 0, 1 and 2 workers
+    python bench.py --what data --data_dir out/demo_data      # loader samples/s with 0 and 2 workers, RoboTwin's
+                                                              # layout and real ALOHA's (3 cameras of 480x640 JPEGs)
     python bench.py --what train                              # CPU: tiny twin, float32; CUDA: 7B-shaped, bf16
     python bench.py --what train --device cuda --vla_path DIR # a real checkpoint instead of random 7B weights
     python bench.py --what infer --no-compile                 # latency per chunk: LoRA unmerged vs merged, eager
     python bench.py --what flops --model 7b                   # training FLOPs per sample by part (meta device)
     python bench.py --what memory                             # 7B training step's peak memory, fit table (no GPU)
+    python bench.py --what memory --film                      # the same with OFT+'s FiLM layers (train.py --film)
     python bench.py --what memory --measure                   # check the memory model against real CPU peaks
     OMP_NUM_THREADS=2 python bench.py --what all              # data, train and infer with 2 CPU threads
+    python bench.py --what serve --cameras 1 --iters 100      # serve.py round trip vs Policy.predict (loopback)
 
 Without --vla_path the model is a random-weight twin built on the device (no download): tiny on CPU, 7B on CUDA.
 """
@@ -20,7 +23,11 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -30,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import transformers.masking_utils
+from PIL import Image
 from torch._C._profiler import _EventType
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
@@ -37,8 +45,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import demo
+import infer
 import model
 import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 GPU_PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H200 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 FLOPS_FORMULA = [  # matmuls only: norms, activations, softmax and the optimizer are noise next to them
@@ -54,15 +65,19 @@ FLOPS_FORMULA = [  # matmuls only: norms, activations, softmax and the optimizer
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=["data", "train", "infer", "flops", "memory", "all"], default="all",
+    p.add_argument("--what", choices=["data", "train", "infer", "flops", "memory", "serve", "all"], default="all",
                    help="all: data, train and infer")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (pick the GPU with CUDA_VISIBLE_DEVICES)")
     p.add_argument("--model", choices=["auto", "tiny", "7b"], default="auto",
                    help="the random twin without --vla_path (and always for --what flops); auto: 7b on CUDA")
     p.add_argument("--vla_path", help="an OpenVLA-format checkpoint (directory or hub id) instead of a random twin")
+    p.add_argument("--checkpoint", help="--what serve: a trained checkpoint; default: the tiny twin trained one step "
+                                        "on 2 demo episodes with --cameras cameras")
     p.add_argument("--data_dir", default="out/demo_data", help="episode_*.hdf5 files for --what data")
     p.add_argument("--batch_size", type=int, default=8, help="training and loader batch")
     p.add_argument("--cameras", type=int, default=2, help="images per sample: the first N of data.ALL_CAMERAS")
+    p.add_argument("--jpeg_episodes", type=int, default=4, help="--what data: episodes of the real ALOHA layout made "
+                   "from the first demo episodes (kept beside --data_dir)")
     p.add_argument("--lora_rank", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps / chunks / batches first")
     p.add_argument("--iters", type=int, default=10, help="timed steps / chunks, or batches per loader repeat")
@@ -71,6 +86,7 @@ def get_args(argv=None):
                    help="also time torch.compile in --what infer")
     p.add_argument("--compile_mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--grad_ckpt", action="store_true", help="--what memory: the parts with grad ckpt")
+    p.add_argument("--film", action="store_true", help="the model with OFT+'s FiLM layers, as train.py --film")
     p.add_argument("--measure", action="store_true",
                    help="--what memory: also run real steps on this CPU and compare their peak with the model's")
     p.add_argument("--peak_tflops", type=float,
@@ -132,10 +148,10 @@ def build(args, device, dtype):
     """--vla_path, else a random-weight twin built directly on `device` (the tiny twin's tokenizer for both).
     On the meta device (shapes only, for FLOP counts) always the --model twin: weights cannot load there."""
     if args.vla_path and str(device) != "meta":
-        return model.VLA.from_pretrained(args.vla_path, dtype, device)
+        return model.VLA.from_pretrained(args.vla_path, dtype, device, film=args.film)
     tok = demo.make_tokenizer()
     config = model.openvla_7b_config() if args.model == "7b" else demo.tiny_config(tok)
-    return model.VLA.from_config(config, dtype, device, tokenizer=tok)
+    return model.VLA.from_config(config, dtype, device, tokenizer=tok, film=args.film)
 
 
 def inputs(args, batch, device):
@@ -285,7 +301,7 @@ def estimate_memory(config, batch_size=8, grad_ckpt=False, cameras=2, prompt_len
     computed on the CPU without allocating. Each phase's peak grows linearly with identical blocks, so each stage
     (DINOv2, SigLIP, LLM) is measured at 1 and 2 blocks and extrapolated to its depth; depths=(dino, siglip, llm)
     runs those depths directly. Assumes CUDA's fused attention (flash / memory-efficient). vla_options: chunk,
-    action_dim, proprio_dim, attention, image_aug, as VLA takes them."""
+    action_dim, proprio_dim, attention, image_aug, film, as VLA takes them."""
     run = lambda d: tracked_peak(config, d, batch_size, grad_ckpt, cameras, prompt_len, lora_rank, dtype,
                                  **vla_options)
     if depths:
@@ -331,12 +347,26 @@ def fit_lines(rows):
     return lines + [f"{r[0]:<5} " + "".join(fits(r, c).rjust(11) for c in FIT_GB) for r in rows]
 
 
+def film_parameters(config):
+    """The FiLM layers' parameter count and the (blocks, tower width) they modulate, from the model's own shapes."""
+    vla = model.VLA._meta(config, torch.bfloat16, None, None, dict(film=True))
+    towers = [(len(t.blocks), t.pos_embed.shape[-1]) for t in vla.vision_backbone.values()]
+    return sum(p.numel() for p in vla.film_layers.parameters()), towers
+
+
 def bench_memory(args, device):
-    options = dict(image_aug=True)  # train.py's default: augmentation draws come with every batch
+    options = dict(image_aug=True, film=args.film)  # train.py's default: augmentation draws come with every batch
     config, t0 = model.openvla_7b_config(), time.perf_counter()
+    if args.film:
+        n, towers = film_parameters(config)
+        d = model.LlamaConfig(**config["text_config"]).hidden_size
+        print(f"FiLM layers: {n:,} parameters = 2 x ({d} + 1) x ({' + '.join(f'{b} x {w}' for b, w in towers)}) "
+              f"(scale and shift, LLM width -> tower width, in every block used); {4 * n / GB:.2f} GB in float32, "
+              f"{16 * n / GB:.2f} GB with their gradients and AdamW state")
     parts = estimate_memory(config, args.batch_size, args.grad_ckpt, args.cameras, PROMPT_LEN, args.lora_rank,
                             **options)
-    what = f"{args.cameras} cameras, {PROMPT_LEN}-token prompt, LoRA rank {args.lora_rank}, bf16 base, AdamW"
+    what = f"{args.cameras} cameras, {PROMPT_LEN}-token prompt, LoRA rank {args.lora_rank}{', FiLM' * args.film}, " \
+           "bf16 base, AdamW"
     table(f"training step peak memory (estimate): 7B, batch {args.batch_size}, "
           f"{'with' if args.grad_ckpt else 'without'} grad ckpt, {what}", ["part", "GB"],
           [[k, v / GB] for k, v in parts.items() if k != "phase"] + [["peak during", parts["phase"]]],
@@ -365,10 +395,10 @@ def bench_memory(args, device):
 # the three benchmarks
 
 
-def bench_data(args, device):
-    dataset = data.EpisodeDataset(args.data_dir, cameras=data.ALL_CAMERAS[:args.cameras])
+def loader_rows(dataset, args):
+    """samples/s of the loader (median, min, max over repeats) and per process, with 0 and 2 workers."""
     rows, n = [], args.batch_size * (args.warmup + args.repeats * args.iters)
-    for workers in (0, 1, 2):
+    for workers in (0, 2):
         # one sampler for every batch: no epoch boundary (worker restart) inside a timed repeat
         sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=n)
         batches = iter(torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=workers))
@@ -380,10 +410,33 @@ def bench_data(args, device):
             for _ in range(args.iters):
                 next(batches)
             rates.append(args.iters * args.batch_size / (time.perf_counter() - t0))
-        rows.append([str(workers), float(np.median(rates)), min(rates), max(rates)])
+        rows.append([str(workers), float(np.median(rates)), min(rates), max(rates), np.median(rates) / max(workers, 1)])
+    return rows
+
+
+def bench_data(args, device):
+    header = ["num_workers", "samples/s", "min", "max", "per process"]
+    notes = [f"median of {args.repeats} repeats of {args.iters} batches after {args.warmup} warm-up batches"]
+    dataset = data.EpisodeDataset(args.data_dir, cameras=data.ALL_CAMERAS[:args.cameras])
     table(f"data loader: {args.data_dir}, {len(dataset.paths)} episodes, {args.cameras} cameras, batch "
-          f"{args.batch_size}", ["num_workers", "samples/s", "min", "max"], rows,
-          [f"median of {args.repeats} repeats of {args.iters} batches after {args.warmup} warm-up batches"])
+          f"{args.batch_size}", header, loader_rows(dataset, args), notes)
+    # real ALOHA's layout: the demo's first episodes as 3 cameras of 480x640 JPEGs (quality 50, as its recorder)
+    jpeg_dir = os.path.join(args.data_dir, "..", "bench_aloha_jpeg")
+    os.makedirs(jpeg_dir, exist_ok=True)
+    for i, path in enumerate(dataset.paths[:args.jpeg_episodes]):
+        target = os.path.join(jpeg_dir, f"episode_{i}.hdf5")
+        if not os.path.exists(target):
+            episode = data.read_episode(path, data.ALL_CAMERAS[:3])
+            frames = np.stack([episode["frames"](t).permute(0, 2, 3, 1).numpy() for t in range(episode["length"])], 1)
+            big = {f"cam_{c}": np.stack([np.asarray(Image.fromarray(x).resize((640, 480), Image.BICUBIC)) for x in f])
+                   for c, f in zip(("high", "left_wrist", "right_wrist"), frames)}
+            demo.write_aloha(target + ".tmp", big, episode["actions"], episode["actions"])
+            os.replace(target + ".tmp", target)
+            episode["close"]()
+    cameras = [f"observations/images/cam_{c}" for c in ("high", "left_wrist", "right_wrist")]
+    jpeg = data.EpisodeDataset(jpeg_dir, cameras=cameras, instruction="place the shoe on the mat")
+    table(f"data loader: real ALOHA layout ({jpeg_dir}), {len(jpeg.paths)} episodes, 3 cameras of 480x640 JPEG "
+          f"frames, batch {args.batch_size}", header, loader_rows(jpeg, args), notes)
 
 
 def train_row(args, device, ckpt):
@@ -479,6 +532,69 @@ def bench_infer(args, device):
            f"merged / unmerged p50: {rows[1][1] / rows[0][1]:.2f} (infer.Policy merges a training checkpoint's LoRA)"])
 
 
+def serve_checkpoint(args, root):
+    if args.checkpoint:
+        return args.checkpoint
+    demo.make_demo(os.path.join(root, "demo"), episodes=2)
+    demo.make_tiny(os.path.join(root, "tiny"))
+    flags = ["--vla_path", os.path.join(root, "tiny"), "--data_dir", os.path.join(root, "demo"), "--out_dir",
+             os.path.join(root, "run"), "--cameras", ",".join(data.ALL_CAMERAS[:args.cameras]), "--lora_rank",
+             str(args.lora_rank), "--val_episodes", "1", "--batch_size", "2", "--num_workers", "0", "--max_steps", "1",
+             "--save_interval", "1", "--eval_interval", "1", "--eval_batches", "1", "--device", "cpu"]
+    subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *flags], check=True, capture_output=True)
+    return os.path.join(root, "run", "step_000001")
+
+
+def bench_serve(args, device):
+    """The chunk as a robot gets it from serve.py over loopback with openpi's client, against Policy.predict in
+    process on the same observation, alternating call by call so that both see the same machine (this process holds
+    a second copy of the model). What the protocol costs (msgpack, websocket, the worker thread) is the round trip
+    less the server's own infer_ms of the same call."""
+    try:
+        from openpi_client import websocket_client_policy  # the robot's side: only this mode needs it
+    except ImportError:
+        raise SystemExit("--what serve talks to serve.py with openpi's client: pip install -r requirements-serve.txt "
+                         "&& pip install --no-deps openpi-client==0.1.2") from None
+    with tempfile.TemporaryDirectory() as root:
+        ckpt = serve_checkpoint(args, root)
+        with open(os.path.join(root, "serve.log"), "w") as log:
+            server = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--checkpoint", ckpt, "--port",
+                                       "0", "--device", str(device)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            policy = infer.Policy.from_checkpoint(ckpt, device=str(device))
+            deadline = time.time() + 900  # a 7B checkpoint loads for minutes
+            while not (port := re.search(r" on ws://127\.0\.0\.1:(\d+) ", open(log.name).read())):
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"serve.py did not start:\n{open(log.name).read()[-2000:]}")
+                time.sleep(0.2)
+            client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", int(port[1]))
+            rng = np.random.default_rng(0)
+            obs = {"images": {c: rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for c in policy.cameras},
+                   "prompt": demo.SEEN[0]}
+            obs |= {"state": np.zeros(policy.vla.proprio_dim)} if policy.vla.proprio_dim else {}
+            ms = []
+            for _ in range(args.warmup + args.iters):  # predict's copy to the host waits for the GPU: host time
+                t0 = time.perf_counter()
+                policy.predict(obs["images"], obs["prompt"], obs.get("state"))
+                t1 = time.perf_counter()
+                inside = client.infer(obs)["server_timing"]["infer_ms"]
+                ms.append([1000 * (t1 - t0), inside, 1000 * (time.perf_counter() - t1)])
+        finally:
+            server.terminate()
+            server.wait(60)
+    ms = np.array(ms[args.warmup:])
+    rows = [[name, *(float(f(ms[:, i])) for f in (np.median, lambda x: np.percentile(x, 95), np.mean))]
+            for i, name in enumerate(["Policy.predict in process", "serve.py infer_ms (predict in its thread)",
+                                      "round trip, openpi-client over loopback"])]
+    table(f"serving: {args.checkpoint or 'tiny twin, 1 training step'}, {len(policy.cameras)} camera(s) "
+          f"({', '.join(policy.cameras)}) at 256x256, chunk {policy.vla.chunk} x {policy.vla.action_dim}, {device}",
+          ["path", "p50 ms", "p95 ms", "mean ms"], rows,
+          [f"{args.iters} pairs (predict, then the round trip) after {args.warmup} warm-up pairs, perf_counter, the "
+           f"same observation every time; what the protocol adds, round trip - infer_ms of the same call: p50 "
+           f"{np.median(ms[:, 2] - ms[:, 1]):.1f} ms, p95 {np.percentile(ms[:, 2] - ms[:, 1], 95):.1f} ms; load "
+           f"average {os.getloadavg()[0]:.1f}"])
+
+
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -499,7 +615,7 @@ def main(argv=None):
     for what in [args.what] if args.what != "all" else ["data", "train", "infer"]:
         try:
             dict(flops=bench_flops, memory=bench_memory, data=bench_data, train=bench_train,
-                 infer=bench_infer)[what](args, device)
+                 infer=bench_infer, serve=bench_serve)[what](args, device)
         except data.DataError as e:  # no episodes: say how to make some, measure the rest
             print(f"\n## data loader: {e}\n(make episodes with: python demo.py {args.data_dir})")
 

@@ -101,11 +101,6 @@ def detect_layout(f, g):
     return ("RoboTwin (flat)", cameras, "action") if cameras else None
 
 
-def _contents(g):
-    sets = [k for k in g if isinstance(g.get(k), h5py.Dataset)]
-    return f"datasets {', '.join(sets) or 'none'} and groups {', '.join(k for k in g if k not in sets) or 'none'}"
-
-
 def _jpeg_lengths(f, d, name):
     """ALOHA's compress_len (cameras, T) lists the cameras in its recorder's order, which HDF5 does not keep: this
     camera's row is the one whose lengths end its padded frames where their JPEGs end (FF D9, then zeros)."""
@@ -113,8 +108,8 @@ def _jpeg_lengths(f, d, name):
     ts = sorted({0, len(d) // 2, len(d) - 1})
     frames = d[ts]
     for row in rows.astype(int) if rows.ndim == 2 and rows.shape[1] == len(d) else []:
-        if all(2 <= n <= d.shape[1] and x[n - 2:n].tobytes() == b"\xff\xd9" and not x[n:].any()
-               for x, n in zip(frames, row[ts])):
+        if 2 <= row.min() and row.max() <= d.shape[1] and all(x[n - 2:n].tobytes() == b"\xff\xd9" and not x[n:].any()
+                                                             for x, n in zip(frames, row[ts])):
             return row
     raise DataError(f"{name}: no row of compress_len {rows.shape} gives the lengths of its JPEG frames (missing, "
                     f"longer than the {d.shape[1]} bytes stored per frame, or the frames are not JPEG)")
@@ -188,8 +183,10 @@ def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction)
     with f:
         missing, layout = [k for k in [action_key, *cameras] if k not in g], detect_layout(f, g)
         if missing and layout is None:
+            sets = [k for k in g if isinstance(g.get(k), h5py.Dataset)]
             raise DataError(f"no known episode layout (RoboTwin's flat datasets, ALOHA's observations/images, "
-                            f"robomimic's data/demo_N): it holds {_contents(g)}")
+                            f"robomimic's data/demo_N): it holds datasets {', '.join(sets) or 'none'} and groups "
+                            f"{', '.join(k for k in g if k not in sets) or 'none'}")
         if missing:
             raise DataError(f"missing {', '.join(missing)} (a {layout[0]} episode: `python data.py DIR` prints the "
                             "flags that read it)")
@@ -199,8 +196,9 @@ def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction)
         _numbers(g, action_key, len(action))
         if any(v.dtype != np.uint8 or not (v.ndim == 4 and v.shape[3] == 3 or v.ndim == 2 and f.attrs.get("compress"))
                for v in videos):
-            raise DataError("camera frames must be uint8 (T, H, W, 3), or padded JPEGs (T, bytes) in a file with "
-                            "compress set; found " + ", ".join(f"{c} {v.dtype} {v.shape}" for c, v in zip(cameras, videos)))
+            found = ", ".join(f"{c} {v.dtype} {v.shape}" for c, v in zip(cameras, videos))
+            raise DataError(f"camera frames must be uint8 (T, H, W, 3), or padded JPEGs (T, bytes) in a file with "
+                            f"compress set; found {found}")
         if {len(v) for v in videos} != {len(action)}:
             raise DataError(f"cameras and action differ in length: {action_key} {len(action)}, "
                             + ", ".join(f"{c} {len(v)}" for c, v in zip(cameras, videos)))
@@ -214,7 +212,7 @@ def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction)
                             "seen dataset or LIBERO problem_info): pass --instruction \"what the robot should do\"")
         if "unseen" in g and not read_instructions(f, g, "unseen"):
             raise DataError("unseen instructions missing, empty or all blank")
-        shapes = set()
+        shapes = set()  # of every camera's first and last frames: all of them, in every episode, must agree
         for c, v in zip(cameras, videos):
             read = camera_reader(f, g, c, ref)
             try:  # the last frame must decode: catches cut-off data, missing compression filters, broken JPEGs
@@ -223,9 +221,7 @@ def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction)
                 why = f"stored with HDF5 filter {', '.join(_filters(v))}, not installed here" if _filters(v) else \
                     str(e).splitlines()[0]
                 raise DataError(f"{c}: its frames do not read ({why})") from None
-        if len(shapes) > 1:
-            raise DataError(f"frame sizes differ: {sorted(shapes)} (all cameras, all episodes must agree)")
-        return len(action), shapes.pop(), hashlib.sha1(np.ascontiguousarray(action[()])).hexdigest()
+        return len(action), shapes, hashlib.sha1(np.ascontiguousarray(action[()])).hexdigest()
 
 
 def check_episodes(paths, cameras, chunk, action_dim, action_offset=0, action_key="action", state_key=None,
@@ -236,17 +232,17 @@ def check_episodes(paths, cameras, chunk, action_dim, action_offset=0, action_ke
     if chunk < 1 or action_offset < 0 or action_dim < 1:
         raise DataError(f"need chunk >= 1, action_offset >= 0 and action_dim >= 1; got {chunk}, {action_offset}, "
                         f"{action_dim}")
-    problems, usable, frame_shape, seen = [], [], None, {}
+    problems, usable, frame_shapes, seen = [], [], set(), {}
     for p in paths:
         path, demo = split_ref(p)
         try:
             if not os.path.isfile(path):
                 raise DataError("no such file or directory")
-            length, shape, digest = _check_episode(p, cameras, action_dim, action_key, state_key, instruction)
+            length, shapes, digest = _check_episode(p, cameras, action_dim, action_key, state_key, instruction)
             if twin := seen.get((os.path.realpath(path), demo)) or seen.get(digest):
                 raise DataError(f"the same episode as {twin} (same file or same actions): remove one")
-            if frame_shape not in (None, shape):
-                raise DataError(f"frame sizes differ: {sorted({frame_shape, shape})} (all cameras, all episodes must "
+            if len(shapes | frame_shapes) > 1:
+                raise DataError(f"frame sizes differ: {sorted(shapes | frame_shapes)} (all cameras, all episodes must "
                                 "agree)")
         except DataError as e:
             problems.append(f"{p}: {str(e).removeprefix(f'{p}: ')}")
@@ -255,7 +251,7 @@ def check_episodes(paths, cameras, chunk, action_dim, action_offset=0, action_ke
             problems.append(f"{p}: not a readable HDF5 file or truncated ({str(e).splitlines()[0]})")
             continue
         seen[(os.path.realpath(path), demo)] = seen[digest] = p
-        frame_shape = shape
+        frame_shapes = shapes
         if length >= chunk + action_offset:
             usable.append(p)
         else:
@@ -316,8 +312,9 @@ def save_stats(path, action_stats, proprio_stats=None, dataset_name="place_shoe"
         json.dump({dataset_name: entry}, f, indent=2)
 
 
-def load_stats(path, dataset_name=None, key="action"):
-    """The action (or proprio) block of a dataset_statistics.json; dataset_name picks one when it holds several."""
+def load_stats(path, dataset_name=None, key="action", dim=None):
+    """The action (or proprio) block of a dataset_statistics.json; dataset_name picks one when it holds several.
+    Its min, max, q01 and q99 must be `dim` (default: as many as min) finite values each, min <= max, q01 <= q99."""
     with open(path) as f:
         stats = json.load(f)
     if dataset_name is None and len(stats) == 1:
@@ -328,6 +325,11 @@ def load_stats(path, dataset_name=None, key="action"):
     if missing:
         raise DataError(f"{path}: expected OpenVLA norm_stats {{name: {{'{key}': {{'min', 'max', 'q01', 'q99'}}}}}} "
                         f"with one dataset, or a dataset_name; found {list(stats)[:5]}, missing {sorted(missing)}")
+    n, v = dim or np.size(block["min"]), {k: np.array(block[k], dtype=float) for k in ("min", "max", "q01", "q99")}
+    bad = [k for k, x in v.items() if x.shape != (n,) or not np.isfinite(x).all()] or \
+        [f"{lo} > {hi}" for lo, hi in (("min", "max"), ("q01", "q99")) if (v[lo] > v[hi]).any()]
+    if bad:  # min > max would make every action a constant, NaN every action NaN
+        raise DataError(f"{path}: {key} {', '.join(bad)}: expected {n} finite values each, min <= max, q01 <= q99")
     return block
 
 
@@ -411,12 +413,11 @@ class EpisodeDataset(torch.utils.data.Dataset):
                     self.frame_sizes = {c: list(camera_reader(f, g, c, p)(0).shape[:2]) for c in cameras}
         problems = [f"{p}: no '{instructions}' instructions" for p, texts in zip(self.paths, self.instructions)
                     if not texts]
-        if proprio and len(set(keys)) > 1:  # one state in milli-units beside another in radians would train silently
-            problems.append(f"--proprio: {self.paths[0]} reads its state from {keys[0]}, but " + ", ".join(
-                f"{p} from {k}" for p, k in zip(self.paths, keys) if k != keys[0])[:400] + ": pass --state_key")
-        if proprio and len({s.shape[1] for s in states}) > 1:
-            problems.append(f"--proprio: the states are {sorted({s.shape[1] for s in states})} wide in different "
-                            f"episodes (e.g. {self.paths[0]}: {states[0].shape[1]})")
+        kinds = [(k, s.shape[1]) for k, s in zip(keys, states)]  # a state in milli-units beside one in radians, say
+        if len(set(kinds)) > 1:
+            problems.append(f"--proprio: {self.paths[0]} reads its state from {keys[0]} ({kinds[0][1]} wide), but "
+                            + ", ".join(f"{p} from {k} ({w} wide)" for p, (k, w) in zip(self.paths, kinds)
+                                        if (k, w) != kinds[0])[:400] + ": pass --state_key")
         if problems:
             raise DataError("\n".join(problems))
         self.state_key = keys[0] if proprio else None
@@ -541,7 +542,8 @@ def summarize(data_dir, cameras=None, chunk=8, action_dim=None, action_offset=0,
     stats, lengths = compute_stats(actions), [len(a) for a in actions]
     samples = sum(n - chunk - action_offset + 1 for n in lengths)
     files = len({split_ref(p)[0] for p in paths})
-    print(f"layout: {layout[0] if layout else 'unknown'}" + f", {len(paths)} demos in {files} files" * (files < len(paths)))
+    demos = f", {len(paths)} demos in {files} files" if files < len(paths) else ""
+    print(f"layout: {layout[0] if layout else 'unknown'}{demos}")
     print(f"{len(paths)} episodes, {sum(lengths)} frames (length {min(lengths)}-{max(lengths)}, "
           f"mean {np.mean(lengths):.0f}), {samples} samples (chunk {chunk}, action offset {action_offset})")
     episode = read_episode(paths[0], cameras, swap_red_blue, action_key)

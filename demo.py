@@ -1,13 +1,14 @@
 """
 Fixtures for nanoOFT that sit beside the core, as nanoGPT's data/<name>/prepare.py: synthetic "place the shoe"
-episodes in RoboTwin's OFT layout, learnable by a tiny model in minutes on a CPU, and the tiny random OpenVLA-format
-twin checkpoint that runs through the same code path as the 7B model.
+episodes in RoboTwin's OFT layout, learnable by a tiny model in minutes on a CPU, the tiny random OpenVLA-format
+twin checkpoint that runs through the same code path as the 7B model, and a writer of real ALOHA's JPEG episodes.
 
 $ python demo.py demo_data --episodes 48 --seed 0          # episode_0.hdf5 ... episode_47.hdf5
 $ python demo.py --tiny tiny-openvla                        # the tiny twin (config, tokenizer, safetensors)
 """
 import argparse
 import glob
+import io
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ import time
 import h5py
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
@@ -233,6 +235,45 @@ def make_demo(out_dir, episodes=48, seed=0):
                 f.create_dataset(key, data=list(rng.permutation(texts)[:50]), dtype=h5py.string_dtype())
         total += len(actions)
     print(f"wrote {episodes} demo episodes ({total} frames) to {out_dir} in {time.time() - t0:.1f}s")
+
+
+# -----------------------------------------------------------------------------
+# real ALOHA's compressed episodes
+
+
+def cv2_jpeg(rgb, quality=50):
+    """What cv2.imencode('.jpg', rgb) writes: it takes the array for BGR, so the JPEG holds red and blue swapped."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb[..., ::-1])).save(buf, "JPEG", quality=quality)
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def write_aloha(path, frames, qpos, action):
+    """An episode as Mobile ALOHA's record_episodes.py writes it with COMPRESS: each frame a JPEG zero-padded to the
+    longest, compress_len (cameras, T) in the order of `frames` (the recorder's camera_names), the numbers float32
+    (the recorder creates their datasets without a dtype)."""
+    T, cameras = len(action), list(frames)
+    encoded = {cam: [cv2_jpeg(x) for x in frames[cam]] for cam in cameras}
+    compressed_len = np.array([[len(e) for e in encoded[cam]] for cam in cameras])
+    padded_size = compressed_len.max()
+    with h5py.File(path, "w", rdcc_nbytes=1024 ** 2 * 2) as root:
+        root.attrs["sim"], root.attrs["compress"] = False, True
+        obs = root.create_group("observations")
+        image = obs.create_group("images")
+        for cam in cameras:
+            image.create_dataset(cam, (T, padded_size), dtype="uint8", chunks=(1, padded_size))
+            padded = np.zeros((T, padded_size), np.uint8)
+            for t, e in enumerate(encoded[cam]):
+                padded[t, :len(e)] = e
+            root[f"/observations/images/{cam}"][...] = padded
+        for name in ("qpos", "qvel", "effort"):
+            obs.create_dataset(name, (T, 14), dtype="f4")
+        root.create_dataset("action", (T, 14), dtype="f4")
+        root.create_dataset("base_action", (T, 2), dtype="f4")
+        root.create_dataset("compress_len", (len(cameras), T), dtype="f4")
+        root["/observations/qpos"][...], root["/action"][...] = qpos, action
+        root["/compress_len"][...] = compressed_len
+    return str(path)
 
 
 if __name__ == "__main__":

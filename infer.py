@@ -29,21 +29,35 @@ import data
 import model
 
 CHECKPOINT_FILES = ["args.json", "dataset_statistics.json", "action_head.safetensors"]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]  # an export has them folded in
 
 
 def check_checkpoint(ckpt_dir):
-    """One-line error for a checkpoint that cannot work, before any model is loaded."""
+    """One-line error for a checkpoint that cannot work, before any model is loaded: args.json, the statistics and
+    the options the head records checked against each other. -> args.json"""
     if not os.path.isdir(ckpt_dir):
         sys.exit(f"error: --checkpoint {ckpt_dir}: not a directory")
-    missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(ckpt_dir, f))]
-    merged = os.path.isfile(os.path.join(ckpt_dir, "config.json"))
-    if not merged:
-        missing += [f for f in ["adapter_config.json", "adapter_model.safetensors"]
-                    if not os.path.isfile(os.path.join(ckpt_dir, f))]
+    adapter = [] if os.path.isfile(os.path.join(ckpt_dir, "config.json")) else ADAPTER_FILES
+    missing = [f for f in CHECKPOINT_FILES + adapter if not os.path.isfile(os.path.join(ckpt_dir, f))]
     if missing:
         sys.exit(f"error: checkpoint {ckpt_dir} is missing {', '.join(missing)}")
-    with open(os.path.join(ckpt_dir, "args.json")) as f:
-        return json.load(f)
+    where, stats = os.path.join(ckpt_dir, "args.json"), os.path.join(ckpt_dir, "dataset_statistics.json")
+    try:
+        args, head = model.read_json(where), model.head_options(os.path.join(ckpt_dir, "action_head.safetensors"))
+        absent = [k for k in ("vla_path", "cameras", "chunk", "action_dim", "action_offset", "norm") if k not in args]
+        if absent:
+            raise ValueError(f"{where}: no {', '.join(absent)}")
+        # what the weights were trained for, as the head records it (and the cameras, in order, as frame_sizes does)
+        trained = {k: head[k] for k in ("chunk", "action_dim", "attention", "image_aug", "film")} | \
+            {"proprio": bool(head["proprio_dim"]), "cameras": ",".join(args.get("frame_sizes") or [args["cameras"]])}
+        k = next((k for k in trained if k in args and args[k] != trained[k]), None)
+        if k:
+            raise ValueError(f"{where}: {k} {args[k]!r}, but the checkpoint was trained with {trained[k]!r}")
+        for key, n in [("action", head["action_dim"])] + [("proprio", head["proprio_dim"])] * bool(head["proprio_dim"]):
+            data.load_stats(stats, key=key, dim=n)
+    except (OSError, ValueError) as e:  # data.DataError is a ValueError
+        sys.exit(f"error: {e}")
+    return args
 
 
 def ensemble(recent, decay=0.01):
@@ -67,6 +81,8 @@ class Policy:
 
     def __init__(self, vla, stats, train_args, device, execute=1, ensemble=False, jpeg_quality=None,
                  proprio_stats=None):
+        if type(execute) is not int or not 1 <= execute <= train_args["chunk"]:
+            raise ValueError(f"Policy: execute must be 1..{train_args['chunk']} (the chunk), got {execute!r}")
         self.vla, self.stats, self.args, self.device = vla, stats, train_args, device
         self.cameras = train_args["cameras"].split(",")
         self.execute, self.ensemble, self.jpeg_quality = execute, ensemble, jpeg_quality
@@ -84,13 +100,17 @@ class Policy:
                               "cpu" if device == "auto" else device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         merged = os.path.isfile(os.path.join(ckpt_dir, "config.json"))
-        # the head records chunk, action_dim, proprioception, attention and augmentation: they come with it
-        vla = model.VLA.from_pretrained(ckpt_dir if merged else vla_path or train_args["vla_path"], dtype=dtype,
-                                        device=device)
-        if not merged:  # an export already holds LoRA folded in and its head
-            model.load_trained(vla, ckpt_dir)
-            if merge:
-                model.merge_lora(vla)
+        try:  # the adapter is checked against its config, and the base against it, before the base loads
+            base = ckpt_dir if merged else \
+                model.check_base(ckpt_dir, vla_path or model.trained_base(ckpt_dir, train_args))
+            # the head records chunk, action_dim, proprioception, attention, augmentation and FiLM: they come with it
+            vla = model.VLA.from_pretrained(base, dtype=dtype, device=device)
+            if not merged:  # an export already holds LoRA folded in and its head
+                model.load_trained(vla, ckpt_dir)
+                if merge:
+                    model.merge_lora(vla)
+        except (OSError, ValueError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
         vla.eval()
         stats = os.path.join(ckpt_dir, "dataset_statistics.json")
         proprio = data.load_stats(stats, key="proprio") if vla.proprio_dim else None
@@ -129,6 +149,8 @@ class Policy:
         if self.vla.proprio_dim and np.shape(state) != (self.vla.proprio_dim,):
             raise ValueError(f"predict: this policy was trained with proprioception: pass state, the raw "
                              f"({self.vla.proprio_dim},) joint state, got {'None' if state is None else np.shape(state)}")
+        if self.vla.proprio_dim and not np.isfinite(state).all():
+            raise ValueError(f"predict: the state is NaN or inf at dims {np.flatnonzero(~np.isfinite(state)).tolist()}")
         frames = torch.stack([self.frame(c, images[c]) for c in self.cameras])
         state = torch.as_tensor(data.normalize_state(np.asarray(state, np.float64), self.proprio_stats))[None] \
             if self.vla.proprio_dim else None
@@ -230,6 +252,8 @@ def main(argv=None):
     p.add_argument("--out", default="out/infer", help="where plot.png and report.json go")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    if not args.instruction.strip():
+        p.error("--instruction is blank: pass seen, unseen or the text")
     train_args = check_checkpoint(args.checkpoint)
     if not 1 <= args.execute <= train_args["chunk"]:
         p.error(f"--execute must be between 1 and the chunk length {train_args['chunk']}, got {args.execute}")
@@ -258,8 +282,7 @@ def main(argv=None):
     mode = "ensemble" if args.ensemble else f"execute {args.execute}"
     plot(executed, recorded, result["names"], policy.stats, os.path.join(args.out, "plot.png"),
          f"{os.path.basename(args.episode)} | {mode} | L1 {result['l1']:.3f} (normalized)")
-    lat = result["latency_ms"]
-    agree = result["gripper_agreement"]
+    lat, agree = result["latency_ms"], result["gripper_agreement"]
     print(f"L1 {result['l1']:.4f} normalized, {result['l1_raw']:.4f} raw | gripper agreement "
           f"{'n/a' if agree is None else f'{agree:.3f}'} | latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, "
           f"{result['chunks_per_s']:.1f} chunks/s")

@@ -10,8 +10,9 @@ final hidden states feed an L1 regression head: one forward pass gives a normali
     chunk = vla(images, ["pick up the shoe"])           # images uint8 (B, N cameras, 3, H, W) -> (B, 8, 14) float32
     save_trained(vla, "checkpoints/step-1000")          # adapter_model.safetensors + action_head.safetensors
 
-    # OpenVLA-OFT's other levers: a state token, attention over the whole sequence, augmentation (centre crop in eval)
-    vla = VLA.from_pretrained(path, proprio_dim=14, attention="full", image_aug=True)
+    # OpenVLA-OFT's other levers: a state token, attention over the whole sequence, augmentation (centre crop in eval),
+    # and OFT+'s FiLM: the instruction scales and shifts the features in every ViT block
+    vla = VLA.from_pretrained(path, proprio_dim=14, attention="full", image_aug=True, film=True)
     chunk = vla(images, instructions, state, aug)       # state (B, 14) in [-1, 1]; aug (B, N, 6) uniform draws
 
     vla = VLA.from_config(openvla_7b_config(), torch.bfloat16, "cuda")  # 7B-shaped, random weights, no download
@@ -22,6 +23,7 @@ Command line:
     python model.py --merge checkpoints/step-1000 --base openvla/openvla-7b --out out/merged --device cpu
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -56,7 +58,7 @@ VIT = {
 # the shipped preprocessor_config.json's tvf_normalize_params (bf16-rounded values), used when the file has none
 NORMALIZE = [dict(mean=[0.484375, 0.455078125, 0.40625], std=[0.228515625, 0.2236328125, 0.224609375]),
              dict(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])]
-HEAD = ("action_head.", "action_queries", "proprio_projector.")  # what trains fully
+HEAD = ("action_head.", "action_queries", "proprio_projector.", "film_layers.")  # what trains fully
 ATTENTION = ("causal", "queries", "full")
 
 
@@ -113,11 +115,13 @@ class Block(nn.Module):
         self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(d, mlp), fc2=nn.Linear(mlp, d)))
         self.ls2 = LayerScale(d) if layer_scale else nn.Identity()
 
-    def forward(self, x):
+    def forward(self, x, gamma=None, beta=None):
         B, T, d = x.shape
         q, k, v = self.attn.qkv(self.norm1(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, d)
         x = x + self.ls1(self.attn.proj(a))
+        if gamma is not None:  # FiLM (OFT+): the same scale and shift for every token; the identity at 0
+            x = x * (1 + gamma[:, None]) + beta[:, None]
         return x + self.ls2(self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)))))
 
 
@@ -134,12 +138,13 @@ class ViT(nn.Module):
                                     for _ in range(spec["depth"] - 1))
         self.grad_ckpt = False
 
-    def forward(self, x):
+    def forward(self, x, film=None):
+        """film: (gamma, beta) per block, each (B, width), or None."""
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # pos_embed covers patches only
         prefix = [t.expand(len(x), -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         x = torch.cat(prefix + [x], 1)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_ckpt and self.training else block(x)
+        for block, f in zip(self.blocks, film or [()] * len(self.blocks)):
+            x = checkpoint(block, x, *f, use_reentrant=False) if self.grad_ckpt and self.training else block(x, *f)
         return x[:, sum(t.shape[1] for t in prefix):]
 
 
@@ -265,7 +270,7 @@ def load_tokenizer(path):
 
 class VLA(nn.Module):
     def __init__(self, config, tokenizer=None, preprocessor=None, chunk=8, action_dim=14, proprio_dim=0,
-                 attention="causal", image_aug=False):
+                 attention="causal", image_aug=False, film=False):
         super().__init__()
         for tid in config["timm_model_ids"]:
             if tid not in VIT:
@@ -285,11 +290,12 @@ class VLA(nn.Module):
         self.projector = nn.ModuleDict(dict(fc1=nn.Linear(vision, 4 * vision), fc2=nn.Linear(4 * vision, d),
                                             fc3=nn.Linear(d, d)))
         self.language_model = LlamaForCausalLM(text)
-        self.new_head(chunk, action_dim, proprio_dim, torch.get_default_device())
+        self.new_head(chunk, action_dim, proprio_dim, film, torch.get_default_device())
 
-    def new_head(self, chunk, action_dim, proprio_dim, device):
-        """(Re)build what trains fully, in float32 like peft's adapters: the K action queries, the head and, with
-        proprioception, OFT's state projector."""
+    def new_head(self, chunk, action_dim, proprio_dim, film, device):
+        """(Re)build what trains fully, in float32 like peft's adapters: the K action queries, the head, with
+        proprioception OFT's state projector, and with FiLM a scale and a shift Linear(LLM width -> tower width)
+        per built ViT block, named film_layers.{tower}.{block}.{scale,shift} after the block they modulate."""
         d = self.llm.config.hidden_size
         with torch.device(device):
             self.action_queries = nn.Parameter(torch.empty(chunk, d))
@@ -297,8 +303,12 @@ class VLA(nn.Module):
                                              nn.LayerNorm(d), nn.Linear(d, action_dim))
             self.proprio_projector = nn.ModuleDict(dict(fc1=nn.Linear(proprio_dim, d), fc2=nn.Linear(d, d))) \
                 if proprio_dim else None
-        init_weights([(n, p) for n, p in self.named_parameters() if n.startswith(HEAD)])
-        self.chunk, self.action_dim, self.proprio_dim = chunk, action_dim, proprio_dim
+            film_block = lambda w: nn.ModuleDict(dict(scale=nn.Linear(d, w), shift=nn.Linear(d, w)))
+            self.film_layers = nn.ModuleDict({name: nn.ModuleList(film_block(t.pos_embed.shape[-1]) for _ in t.blocks)
+                                              for name, t in self.vision_backbone.items()}) if film else None
+        # FiLM keeps PyTorch's default Linear init, as OFT
+        init_weights([(n, p) for n, p in self.named_parameters() if n.startswith(HEAD[:-1])])
+        self.chunk, self.action_dim, self.proprio_dim, self.film = chunk, action_dim, proprio_dim, film
 
     @property
     def llm(self):
@@ -308,10 +318,11 @@ class VLA(nn.Module):
     def device(self):
         return self.action_queries.device
 
-    def embed_images(self, images, aug=None):
+    def embed_images(self, images, aug=None, lang=None):
         """uint8 frames (B, N, 3, H, W) -> projected patches (B, N * 256, d). Pixels as OpenVLA's processor makes them;
         with image augmentation, OFT's random crop and colour jitter drawn as aug (B, N, 6) in [0, 1) in training, and
-        its centre crop otherwise when the model was trained that way (image_aug)."""
+        its centre crop otherwise when the model was trained that way (image_aug). lang (B, d): with FiLM, what
+        conditions every camera's towers (forward passes the mean embedding of each sample's prompt)."""
         if images.dtype != torch.uint8 or images.ndim != 5:
             raise ValueError(f"images must be uint8 (B, N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         B, N, _, H, W = images.shape
@@ -323,10 +334,11 @@ class VLA(nn.Module):
                 torch.full((len(x), 2), 0.5, dtype=torch.float64, device=x.device)
             x = resize_like_pil(x, self.image_size, crop_boxes(u[:, :2], H, W)) / 255
             x = jitter(x, u[:, 2:].float()) if aug is not None else x
-        feats = []
-        for tower, p in zip(self.vision_backbone.values(), self.preprocessor["tvf_normalize_params"]):
+        feats, lang = [], lang.repeat_interleave(N, 0) if self.film else None
+        for (name, tower), p in zip(self.vision_backbone.items(), self.preprocessor["tvf_normalize_params"]):
             mean, std = (torch.tensor(p[k], device=x.device).view(3, 1, 1) for k in ("mean", "std"))
-            feats.append(tower(((x - mean) / std).to(tower.pos_embed.dtype)))
+            film = [(f.scale(lang), f.shift(lang)) for f in self.film_layers[name]] if self.film else None
+            feats.append(tower(((x - mean) / std).to(tower.pos_embed.dtype), film))
         p = self.projector
         x = p.fc3(F.gelu(p.fc2(F.gelu(p.fc1(torch.cat(feats, -1))))))
         return x.reshape(B, N * x.shape[1], x.shape[2])
@@ -336,19 +348,23 @@ class VLA(nn.Module):
 
     def forward(self, images, instructions, state=None, aug=None):
         """-> normalized action chunks (B, chunk, action_dim). state: normalized proprioception (B, proprio_dim)."""
-        patches = self.embed_images(images, aug)
+        ids = self.tokenize(instructions)
+        B, K, dev = len(ids), self.chunk, self.device
+        n = torch.tensor([len(t) for t in ids], device=dev)  # BOS + prompt tokens
+        T = max(len(t) for t in ids)
+        tokens = torch.tensor([t + [self.config["pad_token_id"]] * (T - len(t)) for t in ids], device=dev)
+        emb = self.llm.model.embed_tokens(tokens)
+        # FiLM's language vector (OFT+): the mean input embedding of the sample's own prompt tokens, never padding
+        lang = (emb.float() * (torch.arange(T, device=dev) < n[:, None])[..., None]).sum(1) / n[:, None] \
+            if self.film else None
+        patches = self.embed_images(images, aug, lang)
         if self.proprio_dim:  # OFT: one state token right after the image patches
             if state is None:
                 raise ValueError(f"the model was trained with proprioception: pass state (B, {self.proprio_dim})")
             p = self.proprio_projector
             token = p.fc2(F.gelu(p.fc1(state.to(self.device, torch.float32))))
             patches = torch.cat([patches, token[:, None].to(patches.dtype)], 1)
-        ids = self.tokenize(instructions)
-        B, P, K, dev = len(ids), patches.shape[1], self.chunk, patches.device
-        n = torch.tensor([len(t) for t in ids], device=dev)  # BOS + prompt tokens
-        T = max(len(t) for t in ids)
-        tokens = torch.tensor([t + [self.config["pad_token_id"]] * (T - len(t)) for t in ids], device=dev)
-        emb = self.llm.model.embed_tokens(tokens)
+        P = patches.shape[1]
         x = torch.cat([emb[:, :1], patches.to(emb.dtype), emb[:, 1:], emb.new_zeros(B, K, emb.shape[2])], 1)
         # right padding: each sample's queries follow its own prompt, so every real token sits at the position it
         # would have alone, and causal attention never reaches the padding after it: no mask needed (flash sdpa)
@@ -376,12 +392,12 @@ class VLA(nn.Module):
         rope = self.llm.model.rotary_emb
         with torch.device(device):
             self.llm.model.rotary_emb = type(rope)(rope.config)
-        self.new_head(self.chunk, self.action_dim, self.proprio_dim, device)
+        self.new_head(self.chunk, self.action_dim, self.proprio_dim, self.film, device)
 
     @classmethod
     def from_config(cls, config, dtype=torch.float32, device="cpu", tokenizer=None, **options):
         """Random weights built directly on `device` (benchmarks, the tiny twin); tokenizer: what forward() needs.
-        options: chunk, action_dim, proprio_dim, attention, image_aug (VLA's arguments)."""
+        options: chunk, action_dim, proprio_dim, attention, image_aug, film (VLA's arguments)."""
         vla = cls._meta(config, dtype, tokenizer, None, options)
         vla.to_empty(device=device)
         init_weights(vla.named_parameters())
@@ -391,7 +407,7 @@ class VLA(nn.Module):
     @classmethod
     def from_pretrained(cls, path="openvla/openvla-7b", dtype=torch.float32, device="cpu", **options):
         """A local OpenVLA-format directory or a hub id. An action_head.safetensors there (a merged export) is
-        loaded too, and the options it records (chunk, action_dim, proprio_dim, attention, image_aug) win."""
+        loaded too, and the options it records (HEAD_OPTIONS) win."""
         path = resolve(path)
         config, tok = load_tokenizer(path)
         pre = os.path.join(path, "preprocessor_config.json")
@@ -487,31 +503,43 @@ def load_weights(vla, path, dtype, device):
                                 strict=False, assign=True)
 
 
-HEAD_OPTIONS = ("chunk", "action_dim", "proprio_dim", "attention", "image_aug")  # saved with the head's weights
+HEAD_OPTIONS = ("chunk", "action_dim", "proprio_dim", "attention", "image_aug", "film")  # saved with the head's weights
+
+
+def fingerprint(config):  # what a checkpoint records of its base: config.json, which fixes every shape
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_head(vla, path):
-    meta = {k: getattr(vla, k) for k in HEAD_OPTIONS} | {"hidden": vla.llm.config.hidden_size}
+    meta = {k: getattr(vla, k) for k in HEAD_OPTIONS} | dict(hidden=vla.llm.config.hidden_size,
+                                                             base=fingerprint(vla.config))
     sd = {k: v.detach().contiguous() for k, v in vla.state_dict().items() if k.startswith(HEAD)}
     save_file(sd, path, metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
-def load_head(vla, path):
-    """The head's weights, and the options it was trained with (they win over the model's)."""
+def head_options(path):
+    """What a head was trained with, from its file's header: HEAD_OPTIONS, its width and its base's fingerprint."""
     with open_safetensors(path) as f:
-        meta, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata() or {}
     try:
         meta = {k: json.loads(v) for k, v in meta.items()}
-        # heads saved before proprioception, augmentation and --attention (which replaced --bidirectional)
-        old = dict(proprio_dim=0, image_aug=False, attention="queries" if meta.get("bidirectional") else "causal")
-        meta = old | meta
-        options, hidden = {k: meta[k] for k in HEAD_OPTIONS}, meta["hidden"]
+        # heads saved before proprioception, augmentation, FiLM, --attention (which replaced --bidirectional), the base
+        old = dict(proprio_dim=0, image_aug=False, film=False,
+                   attention="queries" if meta.get("bidirectional") else "causal")
+        return {k: (old | meta)[k] for k in HEAD_OPTIONS + ("hidden",)} | {"base": meta.get("base")}
     except (KeyError, ValueError):
         raise ValueError(f"{path}: no action-head config in its metadata (not written by save_trained?)") from None
-    if hidden != vla.llm.config.hidden_size:
-        raise ValueError(f"{path}: head width {hidden} != LLM width {vla.llm.config.hidden_size}")
-    shape = [options[k] for k in ("chunk", "action_dim", "proprio_dim")]
-    if shape != [vla.chunk, vla.action_dim, vla.proprio_dim]:
+
+
+def load_head(vla, path):
+    """The head's weights, and the options it was trained with (they win over the model's)."""
+    options = head_options(path)
+    with open_safetensors(path) as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if options["hidden"] != vla.llm.config.hidden_size:
+        raise ValueError(f"{path}: head width {options['hidden']} != LLM width {vla.llm.config.hidden_size}")
+    shape = [options[k] for k in ("chunk", "action_dim", "proprio_dim", "film")]
+    if shape != [vla.chunk, vla.action_dim, vla.proprio_dim, vla.film]:
         vla.new_head(*shape, vla.device)
     vla.attention, vla.image_aug = options["attention"], options["image_aug"]
     wanted = sorted(k for k in vla.state_dict() if k.startswith(HEAD))
@@ -549,7 +577,7 @@ def enable_grad_ckpt(vla):
 
 def param_report(vla):
     parts = {"vision towers": ("vision_backbone.",), "projector": ("projector.",), "llm": ("language_model.",),
-             "action head+queries": HEAD, "total": ("",)}
+             "action head+queries": HEAD[:-1], "FiLM": HEAD[-1:], "total": ("",)}
     lines = [f"{'part':20s} {'total':>15s} {'trainable':>15s}"]
     for part, prefixes in parts.items():
         ps = [p for n, p in vla.named_parameters() if n.startswith(prefixes)]
@@ -582,8 +610,52 @@ def save_trained(vla, ckpt_dir):
     save_head(vla, os.path.join(ckpt_dir, "action_head.safetensors"))
 
 
+def check_adapter(ckpt_dir):
+    """adapter_config.json's rank and target_modules against the tensors in adapter_model.safetensors (headers)."""
+    config = read_json(os.path.join(ckpt_dir, "adapter_config.json"))
+    with open_safetensors(os.path.join(ckpt_dir, "adapter_model.safetensors")) as f:  # <module>.lora_A.weight: (r, in)
+        ranks = {k.removeprefix("base_model.model.").split(".lora_A.")[0]: f.get_slice(k).get_shape()[0]
+                 for k in f.keys() if ".lora_A." in k}
+    targets, hit = config.get("target_modules") or [], lambda m, t: m == t or m.endswith(f".{t}")  # peft's rule
+    odd = [t for t in targets if not any(hit(m, t) for m in ranks)] + \
+        [m for m in ranks if not any(hit(m, t) for t in targets)]
+    if set(ranks.values()) != {config.get("r")} or odd:
+        raise ValueError(f"{ckpt_dir}: adapter_config.json (r {config.get('r')}) does not match the tensors in "
+                         f"adapter_model.safetensors (rank {sorted(set(ranks.values()))}; modules [{_listing(odd)}])")
+
+
+def check_base(ckpt_dir, base):
+    """Refuses, before it loads, another base than ckpt_dir trained on: by the config fingerprint its head records
+    (older heads record only the LLM's width), and its adapter against its config. -> the base's directory."""
+    check_adapter(ckpt_dir)
+    path, head = resolve(base), head_options(os.path.join(ckpt_dir, "action_head.safetensors"))
+    config, what = read_json(os.path.join(path, "config.json")), "LLM width" if not head["base"] else "config.json"
+    trained, found = (head["base"], fingerprint(config)) if head["base"] else \
+        (head["hidden"], LlamaConfig(**config["text_config"]).hidden_size)
+    if found != trained:
+        raise ValueError(f"{ckpt_dir} was trained on another base than {base} ({what} {trained}; {base}'s: {found}): "
+                         "pass the base it was trained on")
+    if not head["base"]:
+        print(f"note: {ckpt_dir} records no base fingerprint (saved before nanoOFT did): checked {base}'s LLM width")
+    return path
+
+
+def trained_base(ckpt_dir, train_args):
+    """args.json's vla_path. Runs before absolute paths were recorded kept a relative one: looked for from here, then
+    from the directory the run started in, where its relative out_dir leads to ckpt_dir."""
+    path, out = os.path.expanduser(train_args["vla_path"]), os.path.normpath(train_args.get("out_dir") or "/")
+    run = os.path.dirname(os.path.abspath(ckpt_dir))
+    started = os.path.join(run[:-len(out)], path) if run.endswith(os.sep + out) else path
+    if os.path.isdir(path) or is_hub_id(path) and not os.path.isdir(started):  # as given: here, or a hub id
+        return path
+    if not os.path.isdir(started):
+        raise FileNotFoundError(f"{ckpt_dir}: its args.json's vla_path {path} is not found from here: pass the base "
+                                "(--vla_path; --base for model.py --merge)")
+    return started
+
+
 def load_trained(vla, ckpt_dir):
-    read_json(os.path.join(ckpt_dir, "adapter_config.json"))  # a clear error if missing or corrupt
+    check_adapter(ckpt_dir)  # a clear error if missing or corrupt, or if its config does not fit its tensors
     if not hasattr(vla, "peft_config"):
         _inject(vla, LoraConfig.from_pretrained(ckpt_dir))
     path = os.path.join(ckpt_dir, "adapter_model.safetensors")
@@ -643,7 +715,7 @@ def _write_json(path, obj):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--merge", metavar="CKPT_DIR", help="save_trained checkpoint whose LoRA to fold into --base")
-    ap.add_argument("--base", default="openvla/openvla-7b", help="base checkpoint (directory or hub id) for --merge")
+    ap.add_argument("--base", help="base checkpoint (directory or hub id) for --merge; default: CKPT_DIR's own")
     ap.add_argument("--out", metavar="DIR", help="where --merge writes the merged OpenVLA-format export")
     ap.add_argument("--device", default="cpu", help="device to merge on (cpu keeps the GPUs free)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
@@ -652,12 +724,19 @@ if __name__ == "__main__":
     if args.merge:
         if not args.out:
             ap.error("--merge needs --out")
-        vla = VLA.from_pretrained(args.base, getattr(torch, args.dtype), args.device)
+        try:  # the statistics and run args travel with the weights: both are read before any model loads
+            train_args, _ = (read_json(os.path.join(args.merge, f)) for f in ("args.json", "dataset_statistics.json"))
+            base = args.base or trained_base(args.merge, train_args)
+            path, out = check_base(args.merge, base), os.path.realpath(args.out)
+            if any(os.path.commonpath([out, os.path.realpath(d)]) == os.path.realpath(d) for d in (path, args.merge)):
+                raise ValueError(f"--out {args.out} is (or is inside) {base} or {args.merge}: pass another --out")
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"error: {e}")
+        vla = VLA.from_pretrained(path, getattr(torch, args.dtype), args.device)
         merge_lora(load_trained(vla, args.merge))
         save_pretrained(vla, args.out)
-        for f in os.listdir(args.merge):  # normalization stats and run args must travel with the weights
-            if f.endswith(".json") and f != "adapter_config.json" and not os.path.exists(os.path.join(args.out, f)):
-                shutil.copy(os.path.join(args.merge, f), args.out)
-        print(f"merged {args.merge} into {args.base} -> {args.out}")
+        for f in ("dataset_statistics.json", "args.json"):
+            shutil.copy(os.path.join(args.merge, f), args.out)
+        print(f"merged {args.merge} into {base} -> {args.out}")
     else:
         ap.print_help()

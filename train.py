@@ -7,9 +7,11 @@ All GPUs of this machine (launch.sh wraps torchrun):
     torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe
 Continue the newest checkpoint exactly where it stopped:
     torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe --resume auto
-SIGTERM or SIGUSR1 (--preempt_signals) saves after the current step and exits 75; --grad_ckpt auto decides on CUDA.
+SIGTERM/SIGUSR1 (--preempt_signals): save after the step, exit 75 (at once in start-up); a data file failing: 65.
 """
 import argparse
+import datetime
+import fcntl
 import glob
 import json
 import math
@@ -17,7 +19,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 
@@ -65,13 +66,15 @@ def get_args(argv=None):
                    "sees every token, as OpenVLA-OFT's patched Llama")
     p.add_argument("--proprio", action="store_true", help="feed the state at frame t (the file's `state`, else "
                    "action[t]) as one token after the image patches, as OFT; pair with --action_offset 1 on RoboTwin")
+    p.add_argument("--film", action="store_true", help="OFT+'s FiLM: the mean embedding of the prompt scales and "
+                   "shifts the features in every block of both vision towers (new layers, trained fully)")
     p.add_argument("--image_aug", action=argparse.BooleanOptionalAction, default=True,
                    help="OFT's random crop and colour jitter in training, its centre crop in evaluation/deployment")
     p.add_argument("--swap_red_blue", action="store_true",
                    help="reverse the channels of every frame read (RoboTwin's OFT-converted files hold BGR)")
     p.add_argument("--grad_ckpt", nargs="?", const="on", default="off", choices=["on", "off", "auto"],
                    help="recompute LLM and ViT activations in backward: less memory, ~30%% slower; auto: on when "
-                   "bench.py's memory estimate of this step exceeds the GPU's free memory (off on CPU)")
+                   "a step of the longest prompt runs out of GPU memory without it (off on CPU)")
     p.add_argument("--no-grad_ckpt", dest="grad_ckpt", action="store_const", const="off")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--num_workers", type=int, default=4, help="data loader processes per rank")
@@ -79,6 +82,7 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="frozen base weights and autocast; auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the newest one in --out_dir")
+    p.add_argument("--dist_timeout", type=float, default=10, help="minutes a rank waits for the others (gloo: 30)")
     p.add_argument("--preempt_signals", default="SIGTERM,SIGUSR1", help="on these, finish the step, save and exit "
                    "with code 75 (SLURM sends SIGTERM before it preempts or requeues a job); '' to disable")
     removed = {"--bidirectional": "--attention queries", "--no-bidirectional": "--attention causal"}
@@ -86,7 +90,7 @@ def get_args(argv=None):
         p.error(f"{flag} was replaced by {removed[flag]}")
     args = p.parse_args(argv)
     for name in ["chunk", "action_dim", "batch_size", "grad_accum", "max_steps", "save_interval", "eval_interval",
-                 "eval_batches", "log_interval", "lora_rank"]:
+                 "eval_batches", "log_interval", "lora_rank", "dist_timeout"]:
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ["action_offset", "val_episodes", "warmup_steps", "keep_last", "num_workers"]:
@@ -102,6 +106,7 @@ def get_args(argv=None):
                    if not glob.glob(os.path.join(path, f))]
         if missing:
             p.error(f"--vla_path {path}: no {', '.join(missing)} there (expected an OpenVLA checkpoint directory)")
+        args.vla_path = os.path.abspath(path)  # args.json must name it from any working directory
     elif not model.is_hub_id(path):
         p.error(f"--vla_path {path}: no such directory, and not a Hugging Face Hub id")
     for name in filter(None, args.preempt_signals.split(",")):
@@ -116,19 +121,16 @@ CHECKPOINT_FILES = ["adapter_model.safetensors", "adapter_config.json", "action_
                     "dataset_statistics.json", "args.json", "trainer_state.pt"]
 # they change shapes or the data: a resumed run keeps the checkpoint's
 SAME_ON_RESUME = ["chunk", "action_dim", "lora_rank", "cameras", "proprio", "attention", "action_offset", "norm",
-                  "swap_red_blue", "image_aug", "action_key", "state_key", "instruction"]
+                  "swap_red_blue", "image_aug", "action_key", "state_key", "instruction", "film"]
 
 
 def read_checkpoint(ckpt):
     """Its args.json and trainer state, once every file has been opened (safetensors headers, JSON, the state):
     a bad checkpoint fails before the model loads, with an OSError or ValueError naming the file."""
     read = {}
-    for f in CHECKPOINT_FILES[:-1]:
-        if f.endswith(".json"):
-            read[f] = model.read_json(os.path.join(ckpt, f))
-        else:
-            with model.open_safetensors(os.path.join(ckpt, f)):
-                pass
+    for f in CHECKPOINT_FILES[:-1]:  # in order: an empty directory is missing the adapter first
+        path = os.path.join(ckpt, f)
+        read[f] = model.read_json(path) if f.endswith(".json") else model.open_safetensors(path).keys()
     data.load_stats(os.path.join(ckpt, "dataset_statistics.json"))  # and it holds OpenVLA's norm_stats
     path = os.path.join(ckpt, CHECKPOINT_FILES[-1])
     try:
@@ -138,16 +140,21 @@ def read_checkpoint(ckpt):
     return read["args.json"], state
 
 
+def checkpoints(out_dir):  # (step, dir) oldest first by number; a copy step_000004_v2 or a step_000005.tmp is none
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted((int(d[5:]), os.path.join(out_dir, d)) for d in names if d[:5] == "step_" and d[5:].isdecimal())
+
+
 def find_resume(args):
     """The checkpoint to resume from and its trainer state, checked whole ((None, None) for a fresh run). Refuses to
     write over checkpoints: an earlier run's, or newer ones than the checkpoint resumed."""
     note = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
-    done = sorted(glob.glob(os.path.join(args.out_dir, "step_[0-9]*[0-9]")))  # "*.tmp" are unfinished saves
+    done = checkpoints(args.out_dir)
     if args.resume is None and done:
         sys.exit(f"error: --out_dir {args.out_dir} already holds checkpoints: pass --resume auto, or a new --out_dir")
     if args.resume is None or args.resume == "auto" and not done:
         return None, None
-    for ckpt in reversed(done) if args.resume == "auto" else [args.resume]:
+    for ckpt in [d for _, d in reversed(done)] if args.resume == "auto" else [args.resume]:
         try:
             saved, state = read_checkpoint(ckpt)
             break
@@ -157,7 +164,7 @@ def find_resume(args):
             note(f"note: --resume auto skips {ckpt}: {e}")
     else:
         sys.exit(f"error: --resume auto: no usable checkpoint in --out_dir {args.out_dir} (see the notes above)")
-    newer = [d for d in done if int(os.path.basename(d)[5:]) > state["step"]]
+    newer = [d for step, d in done if step > state["step"]]
     if newer and args.resume != "auto":  # auto passed over broken ones only: those may be written over
         sys.exit(f"error: --resume {ckpt} would write over the newer {', '.join(map(os.path.basename, newer))} in "
                  f"--out_dir {args.out_dir}: pass a new --out_dir")
@@ -167,12 +174,16 @@ def find_resume(args):
         if saved.get(name, getattr(args, name)) != getattr(args, name):
             sys.exit(f"error: {ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: resume with "
                      f"the same --{name}, or train anew in a new --out_dir")
-    if saved.get("batch_size", args.batch_size) != args.batch_size:
-        note(f"note: {ckpt} was trained with --batch_size {saved['batch_size']}: the data order will differ")
+    for name in ["batch_size", "grad_accum", "seed", "val_episodes", "val_data_dir"]:  # the last 3 make the split
+        if saved.get(name, getattr(args, name)) != getattr(args, name):
+            why = {"batch_size": "the data order will differ", "grad_accum": "the global batch changes"}
+            note(f"note: {ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: "
+                 f"{why.get(name, 'its validation split is kept')}")
+    args.val_episodes, args.val_data_dir = (saved.get(k, getattr(args, k)) for k in ("val_episodes", "val_data_dir"))
     if state["step"] >= args.max_steps:
         note(f"{ckpt} is at step {state['step']} of --max_steps {args.max_steps}: the run is finished, nothing to do")
         sys.exit(0)
-    return ckpt, state
+    return ckpt, state | {"args": saved}
 
 
 def get_lr(step, args):
@@ -235,8 +246,7 @@ def evaluate(vla, val_set, stats, args, device, autocast, rank, world):
         dist.all_reduce(sums)
     curr, future, raw, baseline = (sums[:4] / sums[4]).tolist()
     vla.train()
-    k = args.chunk
-    return {"val_l1": (curr + (k - 1) * future) / k, "val_curr_l1": curr, "val_future_l1": future,
+    return {"val_l1": (curr + (args.chunk - 1) * future) / args.chunk, "val_curr_l1": curr, "val_future_l1": future,
             "val_l1_raw": raw, "val_l1_baseline": baseline}
 
 
@@ -265,10 +275,26 @@ def save_checkpoint(vla, opt, step, stream_state, stats, args, world):
         shutil.rmtree(tmp, ignore_errors=True)
         sys.exit(f"error: could not save {final} ({type(e).__name__}: {e}; disk full?); removed {tmp}, the earlier "
                  "checkpoints are untouched")
-    if args.keep_last:
-        for old in sorted(glob.glob(os.path.join(args.out_dir, "step_[0-9]*[0-9]")))[:-args.keep_last]:
+    if args.keep_last:  # never this one; newer ones are broken ones --resume auto passed over: this run rewrites them
+        older = [d for s, d in checkpoints(args.out_dir) if s < step]
+        for old in older[:max(0, len(older) + 1 - args.keep_last)]:
             shutil.rmtree(old)
     print(f"saved {final}", flush=True)
+
+
+def out_of_memory(vla, batch, autocast, device):  # a step without grad ckpt, AdamW's moments held as from step 2 on
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            moments = torch.empty(2 * sum(p.numel() for p in vla.parameters() if p.requires_grad), device=device)
+            with autocast:
+                pred = vla(batch["images"].to(device), batch["instruction"], batch.get("state"), batch.get("aug"))
+            l1_terms(pred, batch["actions"].to(device))[0].backward()
+            del moments
+            return False
+        except torch.cuda.OutOfMemoryError:
+            return True
+        finally:
+            vla.zero_grad(set_to_none=True)
 
 
 def check_ranks_agree(trainable, world):
@@ -281,23 +307,40 @@ def check_ranks_agree(trainable, world):
     return f"trainable weights identical on all {world} ranks"
 
 
+def metrics_step(row):  # a kill -9 leaves a half-written last row (no "\n"); a garbage one must not stop a resume
+    try:
+        return int(json.loads(row)["step"]) if row.endswith("\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def exit_now(sig, frame):  # start-up: nothing to save, and a cluster's grace period would not wait for a first step
+    print(f"stopped in start-up ({signal.Signals(sig).name}): run the same command to start again", file=sys.stderr)
+    sys.exit(75)
+
+
 def main(argv=None):
     args = get_args(argv)
+    for name in filter(None, args.preempt_signals.split(",")):
+        signal.signal(signal.Signals[name], exit_now)
     resume, state = find_resume(args)
-    try:  # a run that cannot save fails now, not after the model has loaded and trained
+    try:  # a run that cannot save fails now, and one run per --out_dir: a second would write over the first's saves
         os.makedirs(args.out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out_dir).close()
+        lock = open(os.path.join(args.out_dir, ".lock"), "a")
+        if os.environ.get("RANK", "0") == "0":  # the kernel drops the lock when the process ends, killed or not
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by another process: EAGAIN on Linux, NFS too
+    except BlockingIOError:
+        sys.exit(f"error: --out_dir {args.out_dir} is in use by another run (it holds {lock.name}): wait for it "
+                 "to end, or pass another --out_dir")
     except OSError as e:
         sys.exit(f"error: --out_dir {args.out_dir} is not writable: {e}")
     stop = {}  # why this rank should save and stop at the end of the current step
-    for name in filter(None, args.preempt_signals.split(",")):
-        signal.signal(signal.Signals[name], lambda sig, frame: stop.setdefault("why", signal.Signals(sig).name))
     launcher = os.getppid()
     # -------------------------------------------------------------------------------- distributed
     ddp = int(os.environ.get("RANK", -1)) != -1
     use_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     if ddp:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=args.dist_timeout))
         rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
     else:
         rank, local_rank, world = 0, 0, 1
@@ -319,8 +362,16 @@ def main(argv=None):
         keys = dict(action_key=args.action_key, state_key=args.state_key, instruction=args.instruction)
         paths = data.check_episodes(data.list_episodes(args.data_dir), cameras, args.chunk, args.action_dim,
                                     args.action_offset, **keys)
+        # what this run trains on, so that a resume can say what changed
+        args.data_files = {os.path.basename(p): os.path.getsize(data.split_ref(p)[0]) for p in paths}
         if args.val_data_dir:
             train_paths, val_paths = paths, data.list_episodes(args.val_data_dir)
+            if shared := set(map(os.path.realpath, paths)) & set(map(os.path.realpath, val_paths)):
+                raise data.DataError(f"--val_data_dir {args.val_data_dir} holds {len(shared)} of --data_dir's files "
+                                     f"(e.g. {min(shared)}): it would validate on training data")
+        elif resume:  # the checkpoint's split, whichever files came or went: its validation episodes never train
+            held = {os.path.basename(p) for p in state["args"].get("val_episode_files", [])}
+            train_paths, val_paths = ([p for p in paths if (os.path.basename(p) in held) == v] for v in (False, True))
         else:
             train_paths, val_paths = data.split_episodes(paths, args.val_episodes, args.seed)
         stats_file = os.path.join(resume, "dataset_statistics.json") if resume else None
@@ -340,6 +391,16 @@ def main(argv=None):
                            args.vla_path, len(cameras), args.proprio, args.chunk)
     except data.DataError as e:
         sys.exit(f"error: {e}")
+    if ddp:  # node-local copies that differ would give each rank its own split, statistics and data order
+        everyone = [None] * world
+        dist.all_gather_object(everyone, args.data_files)
+        if differ := [r for r, f in enumerate(everyone) if f != everyone[0]]:
+            sys.exit(f"error: --data_dir {args.data_dir}: ranks {differ} hold other files than rank 0" if master else 1)
+    was, now = state["args"].get("data_files", args.data_files) if resume else args.data_files, args.data_files
+    if was != now:  # the split was kept above; the saved data position now points into another set
+        log(f"note: --data_dir {args.data_dir} changed since {resume}: added {sorted(now.keys() - was)}, removed "
+            f"{sorted(was.keys() - now)}, resized {sorted(n for n in now.keys() & was if now[n] != was[n])}; its "
+            "validation episodes stay out of training")
     if not epoch_batches(len(train_set), args, 0, world, 0):
         sys.exit(f"error: {len(train_set)} training samples cannot fill one batch of --batch_size {args.batch_size} "
                  f"on each of {world} ranks")
@@ -347,35 +408,33 @@ def main(argv=None):
     args.frame_sizes = train_set.frame_sizes  # so deployment brings live frames to the training frames' size
     args.state_key = train_set.state_key  # what --state_key auto resolved to, for deployment
     global_batch = args.batch_size * args.grad_accum * world
-    log(json.dumps(vars(args) | {"world_size": world, "global_batch": global_batch}, indent=1))
+    shown = {k: v for k, v in vars(args).items() if k != "data_files"}  # args.json holds it: one line per episode
+    log(json.dumps(shown | {"world_size": world, "global_batch": global_batch}, indent=1))
     log(f"train: {len(train_paths)} episodes, {len(train_set)} samples | val: {len(val_paths)} episodes | "
         f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} accum x {world} ranks")
 
     # -------------------------------------------------------------------------------- model
     vla = model.VLA.from_pretrained(args.vla_path, dtype=dtype, device=device, chunk=args.chunk,
                                     action_dim=args.action_dim, proprio_dim=train_set.proprio_dim,
-                                    attention=args.attention, image_aug=args.image_aug)
+                                    attention=args.attention, image_aug=args.image_aug, film=args.film)
     model.add_lora(vla, rank=args.lora_rank)
-    if args.grad_ckpt == "auto":  # each rank decides on its own GPU's free memory: ranks are not synchronised
-        args.grad_ckpt = "off"
-        if use_cuda:
-            import bench  # here: bench imports this file
-            prompt = max(len(t) for t in vla.tokenize([s for texts in train_set.instructions for s in texts]))
-            need = bench.estimate_memory(vla.config, args.batch_size, False, len(cameras), prompt, args.lora_rank,
-                                         dtype, **{k: getattr(vla, k) for k in model.HEAD_OPTIONS})["total"]
-            free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)  # + weights loaded
-            args.grad_ckpt = "on" if need > free else "off"
-            log(f"--grad_ckpt auto: {args.grad_ckpt}: the step needs ~{need / 2**30:.1f} GiB without it "
-                f"(estimate), {free / 2**30:.1f} GiB free")
+    if args.grad_ckpt == "auto":  # measured, not estimated: the core does not import bench.py's memory model
+        texts = [s for texts in train_set.instructions for s in texts]
+        worst = torch.utils.data.default_collate([train_set[0]] * args.batch_size)
+        worst["instruction"] = [max(zip(map(len, vla.tokenize(texts)), texts))[1]] * args.batch_size
+        oom = torch.tensor(float(use_cuda and out_of_memory(vla, worst, autocast, device)), device=device)
+        if ddp:  # one rank's GPU short of memory decides for all: every rank must run the same graph
+            dist.all_reduce(oom, op=dist.ReduceOp.MAX)
+        args.grad_ckpt = "on" if oom.item() else "off"
+        log(f"--grad_ckpt auto: {args.grad_ckpt}")
     if args.grad_ckpt == "on":
         model.enable_grad_ckpt(vla)
     trainable = [p for p in vla.parameters() if p.requires_grad]  # fp32 even on a bf16 base: AdamW needs it
-    if resume:
-        model.load_trained(vla, resume)
     log(model.param_report(vla))
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     start_step, epoch, pos = 0, 0, 0
-    if resume:
+    if resume:  # the weights are loaded in place: the optimizer holds the same parameters
+        model.load_trained(vla, resume)
         opt.load_state_dict(state["optimizer"])
         start_step, epoch, pos = state["step"], state["epoch"], state["pos"] * state["world_size"] // world
         if state["world_size"] == world:
@@ -393,9 +452,11 @@ def main(argv=None):
     metrics_file = os.path.join(args.out_dir, "metrics.jsonl")
     if master and resume and os.path.exists(metrics_file):  # steps after the checkpoint are logged again: once only
         with open(metrics_file) as f:
-            rows = [r for r in f if r.endswith("\n") and json.loads(r)["step"] <= start_step]
+            rows = [(r, metrics_step(r)) for r in f]
+        if bad := [i + 1 for i, (_, s) in enumerate(rows) if s is None]:
+            log(f"note: {metrics_file}: dropping unreadable lines {bad}")
         with open(metrics_file, "w") as f:
-            f.writelines(rows)
+            f.writelines(r for r, s in rows if s is not None and s <= start_step)
     metrics = open(metrics_file, "a") if master else None
 
     def record(row, line):
@@ -408,14 +469,29 @@ def main(argv=None):
     stream = batch_stream(train_set, args, rank, world, epoch, pos, use_cuda)
     stream_state = (epoch, pos)
     vla.train()
+    for name in filter(None, args.preempt_signals.split(",")):
+        signal.signal(signal.Signals[name], lambda sig, frame: stop.setdefault("why", signal.Signals(sig).name))
     t_log, steps_since_log = time.time(), 0
     for step in range(start_step + 1, args.max_steps + 1):
         lr = get_lr(step - 1, args)
         for group in opt.param_groups:
             group["lr"] = lr
+        try:  # every micro-batch first: a rank whose file fails must not leave the others waiting in DDP's backward
+            micro_batches, failed = [next(stream) for _ in range(args.grad_accum)], torch.zeros((), device=device)
+        except data.DataError as e:  # from a worker, torch wraps it in a traceback: ours is its last line
+            print("error: " + str(e).strip().splitlines()[-1].split("DataError: ")[-1], file=sys.stderr, flush=True)
+            failed = torch.ones((), device=device)
+        if ddp:
+            dist.all_reduce(failed)
+        if failed.item():  # exit 65 (EX_DATAERR): a data file failed; the last finished step is saved
+            if step - 1 > start_step and (step - 1) % args.save_interval:
+                save_checkpoint(vla, opt, step - 1, stream_state, saved_stats, args, world)
+            if ddp:  # a rank that exits first gets the others killed, rank 0 perhaps while it saves
+                dist.barrier()
+            log(f"stopped before step {step}: fix or remove the episode named above, then --resume auto", flush=True)
+            sys.exit(65)
         terms = torch.zeros(4, device=device)  # loss, curr, future, and whether any rank must stop after this step
-        for micro in range(args.grad_accum):
-            epoch, pos, batch = next(stream)
+        for micro, (epoch, pos, batch) in enumerate(micro_batches):
             with train_vla.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext():
                 with autocast:
                     pred = train_vla(batch["images"].to(device, non_blocking=True), batch["instruction"],
@@ -471,6 +547,9 @@ if __name__ == "__main__":
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the same Ctrl-C on once more
         print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
         sys.exit(130)
-    finally:  # only once main() has freed the DDP wrapper: freeing it after gloo can hang a rank at exit
-        if dist.is_initialized():
+    finally:  # workers ignore SIGTERM, so exit's terminate-and-join of the ones an error left alive would never end
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would turn their end into another error
+        for worker in torch.multiprocessing.active_children():
+            worker.kill()
+        if dist.is_initialized():  # only once main() has freed the DDP wrapper: freeing it after gloo can hang a rank
             dist.destroy_process_group()

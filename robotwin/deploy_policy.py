@@ -41,9 +41,11 @@ def get_model(usr_args):
     jpeg_quality, nanooft_path."""
     here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     infer = import_nanooft(usr_args.get("nanooft_path") or here)
-    checkpoint = usr_args.get("checkpoint") or usr_args.get("ckpt_setting")
-    policy = infer.Policy.from_checkpoint(str(checkpoint), device=usr_args.get("device") or "cuda",
-                                          execute=int(usr_args.get("execute") or 1),
+    checkpoint = str(usr_args.get("checkpoint") or usr_args.get("ckpt_setting"))
+    chunk, execute = infer.check_checkpoint(checkpoint)["chunk"], usr_args.get("execute", 8)
+    if type(execute) is not int or not 1 <= execute <= chunk:  # before the model loads; -1 or 0 would never act
+        raise ValueError(f"deploy_policy.yml: execute must be 1..{chunk} (the chunk of {checkpoint}), got {execute!r}")
+    policy = infer.Policy.from_checkpoint(checkpoint, device=usr_args.get("device") or "cuda", execute=execute,
                                           ensemble=bool(usr_args.get("ensemble")),
                                           jpeg_quality=usr_args.get("jpeg_quality"))
     unknown = sorted(set(policy.cameras) - set(CAMERAS.values()))
@@ -61,7 +63,11 @@ def eval(TASK_ENV, model, observation):
     instruction = model.args.get("instruction") or TASK_ENV.get_instruction()
     ours = {name: cam for cam, name in CAMERAS.items()}
     for _ in range(model.execute):
-        images = {c: observation["observation"][ours[c]]["rgb"] for c in model.cameras}  # 240x320 RGB
+        present, wanted = observation["observation"], [ours[c] for c in model.cameras]
+        if set(wanted) - set(present):  # a task config without that camera
+            raise ValueError(f"nanoOFT: the observation has no {', '.join(sorted(set(wanted) - set(present)))} (the "
+                             f"checkpoint reads {', '.join(wanted)}); it has {', '.join(present)}")
+        images = {c: present[ours[c]]["rgb"] for c in model.cameras}  # 240x320 RGB
         state = observation["joint_action"]["vector"] if model.vla.proprio_dim else None
         TASK_ENV.take_action(model.act(images, instruction, state), action_type="qpos")
         observation = TASK_ENV.get_obs()

@@ -7,6 +7,7 @@ the cv2 way), converted with robotwin/convert.py and checked against the raw fil
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ import demo
 from robotwin import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 RAW_CAMERAS = ["head_camera", "left_camera", "right_camera", "front_camera"]  # in data.ALL_CAMERAS' order
 B_CAMERAS = ["cam_head", "cam_left_wrist", "cam_right_wrist", "cam_third_view"]
 RED, BLUE = (230, 20, 20), (20, 20, 230)
@@ -250,22 +252,35 @@ print(json.dumps({"actions": env.actions, "observed": env.observed, "data": sys.
 '''
 
 
-def test_robotwin_loads_and_runs_the_policy_package(tmp_path):
-    """Convert raw episodes, train a tiny policy with proprioception and the front camera on them, then let a fake
-    RoboTwin evaluator import robotwin/ as policy/nanooft and run it on 240x320 frames with a step limit."""
-    import infer
-    src, episodes = str(tmp_path / "raw"), str(tmp_path / "episodes")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Raw episodes converted, and a tiny policy with proprioception and the front camera trained on them the way
+    launch.sh --demo trains: from its own directory, with a relative --vla_path and --out_dir. -> that directory"""
+    here = tmp_path_factory.mktemp("nanooft-run")
     for n in range(3):
-        write_raw_a(src, n, 30)
-    convert.main([src, episodes, "--size", "32", "--workers", "1"])
-    tiny = demo.make_tiny(str(tmp_path / "tiny"))
-    flags = ["--vla_path", tiny, "--data_dir", episodes, "--out_dir", str(tmp_path / "run"), "--val_episodes", "1",
+        write_raw_a(str(here / "raw"), n, 30)
+    convert.main([str(here / "raw"), str(here / "episodes"), "--size", "32", "--workers", "1"])
+    demo.make_tiny(str(here / "tiny"))
+    flags = ["--vla_path", "tiny", "--data_dir", "episodes", "--out_dir", "run", "--val_episodes", "1",
              "--batch_size", "2", "--num_workers", "0", "--lora_rank", "4", "--max_steps", "2", "--save_interval", "2",
              "--eval_interval", "2", "--proprio", "--action_offset", "1", "--cameras", "head_camera_image,low_cam_image"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=here, env=ENV,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = str(tmp_path / "run" / "step_000002")
+    return here
+
+
+def test_robotwin_loads_and_runs_the_policy_package(trained, tmp_path, monkeypatch):
+    """A fake RoboTwin evaluator imports robotwin/ as policy/nanooft and runs it on 240x320 frames with a step limit,
+    from RoboTwin's root as eval.sh does, on a checkpoint whose args.json names its base relative to where training
+    ran (as every run did before absolute paths were recorded); infer.py uses it from another directory too."""
+    import infer
+    ckpt = str(tmp_path / "run" / "step_000002")  # copied beside the base, as out/demo sits beside out/tiny-openvla
+    shutil.copytree(trained / "run" / "step_000002", ckpt)
+    os.symlink(trained / "tiny", tmp_path / "tiny")
+    args = json.load(open(os.path.join(ckpt, "args.json")))
+    assert os.path.basename(args["vla_path"]) == "tiny" and os.path.basename(args["out_dir"]) == "run"
+    json.dump(args | {"vla_path": "tiny", "out_dir": "run"}, open(os.path.join(ckpt, "args.json"), "w"))
 
     root = tmp_path / "RoboTwin"
     (root / "data").mkdir(parents=True)
@@ -278,7 +293,7 @@ def test_robotwin_loads_and_runs_the_policy_package(tmp_path):
     np.savez(tmp_path / "obs.npz", frames=frames, states=states)
     (tmp_path / "fake_eval.py").write_text(FAKE_EVAL)
     r = subprocess.run([sys.executable, str(tmp_path / "fake_eval.py"), str(root), ckpt, str(tmp_path / "obs.npz"),
-                        "10"], cwd=str(root), env=env, capture_output=True, text=True)
+                        "10"], cwd=str(root), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.splitlines()[-1])
     assert os.path.realpath(result["data"]) == os.path.join(ROOT, "data.py")  # ours, not RoboTwin's data/
@@ -292,3 +307,49 @@ def test_robotwin_loads_and_runs_the_policy_package(tmp_path):
     assert actions.shape == (10, 14)
     np.testing.assert_allclose(actions, np.concatenate(expected)[:10], rtol=1e-5, atol=1e-5)
     assert sorted(set(result["observed"])) == list(range(11))  # a fresh observation after every action
+
+    monkeypatch.chdir(root)
+    episode = os.path.join(trained, "episodes", "episode_0.hdf5")
+    infer.main(["--checkpoint", ckpt, "--episode", episode, "--out", str(tmp_path / "infer")])
+    assert len(json.load(open(tmp_path / "infer" / "report.json"))["executed"]) == 30 - 1  # action offset 1
+
+
+class TaskEnv:
+    def __init__(self, obs):
+        self.obs, self.actions = obs, []
+
+    def get_instruction(self):
+        return "set down the footwear"
+
+    def take_action(self, action, action_type="qpos"):
+        self.actions.append(action)
+
+    def get_obs(self):
+        return self.obs
+
+
+def test_policy_package_refuses_bad_execute_nan_states_and_missing_cameras_in_one_line(trained, monkeypatch):
+    import model
+    from robotwin import deploy_policy
+    ckpt = str(trained / "run" / "step_000002")
+    args = dict(ckpt_setting=ckpt, checkpoint=None, ensemble=False, device="cpu", jpeg_quality=None)
+    with monkeypatch.context() as m:
+        m.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+        for execute in (-1, 0, 9, None):  # -1 made eval act never, so RoboTwin's loop never reached its step limit
+            with pytest.raises(ValueError, match=f"^deploy_policy.yml: execute must be 1..8 \\(the chunk of {ckpt}"
+                                                 f"\\), got {execute}$"):
+                deploy_policy.get_model(args | {"execute": execute})
+    policy = deploy_policy.get_model(args | {"execute": 2})
+    frame, state = np.zeros((240, 320, 3), np.uint8), np.zeros(14)
+    cameras = {c: {"rgb": frame} for c in RAW_CAMERAS}
+    env = TaskEnv({"observation": cameras, "joint_action": {"vector": state}})
+    deploy_policy.eval(env, policy, env.obs)
+    assert len(env.actions) == 2 and np.isfinite(env.actions).all()
+    env.obs["joint_action"]["vector"] = np.where(np.arange(14) == 5, np.nan, state)
+    with pytest.raises(ValueError, match=r"^predict: the state is NaN or inf at dims \[5\]$"):
+        deploy_policy.eval(env, policy, env.obs)
+    del cameras["front_camera"]
+    with pytest.raises(ValueError, match="^nanoOFT: the observation has no front_camera \\(the checkpoint reads "
+                                         "head_camera, front_camera\\); it has head_camera, left_camera, right_camera$"):
+        deploy_policy.eval(env, policy, env.obs)
+    assert len(env.actions) == 2
