@@ -166,16 +166,18 @@ def test_bad_input_gets_one_line(checkpoint, tmp_path):
     missing = tmp_path / "nope"
     assert error("--checkpoint", missing) == f"error: --checkpoint {missing}: not a directory"
     assert error("--baseline", missing) == f"error: --baseline {missing}: no such file or directory"
-    other = tmp_path / "other"
-    os.makedirs(other)
-    for f in os.listdir(checkpoint):
-        os.link(checkpoint / f, other / f)
-    args = json.loads((checkpoint / "args.json").read_text())
-    os.remove(other / "args.json")
-    (other / "args.json").write_text(json.dumps(args | {"cameras": "observations/images/top,observations/images/low"}))
-    assert error("--checkpoint", other).startswith(
-        f"error: checkpoint {other} needs camera 'observations/images/low', which the simulator does not render (it "
-        "has observations/images/left_pillar, ")
+    args = json.loads((checkpoint / "args.json").read_text())  # what main() checks next, before loading the model
+    with pytest.raises(SystemExit) as e:
+        evaluate.check_policy_inputs(args | {"cameras": "observations/images/top,observations/images/low"}, "CKPT",
+                                     "transfer_cube")
+    assert str(e.value).startswith("error: checkpoint CKPT needs camera 'observations/images/low', which the "
+                                   "simulator does not render (it has observations/images/left_pillar, ")
+    with pytest.raises(SystemExit) as e:
+        evaluate.check_policy_inputs(args | {"frame_sizes": {"observations/images/top": [720, 1280]}}, "CKPT",
+                                     "transfer_cube")
+    assert str(e.value) == ("error: checkpoint CKPT was trained on observations/images/top frames of 720x1280, larger "
+                            "than the simulator renders (480x640)")
+    assert evaluate.check_policy_inputs(args, "CKPT", "insertion") == {"observations/images/top": ("top", SIZE)}
     r = run("aloha/record.py", tmp_path / "x", "--task", "stack_cups")
     assert r.returncode != 0
     assert r.stderr.strip() == "error: --task 'stack_cups': unknown task; use transfer_cube, insertion"
