@@ -93,7 +93,7 @@ class Policy:
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, device="auto", vla_path=None, dtype=None, merge=True, **kw):
-        """A training checkpoint (base named in args.json + adapter + head) or a merged export (`model.py --merge`).
+        """A training checkpoint (base named in args.json + adapter + head) or a merged export (`merge.py`).
         merge: fold a training checkpoint's LoRA into the base weights in place, to run at an export's speed."""
         train_args = check_checkpoint(ckpt_dir)
         device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else

@@ -89,13 +89,11 @@ def get_args(argv=None):
     for flag in set(removed) & {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}:
         p.error(f"{flag} was replaced by {removed[flag]}")
     args = p.parse_args(argv)
-    for name in ["chunk", "action_dim", "batch_size", "grad_accum", "max_steps", "save_interval", "eval_interval",
-                 "eval_batches", "log_interval", "lora_rank", "dist_timeout"]:
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ["action_offset", "val_episodes", "warmup_steps", "keep_last", "num_workers"]:
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    positive = ["chunk", "action_dim", "batch_size", "grad_accum", "max_steps", "save_interval", "eval_interval",
+                "eval_batches", "log_interval", "lora_rank", "dist_timeout"]
+    for name in positive + ["action_offset", "val_episodes", "warmup_steps", "keep_last", "num_workers"]:
+        if getattr(args, name) < 0 or getattr(args, name) == 0 and name in positive:
+            p.error(f"--{name} must be {'positive' if name in positive else '>= 0'}, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a finite positive number, got {args.lr}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -350,8 +348,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     master = rank == 0
     torch.manual_seed(args.seed + rank)
-    dtype = {"auto": torch.bfloat16 if use_cuda else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" or args.dtype == "auto" and use_cuda else torch.float32
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     log = print if master else (lambda *a, **k: None)
 
