@@ -654,43 +654,5 @@ def load_trained(vla, ckpt_dir):
     return vla
 
 
-def save_pretrained(vla, out_dir, max_shard_bytes=4 << 30):
-    """A full OpenVLA-format directory (+ action_head.safetensors) that from_pretrained reloads."""
-    if hasattr(vla, "peft_config"):
-        raise ValueError("the model still has LoRA adapters: merge_lora(vla) before save_pretrained")
-    os.makedirs(out_dir, exist_ok=True)
-    for f in os.listdir(out_dir):  # stale shards of an earlier export would be picked up by the loader
-        if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
-            os.remove(os.path.join(out_dir, f))
-    shards, size = [{}], 0
-    for k, v in vla.state_dict().items():
-        if k.startswith(HEAD):
-            continue
-        if size + v.nbytes > max_shard_bytes and shards[-1]:
-            shards, size = shards + [{}], 0
-        shards[-1][k], size = v.detach().contiguous(), size + v.nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = dict(metadata=dict(total_size=sum(v.nbytes for s in shards for v in s.values())),
-                     weight_map={k: name for name, s in zip(names, shards) for k in s})
-        _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-    vla.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    special = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<PAD>")
-    tokenizer_config = dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, legacy=False,
-                            model_max_length=vla.config["llm_max_length"], padding_side="right", **special)
-    for name, obj in [("config.json", vla.config), ("preprocessor_config.json", vla.preprocessor),
-                      ("special_tokens_map.json", special), ("tokenizer_config.json", tokenizer_config)]:
-        _write_json(os.path.join(out_dir, name), obj)
-    save_head(vla, os.path.join(out_dir, "action_head.safetensors"))
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
 if __name__ == "__main__":
     raise SystemExit("error: merging moved to merge.py: python merge.py CKPT_DIR --out DIR [--base BASE] (see --help)")

@@ -35,8 +35,9 @@ import infer
 import model
 import train
 from demo import SEEN, make_demo, make_tiny, make_tokenizer, tiny_config
+from merge import save_pretrained
 from model import (VLA, Block, ViT, add_lora, check_keys, enable_grad_ckpt, load_trained, merge_lora,
-                   openvla_7b_config, param_report, save_pretrained, save_trained, skipped_prefixes)
+                   openvla_7b_config, param_report, save_trained, skipped_prefixes)
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -100,9 +100,8 @@ def get_args(argv=None):
         p.error(f"--device {args.device}: no CUDA device is visible to torch {torch.__version__}")
     path = os.path.expanduser(args.vla_path)
     if os.path.isdir(path):  # a hub id is only resolved when the model loads
-        missing = [f for f in ("config.json", "tokenizer.json", "model*.safetensors")
-                   if not glob.glob(os.path.join(path, f))]
-        if missing:
+        if missing := [f for f in ("config.json", "tokenizer.json", "model*.safetensors")
+                       if not glob.glob(os.path.join(path, f))]:
             p.error(f"--vla_path {path}: no {', '.join(missing)} there (expected an OpenVLA checkpoint directory)")
         args.vla_path = os.path.abspath(path)  # args.json must name it from any working directory
     elif not model.is_hub_id(path):
@@ -168,15 +167,13 @@ def find_resume(args):
                  f"--out_dir {args.out_dir}: pass a new --out_dir")
     saved.setdefault("attention", "queries" if saved.get("bidirectional") else "causal")  # before --attention
     args.state_key = args.state_key or saved.get("state_key")  # the run recorded what auto resolved to
-    for name in SAME_ON_RESUME:
+    why = {"batch_size": "the data order will differ", "grad_accum": "the global batch changes"}
+    for name in SAME_ON_RESUME + ["batch_size", "grad_accum", "seed", "val_episodes", "val_data_dir"]:
         if saved.get(name, getattr(args, name)) != getattr(args, name):
-            sys.exit(f"error: {ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: resume with "
-                     f"the same --{name}, or train anew in a new --out_dir")
-    for name in ["batch_size", "grad_accum", "seed", "val_episodes", "val_data_dir"]:  # the last 3 make the split
-        if saved.get(name, getattr(args, name)) != getattr(args, name):
-            why = {"batch_size": "the data order will differ", "grad_accum": "the global batch changes"}
-            note(f"note: {ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: "
-                 f"{why.get(name, 'its validation split is kept')}")
+            was = f"{ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: "
+            if name in SAME_ON_RESUME:
+                sys.exit(f"error: {was}resume with the same --{name}, or train anew in a new --out_dir")
+            note(f"note: {was}{why.get(name, 'its validation split is kept')}")
     args.val_episodes, args.val_data_dir = (saved.get(k, getattr(args, k)) for k in ("val_episodes", "val_data_dir"))
     if state["step"] >= args.max_steps:
         note(f"{ckpt} is at step {state['step']} of --max_steps {args.max_steps}: the run is finished, nothing to do")
@@ -459,8 +456,7 @@ def main(argv=None):
     def record(row, line):
         log(line, flush=True)
         if master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            print(json.dumps(row), file=metrics, flush=True)
 
     # -------------------------------------------------------------------------------- training loop
     stream = batch_stream(train_set, args, rank, world, epoch, pos, use_cuda)
