@@ -59,7 +59,7 @@ def _write_json(path, obj):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("ckpt_dir", help="save_trained checkpoint whose LoRA to fold into --base")
+    ap.add_argument("ckpt_dir", metavar="CKPT_DIR", help="save_trained checkpoint whose LoRA to fold into --base")
     ap.add_argument("--base", help="base checkpoint (directory or hub id); default: the one CKPT_DIR trained on")
     ap.add_argument("--out", metavar="DIR", required=True, help="where the merged OpenVLA-format export goes")
     ap.add_argument("--device", default="cpu", help="device to merge on (cpu keeps the GPUs free)")
