@@ -23,7 +23,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import data
 import model
@@ -209,29 +209,6 @@ def report(chunks, executed, recorded, latency, stats, train_args):
             "names": names, "executed": executed.tolist(), "recorded": recorded.tolist()}
 
 
-def plot(executed, recorded, names, stats, path, title):
-    """One panel per action dimension, recorded (grey) vs executed (blue), on the dimension's range in the training
-    data, so that a joint that barely moves looks flat instead of blowing its noise up to full height."""
-    cols, pw, ph, pad = 2, 560, 150, 28
-    rows = (len(names) + cols - 1) // cols
-    img = Image.new("RGB", (cols * pw, rows * ph + 30), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 8), title, fill="black")
-    for i, name in enumerate(names):
-        x0, y0 = (i % cols) * pw, 30 + (i // cols) * ph
-        lo = min(stats["min"][i], recorded[:, i].min(), executed[:, i].min())
-        hi = max(stats["max"][i], recorded[:, i].max(), executed[:, i].max())
-        span = hi - lo or 1.0
-        draw.rectangle([x0 + pad, y0 + 16, x0 + pw - 10, y0 + ph - 10], outline="#bbbbbb")
-        draw.text((x0 + pad, y0 + 2), f"{name}   [{lo:.2f}, {hi:.2f}]", fill="black")
-        for series, colour in [(recorded[:, i], "#888888"), (executed[:, i], "#1f5fd0")]:
-            xs = x0 + pad + np.arange(len(series)) * (pw - pad - 12) / max(len(series) - 1, 1)
-            ys = y0 + ph - 12 - (series - lo) / span * (ph - 30)
-            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colour, width=2)
-    draw.text((cols * pw - 260, 8), "grey: recorded   blue: executed", fill="black")
-    img.save(path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a step_NNNNNN directory or a merged export")
@@ -241,7 +218,7 @@ def main(argv=None):
     p.add_argument("--execute", type=int, default=1, help="actions executed per chunk before re-planning")
     p.add_argument("--ensemble", action="store_true", help="temporal ensembling over overlapping chunks (ACT)")
     p.add_argument("--vla_path", help="base model, overriding the one named in the checkpoint's args.json")
-    p.add_argument("--out", default="out/infer", help="where plot.png and report.json go")
+    p.add_argument("--out", default="out/infer", help="where report.json goes")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if not args.instruction.strip():
@@ -271,16 +248,13 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(result, f)
-    mode = "ensemble" if args.ensemble else f"execute {args.execute}"
-    plot(executed, recorded, result["names"], policy.stats, os.path.join(args.out, "plot.png"),
-         f"{os.path.basename(args.episode)} | {mode} | L1 {result['l1']:.3f} (normalized)")
     lat, agree = result["latency_ms"], result["gripper_agreement"]
     print(f"L1 {result['l1']:.4f} normalized, {result['l1_raw']:.4f} raw | gripper agreement "
           f"{'n/a' if agree is None else f'{agree:.3f}'} | latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, "
           f"{result['chunks_per_s']:.1f} chunks/s")
     print("per chunk position: " + " ".join(f"{k} {v:.3f}" for k, v in result["l1_per_position"].items()))
     print("per dimension (raw): " + " | ".join(f"{k} {v:.3f}" for k, v in result["l1_per_dim_raw"].items()))
-    print(f"wrote {args.out}/report.json and {args.out}/plot.png")
+    print(f"wrote {args.out}/report.json (plot it: python plot.py {args.out}/report.json)")
 
 
 if __name__ == "__main__":

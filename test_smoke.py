@@ -1872,6 +1872,9 @@ def test_infer_episode_end_to_end(run_a, val_episode, policy, tmp_path):
                         "--out", str(tmp_path)], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.load(open(tmp_path / "report.json"))
+    r = subprocess.run([sys.executable, "plot.py", str(tmp_path / "report.json")], cwd=HERE, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"wrote {tmp_path / 'plot.png'}", r.stderr[-2000:]
     img = Image.open(tmp_path / "plot.png")
     assert img.format == "PNG" and img.size[0] >= 800 and len(img.getcolors(1 << 16) or range(99)) > 3
     episode = data.read_episode(val_episode, policy.cameras)
