@@ -1,9 +1,8 @@
 """
 Robot episodes for nanoOFT: the chunked HDF5 dataset, action statistics and a data check.
 
-It reads the field's layouts as they are (`python data.py DIR` says which it found and the train.py flags for it):
-RoboTwin's OFT conversion (flat datasets), ACT's sim and real ALOHA episodes (observations/images/CAM, JPEG frames
-when compressed) and robomimic/LIBERO files holding many demos, each an episode named FILE.hdf5:demo_N.
+It reads RoboTwin's OFT conversion, ACT's sim and real ALOHA episodes (JPEG frames too) and robomimic/LIBERO files
+of many demos (each an episode FILE.hdf5:demo_N); `python data.py DIR` names the layout and the train.py flags.
 $ python data.py /path/to/place_shoe --cameras head_camera_image,left_wrist_image --chunk 8 --action_dim 14
 $ python data.py /path/to/place_shoe --vla_path openvla/openvla-7b --preview frame.png   # prompt lengths, colours
 $ python data.py /path/to/act_sim_transfer_cube --instruction "transfer the cube to the left arm"
@@ -61,20 +60,17 @@ def open_episode(ref):
     return f, f[f"data/{demo}"] if demo else f
 
 
-def _demos(path):
+def _demos(path):  # robomimic/LIBERO's data/demo_N groups; a broken file has none here (check_episodes names it)
     try:
         with h5py.File(path, "r") as f:
-            group = f.get("data")
-            return [f"{path}:{d}" for d in group if isinstance(group[d], h5py.Group)] \
-                if isinstance(group, h5py.Group) else []
-    except OSError:
-        return []  # check_episodes names it
+            return [f"{path}:{k}" for k, v in f["data"].items() if isinstance(v, h5py.Group)] if "data" in f else []
+    except (OSError, AttributeError):
+        return []
 
 
 def list_episodes(data_dir_or_paths):
-    """The episodes of a directory (its episode_*.hdf5 files, else every *.hdf5), of several, or explicit files; a
-    robomimic/LIBERO file gives one episode FILE.hdf5:demo_N per demo. episode_2 before episode_10, demo_2 before
-    demo_10."""
+    """The episodes of directories (their episode_*.hdf5, else every *.hdf5) or files, a multi-demo file giving one
+    FILE.hdf5:demo_N per demo, in natural order (episode_2 before episode_10)."""
     items = [data_dir_or_paths] if isinstance(data_dir_or_paths, (str, os.PathLike)) else list(data_dir_or_paths)
     refs = []
     for item in map(str, items):
@@ -102,8 +98,8 @@ def detect_layout(f, g):
 
 
 def _jpeg_lengths(f, d, name):
-    """ALOHA's compress_len (cameras, T) lists the cameras in its recorder's order, which HDF5 does not keep: this
-    camera's row is the one whose lengths end its padded frames where their JPEGs end (FF D9, then zeros)."""
+    """compress_len's rows follow the recorder's camera order, which HDF5 does not keep: this camera's row is the one
+    whose lengths end its padded frames where their JPEGs end (FF D9, then zeros)."""
     rows = f["compress_len"][()] if "compress_len" in f else np.zeros((0, 0))
     ts = sorted({0, len(d) // 2, len(d) - 1})
     frames = d[ts]
@@ -143,19 +139,17 @@ def read_instructions(f, g, key="seen", instruction=None):
         except UnicodeDecodeError as e:
             raise DataError(f"{key} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         return [s for s in items if isinstance(s, str) and s.strip()]
-    info = f["data"].attrs.get("problem_info") if g is not f and key == "seen" else None
-    if info is not None:
-        try:
-            return [s for s in [json.loads(info)["language_instruction"]] if s.strip()]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise DataError("data.attrs['problem_info'] is not JSON with a language_instruction string") from None
-    return [instruction] if instruction and key == "seen" else []
+    try:
+        info = f["data"].attrs.get("problem_info") if g is not f and key == "seen" else None
+        return [s for s in [json.loads(info)["language_instruction"]] if s.strip()] if info is not None else \
+            [instruction] * bool(instruction and key == "seen")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise DataError("data.attrs['problem_info'] is not JSON with a language_instruction string") from None
 
 
 def state_key_of(g, state_key=None, action_key="action"):
-    """The dataset(s) --proprio reads: --state_key, else the first of STATE_KEYS the episode holds, else the action
-    (RoboTwin's action[t] is the joint target recorded at frame t; its ACT/DP converters use it as the state).
-    None when the episode lacks the --state_key asked for."""
+    """--state_key, else the first of STATE_KEYS the episode holds, else the action (RoboTwin's action[t] is the joint
+    target recorded at frame t; its ACT/DP converters use it as the state); None: the episode lacks --state_key."""
     for key in [state_key] if state_key else STATE_KEYS + [action_key]:
         if all(k in g for k in key.split(",")):
             return key
@@ -377,8 +371,7 @@ def _frames(readers, t, swap_red_blue=False):
 
 def read_episode(ref, cameras=DEFAULT_CAMERAS, swap_red_blue=False, action_key="action", state_key=None,
                  instruction=None):
-    """A whole episode for stepping through it: actions and states in memory, frames(t) -> uint8 (N, 3, H, W) read
-    on demand (red and blue reversed for files known to hold them swapped)."""
+    """A whole episode to step through: actions and states in memory, frames(t) -> uint8 (N, 3, H, W) from disk."""
     f, g = open_episode(ref)
     readers = [camera_reader(f, g, c, ref) for c in cameras]
     return {"length": len(g[action_key]), "actions": g[action_key][()],
@@ -388,9 +381,8 @@ def read_episode(ref, cameras=DEFAULT_CAMERAS, swap_red_blue=False, action_key="
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
-    """One sample per frame t with a full chunk: camera frames at t, an instruction, actions[t+o : t+o+chunk];
-    with proprio, the normalized state at t; with image_aug, uniform draws (cameras, 6) for the model's augmentation.
-    Instruction and augmentation draws are seeded per sample, so resumed runs and any worker count see the same."""
+    """One sample per frame t: its camera frames, an instruction, actions[t+o : t+o+chunk], the normalized state
+    with proprio, uniform draws (cameras, 6) with image_aug; draws seeded per sample, for any resume or worker count."""
 
     def __init__(self, paths, cameras=DEFAULT_CAMERAS, chunk=8, action_dim=14, stats=None, norm="bounds",
                  action_offset=0, instructions="seen", instruction_variant=None, seed=0, proprio=False,
@@ -485,8 +477,8 @@ def named_arm(instructions):
 
 
 def moving_arm(action):
-    """The arm whose six joints travel at least twice as far as the other's over a (T, 14) episode in ACTION_NAMES'
-    order; None when neither does (a handover moves both: the arm an instruction names may be the receiving one)."""
+    """The arm whose six joints travel at least twice as far as the other's in a (T, 14) episode, else None (a
+    handover moves both, and its instructions may name the receiving arm)."""
     travel = np.abs(np.diff(action, axis=0)).sum(0)
     left, right = travel[:6].sum(), travel[7:13].sum()
     return "left" if left > 2 * right else "right" if right > 2 * left else None
@@ -514,17 +506,15 @@ def summarize(data_dir, cameras=None, chunk=8, action_dim=None, action_offset=0,
               vla_path=None, proprio=False, action_key=None, state_key=None, instruction=None):
     """Print what the episodes hold and the train.py flags that read them; every problem is a DataError."""
     refs, layout, width, texts_inside = list_episodes(data_dir), None, None, True
-    for ref in refs:  # the first episode that opens tells the layout; check_episodes names any that do not
-        try:
-            f, g = open_episode(ref)
-        except (OSError, DataError):
-            continue
+    try:  # the first episode tells the layout; check_episodes names it when it is broken
+        f, g = open_episode(refs[0])
         with f:
             layout = detect_layout(f, g)
             key = action_key or (layout[2] if layout else "action")
             width = g[key].shape[-1] if key in g and g[key].ndim == 2 else None
             texts_inside = "seen" in g or g is not f and "problem_info" in f["data"].attrs
-        break
+    except (OSError, DataError):
+        pass
     cameras = cameras or (layout[1] if layout and layout[1] else DEFAULT_CAMERAS)
     action_key, action_dim = action_key or (layout[2] if layout else "action"), action_dim or width or 14
     text = instruction or (None if texts_inside else "TEXT")  # TEXT stands for the instruction the files lack
@@ -569,9 +559,8 @@ def summarize(data_dir, cameras=None, chunk=8, action_dim=None, action_offset=0,
     flags = [("--cameras", ",".join(cameras))] + [("--action_key", action_key)] * (action_key != "action") + \
         [("--action_dim", str(action_dim))] * (action_dim != 14) + [("--state_key", state_key)] * bool(state_key) + \
         [("--instruction", text)] * bool(text)
-    print("flags: " + " ".join(f"{k} {shlex.quote(v)}" for k, v in flags))
-    if text == "TEXT":
-        print("instructions: these files hold none: put what the robot should do in place of TEXT")
+    print("flags: " + " ".join(f"{k} {shlex.quote(v)}" for k, v in flags) + "   # the files hold no instructions: "
+          "put what the robot should do in place of TEXT" * (text == "TEXT"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from data import ALL_CAMERAS, DataError
-from model import TOWERS, VIT, VLA, add_lora, openvla_7b_config, param_report, save_pretrained
+from merge import save_pretrained
+from model import TOWERS, VIT, VLA, add_lora, openvla_7b_config, param_report
 
 # -----------------------------------------------------------------------------
 # the tiny twin

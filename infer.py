@@ -23,7 +23,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import data
 import model
@@ -38,20 +38,17 @@ def check_checkpoint(ckpt_dir):
     if not os.path.isdir(ckpt_dir):
         sys.exit(f"error: --checkpoint {ckpt_dir}: not a directory")
     adapter = [] if os.path.isfile(os.path.join(ckpt_dir, "config.json")) else ADAPTER_FILES
-    missing = [f for f in CHECKPOINT_FILES + adapter if not os.path.isfile(os.path.join(ckpt_dir, f))]
-    if missing:
+    if missing := [f for f in CHECKPOINT_FILES + adapter if not os.path.isfile(os.path.join(ckpt_dir, f))]:
         sys.exit(f"error: checkpoint {ckpt_dir} is missing {', '.join(missing)}")
     where, stats = os.path.join(ckpt_dir, "args.json"), os.path.join(ckpt_dir, "dataset_statistics.json")
     try:
         args, head = model.read_json(where), model.head_options(os.path.join(ckpt_dir, "action_head.safetensors"))
-        absent = [k for k in ("vla_path", "cameras", "chunk", "action_dim", "action_offset", "norm") if k not in args]
-        if absent:
+        if absent := [k for k in "vla_path cameras chunk action_dim action_offset norm".split() if k not in args]:
             raise ValueError(f"{where}: no {', '.join(absent)}")
         # what the weights were trained for, as the head records it (and the cameras, in order, as frame_sizes does)
         trained = {k: head[k] for k in ("chunk", "action_dim", "attention", "image_aug", "film")} | \
             {"proprio": bool(head["proprio_dim"]), "cameras": ",".join(args.get("frame_sizes") or [args["cameras"]])}
-        k = next((k for k in trained if k in args and args[k] != trained[k]), None)
-        if k:
+        if k := next((k for k in trained if k in args and args[k] != trained[k]), None):
             raise ValueError(f"{where}: {k} {args[k]!r}, but the checkpoint was trained with {trained[k]!r}")
         for key, n in [("action", head["action_dim"])] + [("proprio", head["proprio_dim"])] * bool(head["proprio_dim"]):
             data.load_stats(stats, key=key, dim=n)
@@ -75,29 +72,26 @@ def jpeg_round_trip(frame, quality):
 
 class Policy:
     """A trained nanoOFT policy: raw camera frames (and state) and an instruction in, raw joint-space actions out.
-    Live frames take the training frames' path: a JPEG round trip if asked (jpeg_quality, for data whose frames went
-    through JPEG), the bicubic squash to the training frames' size the data conversion used, then the model's own
-    resize (and centre crop when trained with augmentation)."""
+    Live frames take the training frames' path: a JPEG round trip if asked (for data whose frames went through JPEG),
+    the data conversion's bicubic squash to the training frames' size, then the model's resize (and centre crop)."""
 
     def __init__(self, vla, stats, train_args, device, execute=1, ensemble=False, jpeg_quality=None,
                  proprio_stats=None):
         if type(execute) is not int or not 1 <= execute <= train_args["chunk"]:
             raise ValueError(f"Policy: execute must be 1..{train_args['chunk']} (the chunk), got {execute!r}")
-        self.vla, self.stats, self.args, self.device = vla, stats, train_args, device
-        self.cameras = train_args["cameras"].split(",")
+        self.vla, self.stats, self.proprio_stats, self.args, self.device = vla, stats, proprio_stats, train_args, device
         self.execute, self.ensemble, self.jpeg_quality = execute, ensemble, jpeg_quality
-        self.proprio_stats, self.frame_sizes = proprio_stats, train_args.get("frame_sizes", {})
+        self.cameras, self.frame_sizes = train_args["cameras"].split(","), train_args.get("frame_sizes", {})
         dtype = next(vla.parameters()).dtype
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         self.reset()
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, device="auto", vla_path=None, dtype=None, merge=True, **kw):
-        """A training checkpoint (base named in args.json + adapter + head) or a merged export (`model.py --merge`).
+        """A training checkpoint (base named in args.json + adapter + head) or a merged export (`merge.py`).
         merge: fold a training checkpoint's LoRA into the base weights in place, to run at an export's speed."""
         train_args = check_checkpoint(ckpt_dir)
-        device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                              "cpu" if device == "auto" else device)
+        device = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         merged = os.path.isfile(os.path.join(ckpt_dir, "config.json"))
         try:  # the adapter is checked against its config, and the base against it, before the base loads
@@ -133,10 +127,8 @@ class Policy:
 
     @torch.no_grad()
     def predict(self, images, instruction=None, state=None):
-        """images: camera name (a camera dataset of the training episodes: head_camera_image, observations/images/top)
-        -> HxWx3 uint8 RGB frame of any size; instruction: str or UTF-8 bytes (None: train.py's --instruction);
-        state: the raw (proprio_dim,) joint state when the policy was trained with proprioception. Returns the chunk
-        in raw action units, (chunk, action_dim)."""
+        """images: camera dataset name (head_camera_image, observations/images/top) -> HxWx3 uint8 RGB frame of any
+        size; instruction: str or UTF-8 bytes; state: the raw (proprio_dim,) joint state. -> raw (chunk, action_dim)."""
         instruction = self.args.get("instruction") if instruction is None else instruction  # train.py --instruction
         instruction = instruction.decode() if isinstance(instruction, bytes) else instruction  # h5py gives bytes
         if not isinstance(instruction, str) or not instruction.strip():
@@ -217,29 +209,6 @@ def report(chunks, executed, recorded, latency, stats, train_args):
             "names": names, "executed": executed.tolist(), "recorded": recorded.tolist()}
 
 
-def plot(executed, recorded, names, stats, path, title):
-    """One panel per action dimension, recorded (grey) vs executed (blue), on the dimension's range in the training
-    data, so that a joint that barely moves looks flat instead of blowing its noise up to full height."""
-    cols, pw, ph, pad = 2, 560, 150, 28
-    rows = (len(names) + cols - 1) // cols
-    img = Image.new("RGB", (cols * pw, rows * ph + 30), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 8), title, fill="black")
-    for i, name in enumerate(names):
-        x0, y0 = (i % cols) * pw, 30 + (i // cols) * ph
-        lo = min(stats["min"][i], recorded[:, i].min(), executed[:, i].min())
-        hi = max(stats["max"][i], recorded[:, i].max(), executed[:, i].max())
-        span = hi - lo or 1.0
-        draw.rectangle([x0 + pad, y0 + 16, x0 + pw - 10, y0 + ph - 10], outline="#bbbbbb")
-        draw.text((x0 + pad, y0 + 2), f"{name}   [{lo:.2f}, {hi:.2f}]", fill="black")
-        for series, colour in [(recorded[:, i], "#888888"), (executed[:, i], "#1f5fd0")]:
-            xs = x0 + pad + np.arange(len(series)) * (pw - pad - 12) / max(len(series) - 1, 1)
-            ys = y0 + ph - 12 - (series - lo) / span * (ph - 30)
-            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colour, width=2)
-    draw.text((cols * pw - 260, 8), "grey: recorded   blue: executed", fill="black")
-    img.save(path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a step_NNNNNN directory or a merged export")
@@ -249,7 +218,7 @@ def main(argv=None):
     p.add_argument("--execute", type=int, default=1, help="actions executed per chunk before re-planning")
     p.add_argument("--ensemble", action="store_true", help="temporal ensembling over overlapping chunks (ACT)")
     p.add_argument("--vla_path", help="base model, overriding the one named in the checkpoint's args.json")
-    p.add_argument("--out", default="out/infer", help="where plot.png and report.json go")
+    p.add_argument("--out", default="out/infer", help="where report.json goes")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if not args.instruction.strip():
@@ -279,16 +248,13 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(result, f)
-    mode = "ensemble" if args.ensemble else f"execute {args.execute}"
-    plot(executed, recorded, result["names"], policy.stats, os.path.join(args.out, "plot.png"),
-         f"{os.path.basename(args.episode)} | {mode} | L1 {result['l1']:.3f} (normalized)")
     lat, agree = result["latency_ms"], result["gripper_agreement"]
     print(f"L1 {result['l1']:.4f} normalized, {result['l1_raw']:.4f} raw | gripper agreement "
           f"{'n/a' if agree is None else f'{agree:.3f}'} | latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, "
           f"{result['chunks_per_s']:.1f} chunks/s")
     print("per chunk position: " + " ".join(f"{k} {v:.3f}" for k, v in result["l1_per_position"].items()))
     print("per dimension (raw): " + " | ".join(f"{k} {v:.3f}" for k, v in result["l1_per_dim_raw"].items()))
-    print(f"wrote {args.out}/report.json and {args.out}/plot.png")
+    print(f"wrote {args.out}/report.json (plot it: python plot.py {args.out}/report.json)")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ if [ "${1:-}" = "--demo" ]; then
   CKPT=out/demo/step_000500
   EPISODE=$($PY -c "import json; print(json.load(open('$CKPT/args.json'))['val_episode_files'][0])")
   $PY infer.py --checkpoint "$CKPT" --episode "$EPISODE" --out out/demo/infer
+  $PY plot.py out/demo/infer/report.json
   echo "demo done: checkpoint $CKPT, plot out/demo/infer/plot.png, numbers out/demo/infer/report.json"
   exit 0
 fi

@@ -20,13 +20,11 @@ final hidden states feed an L1 regression head: one forward pass gives a normali
 Command line:
 
     python demo.py --tiny tiny-openvla                  # tiny random OpenVLA-format twin (CPU demo and tests)
-    python model.py --merge checkpoints/step-1000 --base openvla/openvla-7b --out out/merged --device cpu
+    python merge.py checkpoints/step-1000 --base openvla/openvla-7b --out out/merged --device cpu  # fold LoRA in
 """
-import argparse
 import hashlib
 import json
 import os
-import shutil
 
 import torch
 import torch.nn as nn
@@ -64,15 +62,13 @@ ATTENTION = ("causal", "queries", "full")
 
 def openvla_7b_config():
     """The config.json fields of openvla/openvla-7b that matter (text_config is a diff from LlamaConfig())."""
-    return dict(
-        model_type="openvla", architectures=["OpenVLAForActionPrediction"],
-        vision_backbone_id="dinosiglip-vit-so-224px", llm_backbone_id="llama2-7b-pure",
-        arch_specifier="no-align+fused-gelu-mlp", use_fused_vision_backbone=True,
-        image_resize_strategy="resize-naive", image_sizes=[224, 224],
-        timm_model_ids=["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
-        timm_override_act_layers=[None, None],
-        text_config=dict(model_type="llama", vocab_size=32064, pad_token_id=32000),
-        pad_token_id=32000, pad_to_multiple_of=64, n_action_bins=256, llm_max_length=2048, norm_stats={})
+    return dict(model_type="openvla", architectures=["OpenVLAForActionPrediction"], use_fused_vision_backbone=True,
+                vision_backbone_id="dinosiglip-vit-so-224px", llm_backbone_id="llama2-7b-pure",
+                arch_specifier="no-align+fused-gelu-mlp", image_resize_strategy="resize-naive", image_sizes=[224, 224],
+                timm_model_ids=["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
+                timm_override_act_layers=[None, None], pad_token_id=32000, pad_to_multiple_of=64, n_action_bins=256,
+                text_config=dict(model_type="llama", vocab_size=32064, pad_token_id=32000), llm_max_length=2048,
+                norm_stats={})
 
 
 def default_preprocessor(config):
@@ -272,9 +268,8 @@ class VLA(nn.Module):
     def __init__(self, config, tokenizer=None, preprocessor=None, chunk=8, action_dim=14, proprio_dim=0,
                  attention="causal", image_aug=False, film=False):
         super().__init__()
-        for tid in config["timm_model_ids"]:
-            if tid not in VIT:
-                raise ValueError(f"unknown vision tower {tid!r} in config.json; known: {', '.join(VIT)}")
+        if unknown := [tid for tid in config["timm_model_ids"] if tid not in VIT]:
+            raise ValueError(f"unknown vision tower {unknown[0]!r} in config.json; known: {', '.join(VIT)}")
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         self.config, self.tokenizer = config, tokenizer
@@ -293,9 +288,7 @@ class VLA(nn.Module):
         self.new_head(chunk, action_dim, proprio_dim, film, torch.get_default_device())
 
     def new_head(self, chunk, action_dim, proprio_dim, film, device):
-        """(Re)build what trains fully, in float32 like peft's adapters: the K action queries, the head, with
-        proprioception OFT's state projector, and with FiLM a scale and a shift Linear(LLM width -> tower width)
-        per built ViT block, named film_layers.{tower}.{block}.{scale,shift} after the block they modulate."""
+        """(Re)build what trains fully, in float32 like peft's adapters: queries, head, state projector, FiLM layers."""
         d = self.llm.config.hidden_size
         with torch.device(device):
             self.action_queries = nn.Parameter(torch.empty(chunk, d))
@@ -319,10 +312,8 @@ class VLA(nn.Module):
         return self.action_queries.device
 
     def embed_images(self, images, aug=None, lang=None):
-        """uint8 frames (B, N, 3, H, W) -> projected patches (B, N * 256, d). Pixels as OpenVLA's processor makes them;
-        with image augmentation, OFT's random crop and colour jitter drawn as aug (B, N, 6) in [0, 1) in training, and
-        its centre crop otherwise when the model was trained that way (image_aug). lang (B, d): with FiLM, what
-        conditions every camera's towers (forward passes the mean embedding of each sample's prompt)."""
+        """uint8 frames (B, N, 3, H, W) -> projected patches (B, N * 256, d). aug (B, N, 6) in [0, 1): OFT's random
+        crop and colour jitter (training); else its centre crop if trained with image_aug. lang (B, d): FiLM's input."""
         if images.dtype != torch.uint8 or images.ndim != 5:
             raise ValueError(f"images must be uint8 (B, N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         B, N, _, H, W = images.shape
@@ -373,11 +364,10 @@ class VLA(nn.Module):
         x = x.index_put((rows, q_pos), self.action_queries.to(x.dtype).expand(B, K, -1))
         mask, pos, real_end = None, torch.arange(x.shape[1], device=dev), (P + n + K)[:, None]
         if self.attention == "full":  # OFT: every real token sees every real token, never a pad
-            mask = (pos < real_end)[:, None, :].expand(B, len(pos), -1)
+            mask = (pos < real_end)[:, None, None, :].expand(B, 1, len(pos), -1)
         elif self.attention == "queries":  # causal, plus each sample's K queries see each other
             query = (pos >= (P + n)[:, None]) & (pos < real_end)
-            mask = (pos[:, None] >= pos[None, :]) | (query[:, :, None] & query[:, None, :])
-        mask = None if mask is None else mask[:, None]
+            mask = ((pos[:, None] >= pos[None, :]) | (query[:, :, None] & query[:, None, :]))[:, None]
         h = self.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state  # no lm_head
         return self.action_head(h[rows, q_pos].float())
 
@@ -396,8 +386,7 @@ class VLA(nn.Module):
 
     @classmethod
     def from_config(cls, config, dtype=torch.float32, device="cpu", tokenizer=None, **options):
-        """Random weights built directly on `device` (benchmarks, the tiny twin); tokenizer: what forward() needs.
-        options: chunk, action_dim, proprio_dim, attention, image_aug, film (VLA's arguments)."""
+        """Random weights built directly on `device` (benchmarks, the tiny twin); options: VLA's head arguments."""
         vla = cls._meta(config, dtype, tokenizer, None, options)
         vla.to_empty(device=device)
         init_weights(vla.named_parameters())
@@ -484,18 +473,13 @@ def check_keys(vla, keys, where):
 
 def load_weights(vla, path, dtype, device):
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-    else:
-        shards = sorted(f for f in os.listdir(path) if f.startswith("model") and f.endswith(".safetensors"))
+    shards = sorted(set(read_json(index)["weight_map"].values()) if os.path.exists(index) else
+                    (f for f in os.listdir(path) if f.startswith("model") and f.endswith(".safetensors")))
     if not shards:
         raise FileNotFoundError(f"{path}: no model*.safetensors weights")
     shards = [os.path.join(path, s) for s in shards]
-    keys = []  # from the headers only: a bad checkpoint fails before gigabytes are read
-    for shard in shards:
-        with open_safetensors(shard) as f:
-            keys += f.keys()
-    wanted = check_keys(vla, keys, path)
+    # from the headers only: a bad checkpoint fails before gigabytes are read
+    wanted = check_keys(vla, [k for shard in shards for k in open_safetensors(shard).keys()], path)
     # one shard at a time, straight into the target dtype and device: never two copies of the model
     for shard in shards:
         with open_safetensors(shard, device) as f:
@@ -650,7 +634,7 @@ def trained_base(ckpt_dir, train_args):
         return path
     if not os.path.isdir(started):
         raise FileNotFoundError(f"{ckpt_dir}: its args.json's vla_path {path} is not found from here: pass the base "
-                                "(--vla_path; --base for model.py --merge)")
+                                "(--vla_path; --base for merge.py)")
     return started
 
 
@@ -670,73 +654,5 @@ def load_trained(vla, ckpt_dir):
     return vla
 
 
-def save_pretrained(vla, out_dir, max_shard_bytes=4 << 30):
-    """A full OpenVLA-format directory (+ action_head.safetensors) that from_pretrained reloads."""
-    if hasattr(vla, "peft_config"):
-        raise ValueError("the model still has LoRA adapters: merge_lora(vla) before save_pretrained")
-    os.makedirs(out_dir, exist_ok=True)
-    for f in os.listdir(out_dir):  # stale shards of an earlier export would be picked up by the loader
-        if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
-            os.remove(os.path.join(out_dir, f))
-    shards, size = [{}], 0
-    for k, v in vla.state_dict().items():
-        if k.startswith(HEAD):
-            continue
-        if size + v.nbytes > max_shard_bytes and shards[-1]:
-            shards, size = shards + [{}], 0
-        shards[-1][k], size = v.detach().contiguous(), size + v.nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = dict(metadata=dict(total_size=sum(v.nbytes for s in shards for v in s.values())),
-                     weight_map={k: name for name, s in zip(names, shards) for k in s})
-        _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-    _write_json(os.path.join(out_dir, "config.json"), vla.config)
-    _write_json(os.path.join(out_dir, "preprocessor_config.json"), vla.preprocessor)
-    vla.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    special = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<PAD>")
-    _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"),
-                dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, legacy=False,
-                     model_max_length=vla.config["llm_max_length"], padding_side="right", **special))
-    save_head(vla, os.path.join(out_dir, "action_head.safetensors"))
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-# -----------------------------------------------------------------------------
-# command line
-
-
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--merge", metavar="CKPT_DIR", help="save_trained checkpoint whose LoRA to fold into --base")
-    ap.add_argument("--base", help="base checkpoint (directory or hub id) for --merge; default: CKPT_DIR's own")
-    ap.add_argument("--out", metavar="DIR", help="where --merge writes the merged OpenVLA-format export")
-    ap.add_argument("--device", default="cpu", help="device to merge on (cpu keeps the GPUs free)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                    help="dtype of the merged export")
-    args = ap.parse_args()
-    if args.merge:
-        if not args.out:
-            ap.error("--merge needs --out")
-        try:  # the statistics and run args travel with the weights: both are read before any model loads
-            train_args, _ = (read_json(os.path.join(args.merge, f)) for f in ("args.json", "dataset_statistics.json"))
-            base = args.base or trained_base(args.merge, train_args)
-            path, out = check_base(args.merge, base), os.path.realpath(args.out)
-            if any(os.path.commonpath([out, os.path.realpath(d)]) == os.path.realpath(d) for d in (path, args.merge)):
-                raise ValueError(f"--out {args.out} is (or is inside) {base} or {args.merge}: pass another --out")
-        except (OSError, ValueError, RuntimeError) as e:
-            raise SystemExit(f"error: {e}")
-        vla = VLA.from_pretrained(path, getattr(torch, args.dtype), args.device)
-        merge_lora(load_trained(vla, args.merge))
-        save_pretrained(vla, args.out)
-        for f in ("dataset_statistics.json", "args.json"):
-            shutil.copy(os.path.join(args.merge, f), args.out)
-        print(f"merged {args.merge} into {base} -> {args.out}")
-    else:
-        ap.print_help()
+    raise SystemExit("error: merging moved to merge.py: python merge.py CKPT_DIR --out DIR [--base BASE] (see --help)")

@@ -35,8 +35,9 @@ import infer
 import model
 import train
 from demo import SEEN, make_demo, make_tiny, make_tokenizer, tiny_config
+from merge import save_pretrained
 from model import (VLA, Block, ViT, add_lora, check_keys, enable_grad_ckpt, load_trained, merge_lora,
-                   openvla_7b_config, param_report, save_pretrained, save_trained, skipped_prefixes)
+                   openvla_7b_config, param_report, save_trained, skipped_prefixes)
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -984,7 +985,7 @@ def test_merge_cli(tiny_dir, tmp_path):
     for f in ("dataset_statistics.json", "args.json"):
         json.dump({"x": 1}, open(tmp_path / "ckpt" / f, "w"))
     merge_lora(vla)
-    cmd = [sys.executable, "model.py", "--merge", str(tmp_path / "ckpt"), "--base", tiny_dir,
+    cmd = [sys.executable, "merge.py", str(tmp_path / "ckpt"), "--base", tiny_dir,
            "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "float32"]
     subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -992,6 +993,10 @@ def test_merge_cli(tiny_dir, tmp_path):
     assert "adapter_config.json" not in os.listdir(tmp_path / "out")
     x = images(2)
     torch.testing.assert_close(VLA.from_pretrained(str(tmp_path / "out"))(x, INSTR[:2]), vla(x, INSTR[:2]))
+    old = subprocess.run([sys.executable, "model.py", "--merge", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    assert old.returncode == 1 and old.stderr.startswith("error: merging moved to merge.py: python merge.py CKPT_DIR")
+    assert old.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "o")
 
 
 def test_broken_checkpoints_give_clear_errors(tiny_dir, tmp_path, monkeypatch):
@@ -1867,6 +1872,9 @@ def test_infer_episode_end_to_end(run_a, val_episode, policy, tmp_path):
                         "--out", str(tmp_path)], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.load(open(tmp_path / "report.json"))
+    r = subprocess.run([sys.executable, "plot.py", str(tmp_path / "report.json")], cwd=HERE, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"wrote {tmp_path / 'plot.png'}", r.stderr[-2000:]
     img = Image.open(tmp_path / "plot.png")
     assert img.format == "PNG" and img.size[0] >= 800 and len(img.getcolors(1 << 16) or range(99)) > 3
     episode = data.read_episode(val_episode, policy.cameras)
@@ -1920,8 +1928,7 @@ def test_bad_input_fails_before_the_model_loads(case, message, run_a, val_episod
 
 def test_policy_from_merged_export(run_a, policy, val_episode, tmp_path):
     """--base defaults to the base the checkpoint trained on."""
-    cmd = [sys.executable, "model.py", "--merge", str(run_a / "step_000006"), "--out", str(tmp_path), "--dtype",
-           "float32"]
+    cmd = [sys.executable, "merge.py", str(run_a / "step_000006"), "--out", str(tmp_path), "--dtype", "float32"]
     r = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     merged = infer.Policy.from_checkpoint(str(tmp_path), device="cpu")
@@ -1999,9 +2006,9 @@ def test_merged_export_with_a_missing_shard_is_one_line(run_a, tiny_dir, tmp_pat
 
 
 def run_merge(monkeypatch, *args):
-    """model.py --merge in this process: runpy runs its __main__ block as the command line does."""
-    monkeypatch.setattr(sys, "argv", ["model.py", "--merge", *map(str, args), "--dtype", "float32"])
-    runpy.run_path(os.path.join(HERE, "model.py"), run_name="__main__")
+    """merge.py in this process: runpy runs its __main__ block as the command line does."""
+    monkeypatch.setattr(sys, "argv", ["merge.py", *map(str, args), "--dtype", "float32"])
+    runpy.run_path(os.path.join(HERE, "merge.py"), run_name="__main__")
 
 
 def test_merge_never_writes_into_the_base_or_the_checkpoint_and_refuses_another_base(run_a, tiny_dir, tmp_path,

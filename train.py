@@ -89,22 +89,19 @@ def get_args(argv=None):
     for flag in set(removed) & {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}:
         p.error(f"{flag} was replaced by {removed[flag]}")
     args = p.parse_args(argv)
-    for name in ["chunk", "action_dim", "batch_size", "grad_accum", "max_steps", "save_interval", "eval_interval",
-                 "eval_batches", "log_interval", "lora_rank", "dist_timeout"]:
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ["action_offset", "val_episodes", "warmup_steps", "keep_last", "num_workers"]:
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    positive = ["chunk", "action_dim", "batch_size", "grad_accum", "max_steps", "save_interval", "eval_interval",
+                "eval_batches", "log_interval", "lora_rank", "dist_timeout"]
+    for name in positive + ["action_offset", "val_episodes", "warmup_steps", "keep_last", "num_workers"]:
+        if getattr(args, name) < 0 or getattr(args, name) == 0 and name in positive:
+            p.error(f"--{name} must be {'positive' if name in positive else '>= 0'}, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a finite positive number, got {args.lr}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is visible to torch {torch.__version__}")
     path = os.path.expanduser(args.vla_path)
     if os.path.isdir(path):  # a hub id is only resolved when the model loads
-        missing = [f for f in ("config.json", "tokenizer.json", "model*.safetensors")
-                   if not glob.glob(os.path.join(path, f))]
-        if missing:
+        if missing := [f for f in ("config.json", "tokenizer.json", "model*.safetensors")
+                       if not glob.glob(os.path.join(path, f))]:
             p.error(f"--vla_path {path}: no {', '.join(missing)} there (expected an OpenVLA checkpoint directory)")
         args.vla_path = os.path.abspath(path)  # args.json must name it from any working directory
     elif not model.is_hub_id(path):
@@ -170,15 +167,13 @@ def find_resume(args):
                  f"--out_dir {args.out_dir}: pass a new --out_dir")
     saved.setdefault("attention", "queries" if saved.get("bidirectional") else "causal")  # before --attention
     args.state_key = args.state_key or saved.get("state_key")  # the run recorded what auto resolved to
-    for name in SAME_ON_RESUME:
+    why = {"batch_size": "the data order will differ", "grad_accum": "the global batch changes"}
+    for name in SAME_ON_RESUME + ["batch_size", "grad_accum", "seed", "val_episodes", "val_data_dir"]:
         if saved.get(name, getattr(args, name)) != getattr(args, name):
-            sys.exit(f"error: {ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: resume with "
-                     f"the same --{name}, or train anew in a new --out_dir")
-    for name in ["batch_size", "grad_accum", "seed", "val_episodes", "val_data_dir"]:  # the last 3 make the split
-        if saved.get(name, getattr(args, name)) != getattr(args, name):
-            why = {"batch_size": "the data order will differ", "grad_accum": "the global batch changes"}
-            note(f"note: {ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: "
-                 f"{why.get(name, 'its validation split is kept')}")
+            was = f"{ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: "
+            if name in SAME_ON_RESUME:
+                sys.exit(f"error: {was}resume with the same --{name}, or train anew in a new --out_dir")
+            note(f"note: {was}{why.get(name, 'its validation split is kept')}")
     args.val_episodes, args.val_data_dir = (saved.get(k, getattr(args, k)) for k in ("val_episodes", "val_data_dir"))
     if state["step"] >= args.max_steps:
         note(f"{ckpt} is at step {state['step']} of --max_steps {args.max_steps}: the run is finished, nothing to do")
@@ -350,8 +345,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     master = rank == 0
     torch.manual_seed(args.seed + rank)
-    dtype = {"auto": torch.bfloat16 if use_cuda else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" or args.dtype == "auto" and use_cuda else torch.float32
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     log = print if master else (lambda *a, **k: None)
 
@@ -462,8 +456,7 @@ def main(argv=None):
     def record(row, line):
         log(line, flush=True)
         if master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            print(json.dumps(row), file=metrics, flush=True)
 
     # -------------------------------------------------------------------------------- training loop
     stream = batch_stream(train_set, args, rank, world, epoch, pos, use_cuda)

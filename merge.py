@@ -1,0 +1,82 @@
+"""
+Fold a training checkpoint's LoRA into its base and write a full OpenVLA-format export (+ the head, the statistics
+and args.json) that infer.Policy.from_checkpoint and model.VLA.from_pretrained load. One process, no GPU needed:
+
+    python merge.py out/shoe/step_050000 --out out/shoe-merged --device cpu
+    python merge.py checkpoints/step-1000 --base openvla/openvla-7b --out out/merged
+
+    from merge import save_pretrained
+    save_pretrained(model.merge_lora(vla), "out/export")  # any VLA without adapters (the tiny twin: demo.py --tiny)
+"""
+import argparse
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+import model
+
+
+def save_pretrained(vla, out_dir, max_shard_bytes=4 << 30):
+    """A full OpenVLA-format directory (+ action_head.safetensors) that from_pretrained reloads."""
+    if hasattr(vla, "peft_config"):
+        raise ValueError("the model still has LoRA adapters: merge_lora(vla) before save_pretrained")
+    os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):  # stale shards of an earlier export would be picked up by the loader
+        if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
+            os.remove(os.path.join(out_dir, f))
+    shards, size = [{}], 0
+    for k, v in vla.state_dict().items():
+        if k.startswith(model.HEAD):
+            continue
+        if size + v.nbytes > max_shard_bytes and shards[-1]:
+            shards, size = shards + [{}], 0
+        shards[-1][k], size = v.detach().contiguous(), size + v.nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = dict(metadata=dict(total_size=sum(v.nbytes for s in shards for v in s.values())),
+                     weight_map={k: name for name, s in zip(names, shards) for k in s})
+        _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
+    vla.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    special = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<PAD>")
+    tokenizer_config = dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, legacy=False,
+                            model_max_length=vla.config["llm_max_length"], padding_side="right", **special)
+    for name, obj in [("config.json", vla.config), ("preprocessor_config.json", vla.preprocessor),
+                      ("special_tokens_map.json", special), ("tokenizer_config.json", tokenizer_config)]:
+        _write_json(os.path.join(out_dir, name), obj)
+    model.save_head(vla, os.path.join(out_dir, "action_head.safetensors"))
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ckpt_dir", metavar="CKPT_DIR", help="save_trained checkpoint whose LoRA to fold into --base")
+    ap.add_argument("--base", help="base checkpoint (directory or hub id); default: the one CKPT_DIR trained on")
+    ap.add_argument("--out", metavar="DIR", required=True, help="where the merged OpenVLA-format export goes")
+    ap.add_argument("--device", default="cpu", help="device to merge on (cpu keeps the GPUs free)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="dtype of the merged export")
+    args = ap.parse_args()
+    ckpt = args.ckpt_dir
+    try:  # the statistics and run args travel with the weights: both are read before any model loads
+        train_args, _ = (model.read_json(os.path.join(ckpt, f)) for f in ("args.json", "dataset_statistics.json"))
+        base = args.base or model.trained_base(ckpt, train_args)
+        path, out = model.check_base(ckpt, base), os.path.realpath(args.out)
+        if any(os.path.commonpath([out, os.path.realpath(d)]) == os.path.realpath(d) for d in (path, ckpt)):
+            raise ValueError(f"--out {args.out} is (or is inside) {base} or {ckpt}: pass another --out")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}")
+    vla = model.VLA.from_pretrained(path, getattr(torch, args.dtype), args.device)
+    save_pretrained(model.merge_lora(model.load_trained(vla, ckpt)), args.out)
+    for f in ("dataset_statistics.json", "args.json"):
+        shutil.copy(os.path.join(ckpt, f), args.out)
+    print(f"merged {ckpt} into {base} -> {args.out}")
