@@ -139,8 +139,9 @@ class Policy:
         model.check_sequence_length(self.vla.config, self.vla.tokenizer, instruction, len(self.cameras),
                                     self.vla.proprio_dim, self.vla.chunk)
         if self.vla.proprio_dim and np.shape(state) != (self.vla.proprio_dim,):
+            got = "None" if state is None else np.shape(state)
             raise ValueError(f"predict: this policy was trained with proprioception: pass state, the raw "
-                             f"({self.vla.proprio_dim},) joint state, got {'None' if state is None else np.shape(state)}")
+                             f"({self.vla.proprio_dim},) joint state, got {got}")
         if self.vla.proprio_dim and not np.isfinite(state).all():
             raise ValueError(f"predict: the state is NaN or inf at dims {np.flatnonzero(~np.isfinite(state)).tolist()}")
         frames = torch.stack([self.frame(c, images[c]) for c in self.cameras])
