@@ -161,14 +161,15 @@ def read_state(g, key):
 
 
 def _numbers(g, key, length):
-    """Refuse a (T, D) dataset (comma-separated keys: side by side) that is not finite numbers, one row per frame."""
+    """A (T, D) dataset (comma-separated keys: side by side) read whole; refused unless finite numbers per frame."""
     sets = [g[k] for k in key.split(",")]
     if any(d.dtype.kind not in "iuf" for d in sets):
         raise DataError(f"{key} holds {', '.join(str(d.dtype) for d in sets)}, not numbers")
     if any(d.ndim != 2 or len(d) != length for d in sets):
         raise DataError(f"{key} has shape {' + '.join(str(d.shape) for d in sets)}, expected (T={length}, D)")
-    if not np.isfinite(read_state(g, key)).all():
+    if not np.isfinite(values := read_state(g, key)).all():
         raise DataError(f"{key} holds NaN or inf")
+    return values
 
 
 def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction):
@@ -187,7 +188,7 @@ def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction)
         action, videos = g[action_key], [g[c] for c in cameras]
         if action.ndim == 2 and action.dtype.kind in "iuf" and action.shape[1] != action_dim:
             raise DataError(f"{action_key} has shape {action.shape}, expected (T, {action_dim}) (--action_dim)")
-        _numbers(g, action_key, len(action))
+        values = _numbers(g, action_key, len(action))
         if any(v.dtype != np.uint8 or not (v.ndim == 4 and v.shape[3] == 3 or v.ndim == 2 and f.attrs.get("compress"))
                for v in videos):
             found = ", ".join(f"{c} {v.dtype} {v.shape}" for c, v in zip(cameras, videos))
@@ -215,7 +216,7 @@ def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction)
                 why = f"stored with HDF5 filter {', '.join(_filters(v))}, not installed here" if _filters(v) else \
                     str(e).splitlines()[0]
                 raise DataError(f"{c}: its frames do not read ({why})") from None
-        return len(action), shapes, hashlib.sha1(np.ascontiguousarray(action[()])).hexdigest()
+        return len(action), shapes, hashlib.sha1(np.ascontiguousarray(values)).hexdigest()
 
 
 def check_episodes(paths, cameras, chunk, action_dim, action_offset=0, action_key="action", state_key=None,
