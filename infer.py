@@ -203,8 +203,7 @@ def report(chunks, executed, recorded, latency, stats, train_args):
     ms = 1000 * latency
     return {"l1": float(np.abs(n_exec - n_rec).mean()), "l1_raw": float(np.abs(executed - recorded).mean()),
             "l1_per_dim_raw": {n: float(v) for n, v in zip(names, np.abs(executed - recorded).mean(0))},
-            "l1_per_position": {f"t+{j}": v for j, v in enumerate(per_position)},
-            "gripper_agreement": agree,
+            "l1_per_position": {f"t+{j}": v for j, v in enumerate(per_position)}, "gripper_agreement": agree,
             "latency_ms": {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)),
                            "p95": float(np.percentile(ms, 95))}, "chunks_per_s": float(1000 / ms.mean()),
             "names": names, "executed": executed.tolist(), "recorded": recorded.tolist()}

@@ -1688,6 +1688,28 @@ def test_a_data_file_failing_mid_run_saves_the_last_step_and_exits_65(tiny_dir, 
     assert infer.Policy.from_checkpoint(str(ckpt), device="cpu").vla.chunk == 8
 
 
+VAL_FILE_FAILS = """
+real = data.EpisodeDataset.__getitem__
+def getitem(self, i):
+    if not self.image_aug:  # the validation set: train_flags leaves augmentation on for training
+        raise data.DataError(f"{self.paths[self.index[i][0]]}: frame {self.index[i][1]} no longer reads (truncated)")
+    return real(self, i)
+data.EpisodeDataset.__getitem__ = getitem
+"""
+
+
+def test_a_validation_file_failing_mid_run_is_one_line_and_keeps_what_was_saved(tiny_dir, demo_dir, tmp_path):
+    flags = train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 9, "--num_workers", 1, "--eval_interval", 3,
+                        "--save_interval", 2)
+    code, out, left = run_patched(VAL_FILE_FAILS, flags)
+    assert code == 65 and not left and "Traceback" not in out, out[-3000:]
+    assert re.search(r"^error: \S+episode_\d+\.hdf5: frame \d+ no longer reads \(truncated\) \(in an evaluation\)$",
+                     out, re.M), out[-3000:]
+    assert "step 3/9" in out and "step 4/9" not in out
+    assert sorted(os.listdir(tmp_path)) == [".lock", "metrics.jsonl", "step_000002"]
+    assert train.read_checkpoint(str(tmp_path / "step_000002"))[1]["step"] == 2
+
+
 def test_a_killed_data_worker_ends_every_process(tiny_dir, demo_dir, tmp_path):
     p, output = start_train(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 1000, "--num_workers", 2),
                             until="step 1/")

@@ -540,6 +540,9 @@ if __name__ == "__main__":
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the same Ctrl-C on once more
         print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
         sys.exit(130)
+    except data.DataError as e:  # a validation file failing mid-run; the checkpoints saved so far stand
+        print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ')[-1]} (in an evaluation)", file=sys.stderr)
+        sys.exit(65)
     finally:  # workers ignore SIGTERM, so exit's terminate-and-join of the ones an error left alive would never end
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would turn their end into another error
         for worker in torch.multiprocessing.active_children():
