@@ -296,10 +296,9 @@ class VLA(nn.Module):
                                              nn.LayerNorm(d), nn.Linear(d, action_dim))
             self.proprio_projector = nn.ModuleDict(dict(fc1=nn.Linear(proprio_dim, d), fc2=nn.Linear(d, d))) \
                 if proprio_dim else None
-            film_block = lambda w: nn.ModuleDict(dict(scale=nn.Linear(d, w), shift=nn.Linear(d, w)))
+            film_block = lambda w: nn.ModuleDict(dict(scale=nn.Linear(d, w), shift=nn.Linear(d, w)))  # init as OFT
             self.film_layers = nn.ModuleDict({name: nn.ModuleList(film_block(t.pos_embed.shape[-1]) for _ in t.blocks)
                                               for name, t in self.vision_backbone.items()}) if film else None
-        # FiLM keeps PyTorch's default Linear init, as OFT
         init_weights([(n, p) for n, p in self.named_parameters() if n.startswith(HEAD[:-1])])
         self.chunk, self.action_dim, self.proprio_dim, self.film = chunk, action_dim, proprio_dim, film
 

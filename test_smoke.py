@@ -1341,6 +1341,20 @@ def test_resume_refuses_flags_that_change_shapes_or_data(flags, message, run_a, 
         find_resume(tiny_dir, demo_dir, tmp_path, "--resume", run_a / "step_000003", *flags)
 
 
+def test_resume_refuses_another_base(run_a, tiny_dir, demo_dir, tmp_path):
+    """Same shapes, another config: the adapter and head would load into it and train on without a word."""
+    other = shutil.copytree(tiny_dir, tmp_path / "other-base")
+    edit_json(other / "config.json", lambda c: c.update(norm_stats={"libero": {}}))
+    ckpt = str(run_a / "step_000003")
+    with pytest.raises(SystemExit, match=f"^error: --resume {ckpt}: {ckpt} was trained on another base than {other} "
+                                         r"\(config.json [0-9a-f]{16}; .*'s: [0-9a-f]{16}\): pass the base"):
+        find_resume(str(other), demo_dir, tmp_path / "new", "--resume", ckpt)
+    out = shutil.copytree(run_a, tmp_path / "run")
+    with pytest.raises(SystemExit, match="^error: --resume auto: no usable checkpoint in --out_dir"):
+        find_resume(str(other), demo_dir, out, "--resume", "auto")
+    assert find_resume(tiny_dir, demo_dir, out, "--resume", "auto")[0] == str(out / "step_000006")
+
+
 def test_resume_rules(run_a, tiny_dir, demo_dir, tmp_path, monkeypatch, capsys):
     ckpt = str(run_a / "step_000003")
     # an args.json from before --attention: bidirectional meant the queries see each other

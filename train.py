@@ -154,8 +154,9 @@ def find_resume(args):
     for ckpt in [d for _, d in reversed(done)] if args.resume == "auto" else [args.resume]:
         try:
             saved, state = read_checkpoint(ckpt)
+            model.check_base(ckpt, args.vla_path)  # LoRA and head of another base would load without a complaint
             break
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a hub base that does not download
             if args.resume != "auto":
                 sys.exit(f"error: --resume {ckpt}: {e}")
             note(f"note: --resume auto skips {ckpt}: {e}")
