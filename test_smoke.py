@@ -1458,7 +1458,13 @@ def test_preemption_saves_the_step_and_resumes_exactly(run_a, tiny_dir, demo_dir
 
 
 def test_ctrl_c_is_one_line(tiny_dir, demo_dir, tmp_path):
-    p, output = start_train(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 6))
+    # a suite started in the background (`cmd &` without job control) ignores SIGINT, and exec keeps an ignored
+    # signal ignored but resets a caught one to its default: catch it here so that train.py gets Ctrl-C as from a shell
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        p, output = start_train(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 6))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     p.send_signal(signal.SIGINT)
     out = output()
     assert p.returncode == 130 and "Traceback" not in out, out[-3000:]
