@@ -8,9 +8,10 @@ $ python aloha/evaluate.py --checkpoint CKPT --baseline out/aloha/tc240   # also
 
 Each episode starts from gym-aloha's reset(seed) pose, runs up to 400 control steps (50 Hz) and stops at reward 4,
 as gym-aloha's env terminates. Frames are rendered at the checkpoint's training frame size with the settings
-record.py used (fast unless --stock_render), so the policy sees what it was trained on; the state is the
-simulator's agent_pos (qpos) when the checkpoint was trained with --proprio. The baseline replays the mean of the
-demonstrations' action trajectories open loop: what a policy that never looks scores.
+record.py used (fast unless --stock_render; the camera zoom its demos were recorded with), so the policy sees what
+it was trained on; the state is the simulator's agent_pos (qpos) when the checkpoint was trained with --proprio.
+The baseline replays the mean of the demonstrations' action trajectories open loop: what a policy that never looks
+scores.
 Writes OUT/report.json (settings, every episode, success rate with its 95% Wilson interval, the rate of reaching
 each reward stage) and OUT/rollout_N_seedS.gif for the first --gif episodes.
 """
@@ -82,10 +83,10 @@ def check_policy_inputs(train_args, ckpt, task):
     return out
 
 
-def rollout(task, seed, act, cameras, steps, fast_render=True, gif=None):
+def rollout(task, seed, act, cameras, steps, fast_render=True, gif=None, zoom=1.0):
     """One episode from reset(seed): act(images, qpos, t) -> 14 joint targets, until reward 4 or `steps`.
     gif: a list that receives every other frame of the first camera and the last one (annotated), to animate."""
-    physics, task_obj = record.make_sim(task, fast_render=fast_render)
+    physics, task_obj = record.make_sim(task, fast_render=fast_render, zoom=zoom)
     record.reset(physics, task_obj, record.object_pose(task, seed))
     best, t0 = 0, time.time()
     for t in range(steps):
@@ -132,13 +133,15 @@ def mean_demonstration(demos_dir, task):
     return np.mean([a[:n] for a in actions], axis=0), len(actions)
 
 
-def training_seeds(train_args):
-    """Seeds of the recorded demonstrations the checkpoint was trained on (record.py stores them), if readable."""
-    seeds = set()
+def training_demos(train_args):
+    """Seeds and zooms of the recorded demonstrations the checkpoint was trained on (record.py stores them), if
+    readable: the zoom is an empty set when they are not."""
+    seeds, zooms = set(), set()
     for p in glob.glob(os.path.join(str(train_args.get("data_dir", "")), "episode_*.hdf5")):
         with h5py.File(p, "r") as f:
             seeds |= {int(f.attrs["seed"])} if "seed" in f.attrs else set()
-    return seeds
+            zooms.add(float(f.attrs.get("zoom", 1.0)))
+    return seeds, zooms
 
 
 def run(name, seeds, task, act, cameras, args, gif_count=0, on_start=None):
@@ -147,7 +150,7 @@ def run(name, seeds, task, act, cameras, args, gif_count=0, on_start=None):
         frames = [] if i < gif_count else None
         if on_start:
             on_start()
-        r = rollout(task, seed, act, cameras, args.steps, not args.stock_render, frames)
+        r = rollout(task, seed, act, cameras, args.steps, not args.stock_render, frames, args.zoom or 1.0)
         if act.latency:
             r["ms_per_chunk"] = round(1000 * float(np.mean(act.latency[1:] or act.latency)), 1)  # first call warms up
             act.latency.clear()
@@ -178,6 +181,8 @@ def main(argv=None):
     p.add_argument("--gif", type=int, default=2, help="write an animated GIF of the first N policy episodes")
     p.add_argument("--stock_render", action="store_true", help="render the stock scene (for checkpoints trained on "
                    "record.py --stock_render demos)")
+    p.add_argument("--zoom", type=float, help="camera zoom (record.py --zoom); default: the one the checkpoint's "
+                   "training demos were recorded with")
     p.add_argument("--out", default="out/aloha/eval")
     args = p.parse_args(argv)
     if args.task not in record.TASKS:
@@ -195,7 +200,14 @@ def main(argv=None):
         instruction = args.instruction or train_args.get("instruction")
         if not instruction:
             sys.exit(f"error: checkpoint {args.checkpoint} records no instruction: give --instruction")
-        reused = sorted(training_seeds(train_args) & set(seeds))
+        demo_seeds, zooms = training_demos(train_args)
+        if args.zoom is None and len(zooms) > 1:
+            sys.exit(f"error: checkpoint {args.checkpoint}'s demos in {train_args['data_dir']} mix zooms "
+                     f"{sorted(zooms)}: give --zoom")
+        if args.zoom is None:
+            args.zoom = next(iter(zooms), 1.0)
+            print(f"camera zoom {args.zoom} ({'as the training demos' if zooms else 'training demos not found'})")
+        reused = sorted(demo_seeds & set(seeds))
         if reused:
             print(f"warning: {len(reused)} of these seeds ({reused[0]}..{reused[-1]}) made the checkpoint's training "
                   f"demos: not unseen")
@@ -215,7 +227,7 @@ def main(argv=None):
 
         act.latency = []
         report["settings"] |= {"instruction": instruction, "cameras": {c: list(s) for c, (_, s) in cameras.items()},
-                               "proprio": proprio, "train_args": train_args}
+                               "proprio": proprio, "zoom": args.zoom, "train_args": train_args}
         report["policy"] = summarize(episodes := run("policy", seeds, args.task, act, cameras, args, args.gif,
                                                      policy.reset))
         report["policy"]["per_episode"] = episodes

@@ -8,7 +8,7 @@ its joint trajectory (the grippers replaced by their normalized command) is repl
 same object pose, and the replay's observations are stored. Only replays that reach reward 4 are kept; a failed one
 moves on to the next seed. OUT/episode_N.hdf5: observations/images/top (T, H, W, 3) uint8, observations/qpos and
 observations/qvel (T, 14), action (T, 14) float32, frame t being the observation before action[t]; root attributes
-sim=True, task, seed, object_pose, render. A file is written under a temporary name and renamed when whole, so a
+sim=True, task, seed, object_pose, render, zoom. A file is written under a temporary name and renamed when whole, so a
 re-run skips finished episodes and redoes an interrupted one.
 Rendering is headless: MUJOCO_GL=egl (the default here; Mesa's libegl1 + libgl1-mesa-dri) or MUJOCO_GL=osmesa
 (libosmesa6). The fast settings (no multisampling, no shadows) render about 10x faster than the stock scene.
@@ -34,8 +34,9 @@ WELD_TORQUESCALE = 19.95
 GRIPPER_CLOSE, GRIPPER_OPEN = 0.01844, 0.05800  # the puppet gripper's finger positions (gym-aloha's constants)
 
 
-def make_sim(task, end_effector=False, fast_render=True, weld_fix=True):
-    """(physics, task object) of one gym-aloha task, in joint space or (end_effector) driven by mocap welds."""
+def make_sim(task, end_effector=False, fast_render=True, weld_fix=True, zoom=1.0):
+    """(physics, task object) of one gym-aloha task, in joint space or (end_effector) driven by mocap welds.
+    zoom > 1 narrows every camera's field of view: the centre 1/zoom of the stock frame fills it."""
     from dm_control import mujoco
     from gym_aloha.constants import ASSETS_DIR
     from gym_aloha.tasks import sim, sim_end_effector
@@ -47,6 +48,8 @@ def make_sim(task, end_effector=False, fast_render=True, weld_fix=True):
     if fast_render:  # before the first render: the offscreen context is made with these
         physics.model.vis.quality.offsamples = 0
         physics.model.light_castshadow[:] = 0
+    if zoom != 1.0:
+        physics.model.cam_fovy[:] = np.degrees(2 * np.arctan(np.tan(np.radians(physics.model.cam_fovy) / 2) / zoom))
     if end_effector and weld_fix:
         physics.model.eq_data[:, 10] = WELD_TORQUESCALE
     names = {"transfer_cube": ("TransferCube", sim.TransferCubeTask), "insertion": ("Insertion", sim.InsertionTask)}
@@ -148,9 +151,9 @@ def scripted_rollout(task, seed, weld_fix=True, steps=EPISODE_LEN):
     return np.stack(trajectory), np.array(rewards), pose
 
 
-def replay(task, trajectory, pose, size, fast_render=True, cameras=CAMERAS):
+def replay(task, trajectory, pose, size, fast_render=True, cameras=CAMERAS, zoom=1.0):
     """Replay joint targets in the joint-space task, recording what a policy would see before each action."""
-    physics, task_obj = make_sim(task, fast_render=fast_render)
+    physics, task_obj = make_sim(task, fast_render=fast_render, zoom=zoom)
     reset(physics, task_obj, pose)
     obs = {"qpos": [], "qvel": [], **{c: [] for c in cameras}}
     rewards = []
@@ -163,10 +166,11 @@ def replay(task, trajectory, pose, size, fast_render=True, cameras=CAMERAS):
     return {k: np.stack(v) for k, v in obs.items()}, np.array(rewards)
 
 
-def write_episode(path, task, seed, pose, obs, actions, fast_render, compression):
+def write_episode(path, task, seed, pose, obs, actions, fast_render, compression, zoom=1.0):
     tmp = path + ".tmp"
     with h5py.File(tmp, "w") as f:
-        f.attrs.update(sim=True, task=task, seed=seed, object_pose=pose, render="fast" if fast_render else "stock")
+        f.attrs.update(sim=True, task=task, seed=seed, object_pose=pose, render="fast" if fast_render else "stock",
+                       zoom=zoom)
         for c in CAMERAS:
             f.create_dataset(f"observations/images/{c}", data=obs[c], chunks=(1, *obs[c].shape[1:]),
                              compression=compression)
@@ -195,6 +199,8 @@ def main(argv=None):
     p.add_argument("--size", default="480x640", help="rendered frame size HEIGHTxWIDTH (ACT: 480x640)")
     p.add_argument("--stock_render", action="store_true", help="the stock scene: shadows and 4x multisampling, "
                    "about 10x slower to render")
+    p.add_argument("--zoom", type=float, default=1.0, help="narrow the camera's field of view so the centre 1/ZOOM "
+                   "of the stock frame fills it: the cube covers more pixels (1: ACT's view)")
     p.add_argument("--compression", choices=["lzf", "gzip", "none"], default="lzf",
                    help="frame compression (sim frames are mostly flat colour: lzf shrinks them ~30x)")
     args = p.parse_args(argv)
@@ -202,6 +208,8 @@ def main(argv=None):
         sys.exit(f"error: --task {args.task!r}: unknown task; use {', '.join(TASKS)}")
     if args.episodes < 1:
         sys.exit(f"error: --episodes {args.episodes}: need at least 1")
+    if not 1 <= args.zoom <= 10:
+        sys.exit(f"error: --zoom {args.zoom}: expected 1 (the stock view) to 10")
     size, compression = parse_size(args.size), None if args.compression == "none" else args.compression
     physics, _ = make_sim(args.task)
     limit = (physics.model.vis.global_.offheight, physics.model.vis.global_.offwidth)
@@ -218,6 +226,9 @@ def main(argv=None):
         with h5py.File(path, "r") as f:
             if f.attrs.get("task") != args.task:
                 sys.exit(f"error: {path} holds task {f.attrs.get('task')!r}, not {args.task!r}: use another OUT")
+            if f.attrs.get("zoom", 1.0) != args.zoom:
+                sys.exit(f"error: {path} was recorded at --zoom {f.attrs.get('zoom', 1.0)}, not {args.zoom}: "
+                         f"use another OUT")
             seed, done = int(f.attrs["seed"]) + 1, n + 1
     if done:
         print(f"{args.out}: {done} episodes already recorded, resuming at seed {seed}")
@@ -229,7 +240,7 @@ def main(argv=None):
         t0 = time.time()
         trajectory, ee_rewards, pose = scripted_rollout(args.task, seed)
         t1 = time.time()
-        obs, rewards = replay(args.task, trajectory[:EPISODE_LEN], pose, size, not args.stock_render)
+        obs, rewards = replay(args.task, trajectory[:EPISODE_LEN], pose, size, not args.stock_render, zoom=args.zoom)
         t2 = time.time()
         tries += 1
         line = (f"seed {seed} | scripted max reward {ee_rewards.max()} | replay max reward {rewards.max()} | "
@@ -237,7 +248,7 @@ def main(argv=None):
         if rewards.max() == 4:
             path = os.path.join(args.out, f"episode_{done}.hdf5")
             write_episode(path, args.task, seed, pose, obs, trajectory[:EPISODE_LEN], not args.stock_render,
-                          compression)
+                          compression, args.zoom)
             done += 1
             line = (f"episode {done}/{args.episodes} | {line} | reward 4 at step {int(np.argmax(rewards == 4)) + 1} | "
                     f"{os.path.getsize(path) / 1e6:.1f} MB")

@@ -8,6 +8,7 @@ Run from the repository root (needs aloha/requirements.txt; rendering uses EGL, 
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -71,6 +72,21 @@ def test_quaternions():
     np.testing.assert_allclose(record.qmul(i, j), [0, 0, 0, 1])  # i j = k (Hamilton)
 
 
+def test_zoom_magnifies_as_a_pinhole_camera():
+    """--zoom 2 halves the field of view's tangent: the cube's distance from the frame's centre doubles and its image
+    covers 4x the pixels, at the same frame size."""
+    def cube(zoom):
+        physics, task_obj = record.make_sim("transfer_cube", zoom=zoom)
+        record.reset(physics, task_obj, record.object_pose("transfer_cube", 0))
+        frame = record.render(physics, (240, 320)).astype(int)
+        ys, xs = np.nonzero((frame[..., 0] > 150) & (frame[..., 1] < 80) & (frame[..., 2] < 80))
+        return len(ys), np.hypot(ys.mean() - 119.5, xs.mean() - 159.5)
+
+    (area1, off1), (area2, off2) = cube(1.0), cube(2.0)
+    assert area1 > 30 and area2 / area1 == pytest.approx(4, rel=0.1)
+    assert off1 > 10 and off2 / off1 == pytest.approx(2, rel=0.05)
+
+
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory):
     """One transfer-cube demo (seed 5), then a re-run after an interruption: it cleans up and records nothing new."""
@@ -90,6 +106,7 @@ def test_recorded_files_have_acts_layout(demos):
     for n, seed in enumerate([5]):
         with h5py.File(demos / f"episode_{n}.hdf5", "r") as f:
             assert f.attrs["sim"] and f.attrs["task"] == "transfer_cube" and f.attrs["seed"] == seed
+            assert f.attrs["zoom"] == 1.0 and f.attrs["render"] == "fast"
             np.testing.assert_array_equal(f.attrs["object_pose"], record.object_pose("transfer_cube", seed))
             top = f["observations/images/top"]
             assert top.dtype == np.uint8 and top.shape == (400, *SIZE, 3) and top.chunks == (1, *SIZE, 3)
@@ -135,7 +152,9 @@ def test_evaluate_closed_loop_writes_report_and_gif(checkpoint, demos, tmp_path)
     assert [ln.split(" | ")[:2] for ln in lines if ln.startswith(("policy |", "baseline |"))] == [
         ["policy", "seed 1000"], ["policy", "seed 1001"], ["baseline", "seed 1000"], ["baseline", "seed 1001"]]
     assert any(ln.startswith("policy: 0/2 = 0% success (95% CI 0-66%)") for ln in lines)
+    assert "camera zoom 1.0 (as the training demos)" in lines
     report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["zoom"] == 1.0
     assert report["settings"]["seeds"] == [1000, 1001] and report["settings"]["cameras"] == {
         "observations/images/top": list(SIZE)}
     for name in ("policy", "baseline"):
@@ -178,7 +197,59 @@ def test_bad_input_gets_one_line(checkpoint, tmp_path):
     assert str(e.value) == ("error: checkpoint CKPT was trained on observations/images/top frames of 720x1280, larger "
                             "than the simulator renders (480x640)")
     assert evaluate.check_policy_inputs(args, "CKPT", "insertion") == {"observations/images/top": ("top", SIZE)}
+    mixed = tmp_path / "mixed"  # demos recorded at two zooms: no single right way to render them
+    mixed.mkdir()
+    for n, zoom in enumerate([1.0, 1.6]):
+        with h5py.File(mixed / f"episode_{n}.hdf5", "w") as f:
+            f.attrs.update(seed=n, zoom=zoom)
+    assert evaluate.training_demos({"data_dir": str(mixed)}) == ({0, 1}, {1.0, 1.6})
+    assert evaluate.training_demos({"data_dir": str(tmp_path / "moved")}) == (set(), set())
+    edited = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, edited)
+    (edited / "args.json").write_text(json.dumps(args | {"data_dir": str(mixed)}))
+    assert error("--checkpoint", edited) == (f"error: checkpoint {edited}'s demos in {mixed} mix zooms [1.0, 1.6]: "
+                                             f"give --zoom")
     r = run("aloha/record.py", tmp_path / "x", "--task", "stack_cups")
     assert r.returncode != 0
     assert r.stderr.strip() == "error: --task 'stack_cups': unknown task; use transfer_cube, insertion"
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "report.json")
+
+
+def test_record_refuses_to_resume_at_another_zoom(demos):
+    r = run("aloha/record.py", demos, "--episodes", 2, "--seed", 5, "--size", "x".join(map(str, SIZE)), "--zoom", 2)
+    assert r.returncode != 0 and os.listdir(demos) == ["episode_0.hdf5"]
+    assert r.stderr.strip() == (f"error: {demos / 'episode_0.hdf5'} was recorded at --zoom 1.0, not 2.0: "
+                                f"use another OUT")
+
+
+def test_mcnemar_is_the_exact_binomial_test():
+    from scipy.stats import binomtest  # dm_control's dependency: an independent implementation
+    import compare
+    for only_a, only_b in [(13, 10), (16, 2), (0, 5), (7, 7), (45, 18), (1, 0)]:
+        expected = binomtest(only_a, only_a + only_b, 0.5).pvalue
+        assert compare.mcnemar(only_a, only_b) == pytest.approx(expected, rel=1e-9)
+    assert compare.mcnemar(0, 0) == 1.0
+
+
+def test_compare_pairs_reports_by_seed(tmp_path):
+    def report(path, entry, stages, seed0):
+        eps = [{"seed": seed0 + i, "max_reward": r, "success": r == 4} for i, r in enumerate(stages)]
+        path.write_text(json.dumps({"settings": {}, entry: {"per_episode": eps}}))
+        return str(path)
+
+    a1, a2 = report(tmp_path / "a1.json", "policy", [4, 4, 1, 0], 0), report(tmp_path / "a2.json", "policy", [2], 4)
+    b = report(tmp_path / "b.json", "baseline", [0, 4, 1, 1, 4], 0)
+    r = run("aloha/compare.py", f"{a1},{a2}", f"{b}:baseline")
+    assert r.returncode == 0, r.stderr
+    rows = [ln.split() for ln in r.stdout.splitlines()[2:]]
+    assert r.stdout.startswith("5 paired seeds (0..4)")
+    # stage 1: A reaches it on seeds 0,1,2,4; B on 1,2,3,4 -> only A {0}, only B {3}
+    assert rows[0] == ["1", "4/5", "4/5", "1", "1", "1"]
+    assert rows[3] == ["4", "2/5", "2/5", "1", "1", "1"] and rows[1] == ["2", "3/5", "2/5", "1", "0", "1"]
+    r = run("aloha/compare.py", a1, f"{b}:baseline")
+    assert r.returncode != 0 and r.stderr.strip() == ("error: the two sides hold different seeds (1 not on both, "
+                                                      "e.g. 4): a paired comparison needs the same ones")
+    r = run("aloha/compare.py", a1, b)
+    assert r.stderr.strip() == f"error: B {b}: holds no policy episodes (it has settings, baseline)"
+    r = run("aloha/compare.py", a1, str(tmp_path / "nope.json"))
+    assert r.stderr.strip().startswith(f"error: B {tmp_path / 'nope.json'}: not a readable report.json")
