@@ -35,7 +35,7 @@ def load(side, flag):
                 report = json.load(f)
         except (OSError, ValueError) as e:
             sys.exit(f"error: {flag} {path}: not a readable report.json ({e})")
-        if entry not in report or "per_episode" not in report.get(entry, {}):
+        if "per_episode" not in report.get(entry, {}):
             sys.exit(f"error: {flag} {path}: holds no {entry} episodes (it has {', '.join(report) or 'nothing'})")
         for e in report[entry]["per_episode"]:
             if e["seed"] in stages:
@@ -45,7 +45,7 @@ def load(side, flag):
 
 
 def compare(a, b):
-    """Rows (stage, rate a, rate b, only a, only b, p) over the seeds both sides share."""
+    """Rows (stage, seeds a reached it on, seeds b did, only a, only b, McNemar p) of two {seed: stage} maps."""
     rows = []
     for stage in range(1, 5):
         hit_a = {s for s, r in a.items() if r >= stage}

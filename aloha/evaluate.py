@@ -190,8 +190,8 @@ def main(argv=None):
         sys.exit(f"error: --task {args.task!r}: unknown task; use {', '.join(record.TASKS)}")
     if not args.checkpoint and not args.baseline:
         sys.exit("error: nothing to evaluate: give --checkpoint, --baseline or both")
-    if args.zoom is not None and not 1 <= args.zoom <= 10:
-        sys.exit(f"error: --zoom {args.zoom}: expected 1 (the stock view) to 10, as record.py")
+    if args.zoom is not None:
+        record.check_zoom(args.zoom)
     if args.episodes < 1 or args.steps < 1 or args.execute < 1:
         sys.exit("error: --episodes, --steps and --execute must be at least 1")
     seeds = list(range(args.seed, args.seed + args.episodes))

@@ -189,6 +189,11 @@ def parse_size(text, flag="--size"):
     return h, w
 
 
+def check_zoom(zoom):
+    if not 1 <= zoom <= 10:
+        sys.exit(f"error: --zoom {zoom}: expected 1 (the stock view) to 10")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="directory for episode_N.hdf5")
@@ -208,8 +213,7 @@ def main(argv=None):
         sys.exit(f"error: --task {args.task!r}: unknown task; use {', '.join(TASKS)}")
     if args.episodes < 1:
         sys.exit(f"error: --episodes {args.episodes}: need at least 1")
-    if not 1 <= args.zoom <= 10:
-        sys.exit(f"error: --zoom {args.zoom}: expected 1 (the stock view) to 10")
+    check_zoom(args.zoom)
     size, compression = parse_size(args.size), None if args.compression == "none" else args.compression
     physics, _ = make_sim(args.task)
     limit = (physics.model.vis.global_.offheight, physics.model.vis.global_.offwidth)

@@ -183,7 +183,7 @@ def test_bad_input_gets_one_line(checkpoint, tmp_path):
     assert error("--checkpoint", checkpoint, "--task", "stack_cups") == \
         "error: --task 'stack_cups': unknown task; use transfer_cube, insertion"
     assert error("--checkpoint", checkpoint, "--zoom", 0) == \
-        "error: --zoom 0.0: expected 1 (the stock view) to 10, as record.py"
+        "error: --zoom 0.0: expected 1 (the stock view) to 10"
     missing = tmp_path / "nope"
     assert error("--checkpoint", missing) == f"error: --checkpoint {missing}: not a directory"
     assert error("--baseline", missing) == f"error: --baseline {missing}: no such file or directory"
