@@ -1198,6 +1198,14 @@ def test_torchrun_two_ranks(tiny_dir, demo_dir, tmp_path):
     assert not glob.glob(str(tmp_path / "*.tmp"))
 
 
+def test_an_error_exit_under_torchrun_still_prints_its_message(tiny_dir, demo_dir, tmp_path):
+    """A rank skips gloo's teardown at exit (os._exit), so it prints sys.exit's message itself (found after init)."""
+    r = run_train(train_flags(tiny_dir, demo_dir, tmp_path, "--batch_size", 1000, "--val_episodes", 0), nproc=2)
+    assert r.returncode != 0
+    message = "error: 1091 training samples cannot fill one batch of --batch_size 1000 on each of 2 ranks"
+    assert r.stderr.count(message + "\n") == 2, r.stderr[-3000:]
+
+
 def test_grad_accum_matches_bigger_batch(tiny_dir, demo_dir, tmp_path):
     # without augmentation: on these augmented frames one L1 residual of the final bias sits so close to zero that
     # batch 2 vs 2 x batch 1 float noise (1e-7) flips its sign; the accumulation itself is what is tested here
@@ -1235,7 +1243,7 @@ def test_nan_loss_stops_without_saving(tiny_dir, demo_dir, tmp_path):
     pytest.param(["--device", "cuda"], "--device cuda: no CUDA device is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")),
     (["--data_dir", "/nonexistent/episodes"], "/nonexistent/episodes: no such file or directory"),
-    (["--bidirectional"], "--bidirectional was replaced by --attention queries"),
+    (["--bidirectional"], "unrecognized arguments: --bidirectional"),
     (["--dist_timeout", "0"], "--dist_timeout must be positive, got 0.0"),
 ])
 def test_bad_flags_fail_before_the_model_loads(flags, message, tiny_dir, demo_dir, tmp_path, monkeypatch, capsys):
