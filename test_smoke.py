@@ -1203,7 +1203,7 @@ def test_an_error_exit_under_torchrun_still_prints_its_message(tiny_dir, demo_di
     r = run_train(train_flags(tiny_dir, demo_dir, tmp_path, "--batch_size", 1000, "--val_episodes", 0), nproc=2)
     assert r.returncode != 0
     message = "error: 1091 training samples cannot fill one batch of --batch_size 1000 on each of 2 ranks"
-    assert r.stderr.count(message + "\n") == 2, r.stderr[-3000:]
+    assert r.stderr.count(message) == 2, r.stderr[-3000:]  # one per rank, perhaps interleaved
 
 
 def test_grad_accum_matches_bigger_batch(tiny_dir, demo_dir, tmp_path):
