@@ -134,13 +134,18 @@ def test_recorded_files_load_with_data_py(demos):
 
 @pytest.fixture(scope="module")
 def checkpoint(demos, tmp_path_factory):
+    """The CPU recipe itself (train.sh, one process), cut to one step: its flags must still be train.py's."""
     from demo import make_tiny
     tiny, out = make_tiny(str(tmp_path_factory.mktemp("tiny"))), tmp_path_factory.mktemp("run")
-    r = run("train.py", "--vla_path", tiny, "--data_dir", demos, "--out_dir", out, "--val_episodes", 0,
-            "--cameras", "observations/images/top", "--instruction", "transfer the cube", "--batch_size", 2,
-            "--num_workers", 0, "--lora_rank", 4, "--max_steps", 1, "--save_interval", 1, "--eval_interval", 1,
-            "--eval_batches", 1)
+    flags = (demos, out, "--val_episodes", 0, "--batch_size", 2, "--lora_rank", 4, "--max_steps", 1,
+             "--save_interval", 1, "--eval_interval", 1, "--eval_batches", 1)
+    r = subprocess.run(["bash", "aloha/train.sh", *map(str, flags)], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(ENV, VLA_PATH=tiny, NPROC="1", PYTHON=sys.executable), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    args = json.loads((out / "step_000001" / "args.json").read_text())
+    assert (args["cameras"], args["instruction"], args["attention"], args["image_aug"], args["proprio"]) == (
+        "observations/images/top", "transfer the cube", "full", False, False)
+    assert (args["lr_decay_step"], args["vla_path"], args["world_size"]) == (1200, tiny, 1)
     return out / "step_000001"
 
 
