@@ -618,7 +618,7 @@ def check_base(ckpt_dir, base):
     if found != trained:
         raise ValueError(f"{ckpt_dir} was trained on another base than {base} ({what} {trained}; {base}'s: {found}): "
                          "pass the base it was trained on")
-    if not head["base"]:
+    if not head["base"] and os.environ.get("RANK", "0") == "0":  # once per run, not once per DDP rank
         print(f"note: {ckpt_dir} records no base fingerprint (saved before nanoOFT did): checked {base}'s LLM width")
     return path
 

@@ -2087,6 +2087,9 @@ def test_merge_never_writes_into_the_base_or_the_checkpoint_and_refuses_another_
     assert model.check_base(str(old), str(other)) == str(other)
     assert capsys.readouterr().out == f"note: {old} records no base fingerprint (saved before nanoOFT did): " \
                                       f"checked {other}'s LLM width\n"
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
+    assert model.check_base(str(old), str(other)) == str(other) and capsys.readouterr().out == ""
+    monkeypatch.delenv("RANK")
     save_file(sd, str(old / "action_head.safetensors"), metadata={**meta, "hidden": "256", "base": "null"})
     with pytest.raises(ValueError, match=r"another base .* \(LLM width 256; .*'s: 128\)"):
         model.check_base(str(old), tiny_dir)
