@@ -6,8 +6,8 @@
 #   VLA_PATH=openvla/openvla-7b bash aloha/train.sh DEMOS OUT --max_steps 20000 --lr 5e-4 --lr_decay_step 16000 \
 #       --save_interval 2000 --batch_size 8 --grad_ckpt auto              # the 7B model on GPUs (all of them)
 #
-# 5,000 steps at lr 2e-4 (decay at 4,000) on 200 demos: 32/100 closed loop, the best measured (lr 5e-4: 28/100);
-# about 45 min on 2 idle CPU cores. docs/simulation.md has every variation measured.
+# 5,000 steps at lr 2e-4 (decay at 4,000) on 200 demos: 32/100 closed loop (another training seed: 25/100;
+# 400 demos: 33/100; lr 5e-4: 28/100), about 45 min on 2 idle CPU cores. docs/simulation.md has every variation measured.
 #
 # No --proprio: with the joint state the policy replays the demonstrations without looking at the cube (in the
 # pilot 0 of 20 succeeded); without it the only way to the cube is through the camera.
