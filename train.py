@@ -547,6 +547,6 @@ if __name__ == "__main__":
             worker.kill()
         end = sys.exc_info()[1]  # None when main() returned; a traceback leaves gloo to the interpreter's exit
         if dist.is_initialized() and isinstance(end, (SystemExit, type(None))):  # on purpose, no collective in flight:
-            code = getattr(end, "code", None)  # skip gloo's teardown, which holds the GIL waiting for gloo's thread
-            sys.stdout.flush()  # while it waits for the GIL to free a tensor (a rank hung: 1 run in 75 under load)
-            os._exit(code or 0 if isinstance(code, (int, type(None))) else print(code, file=sys.stderr) or 1)
+            code = getattr(end, "code", None) or 0  # a bare sys.exit(): 0. Skip gloo's teardown, which holds the GIL
+            sys.stdout.flush()  # waiting for gloo's thread while it waits for the GIL (a rank hung: 1 run in 75)
+            os._exit(code if isinstance(code, int) else print(code, file=sys.stderr) or 1)  # sys.exit("error:...")
