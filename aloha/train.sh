@@ -7,7 +7,8 @@
 #       --save_interval 2000 --batch_size 8 --grad_ckpt auto              # the 7B model on GPUs (all of them)
 #
 # 5,000 steps at lr 2e-4 (decay at 4,000) on 200 demos: 32/100 closed loop (another training seed: 25/100;
-# 400 demos: 33/100; lr 5e-4: 28/100), about 45 min on 2 idle CPU cores. docs/simulation.md has every variation.
+# 400 demos: 33/100; lr 5e-4: 28/100; --lora_rank 64: 18/100), about 45 min on 2 idle CPU cores.
+# docs/simulation.md has every variation.
 #
 # No --proprio: with the joint state the policy replays the demonstrations without looking at the cube (in the
 # pilot 0 of 20 succeeded); without it the only way to the cube is through the camera.
