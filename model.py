@@ -542,9 +542,9 @@ def _inject(vla, lora_config):
             p.data = p.data.float()  # peft would cast adapters to a bf16 base's dtype; keep what trains in fp32
 
 
-def add_lora(vla, rank=32, patch_embed=False):  # patch_embed: the towers' patch-embedding convolutions too
+def add_lora(vla, rank=32):
     """peft LoRA on every nn.Linear of the towers, the projector and the LLM layers (not lm_head, not the head)."""
-    targets = [n for n, m in vla.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)[:1 + patch_embed])
+    targets = [n for n, m in vla.named_modules() if isinstance(m, nn.Linear)
                and n.startswith(("vision_backbone.", "projector.", "language_model.model.layers."))]
     _inject(vla, LoraConfig(r=rank, lora_alpha=min(rank, 16), lora_dropout=0.0, init_lora_weights="gaussian",
                             target_modules=targets))

@@ -499,10 +499,10 @@ def images(b=len(INSTR), n=2, size=224, seed=0):
     return torch.randint(0, 256, (b, n, 3, size, size), dtype=torch.uint8, generator=g)
 
 
-def lora_vla(tiny_dir, patch_embed=False, **kw):
+def lora_vla(tiny_dir, **kw):
     """The tiny model with LoRA whose B matrices are non-zero, as after some training."""
     torch.manual_seed(0)
-    vla = add_lora(VLA.from_pretrained(tiny_dir, **kw), rank=32, patch_embed=patch_embed)
+    vla = add_lora(VLA.from_pretrained(tiny_dir, **kw), rank=32)
     with torch.no_grad():
         for n, p in vla.named_parameters():
             if "lora_B" in n:
@@ -827,16 +827,14 @@ def test_film_is_ofts_formula_on_each_samples_prompt_and_listens_to_it(tiny_dir)
             assert diff[4:].max() == 0
 
 
-@pytest.mark.parametrize("proprio_dim, film, patch_embed", [(0, False, False), (5, True, True)])
-def test_one_step_trains_only_lora_and_head(tiny_dir, proprio_dim, film, patch_embed):
+@pytest.mark.parametrize("proprio_dim, film", [(0, False), (5, True)])
+def test_one_step_trains_only_lora_and_head(tiny_dir, proprio_dim, film):
     torch.manual_seed(0)
-    vla = add_lora(VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim, film=film), 32, patch_embed).train()
+    vla = add_lora(VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim, film=film), rank=32).train()
     cfg = vla.peft_config["default"]
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.init_lora_weights) == (32, 16, 0.0, "gaussian")
     wrapped = {n for n, m in vla.named_modules() if isinstance(m, LoraLayer)}
-    assert len(wrapped) == 2 * 2 * 4 + 3 + 2 * 7 + 2 * patch_embed  # 2 towers x 2 blocks x 4, projector, 2 LLM x 7
-    assert {n for n in wrapped if "patch_embed" in n} == {f"vision_backbone.{t}.patch_embed.proj" for t in model.TOWERS
-                                                          if patch_embed}
+    assert len(wrapped) == 2 * 2 * 4 + 3 + 2 * 7  # 2 towers x 2 blocks x 4, projector, 2 LLM layers x 7
     assert not any(n.startswith(("action_head", "language_model.lm_head", "film_layers")) for n in wrapped)
     trainable = {n for n, p in vla.named_parameters() if p.requires_grad}
     head = ("action_head.", "action_queries", "proprio_projector.", "film_layers.")
@@ -847,8 +845,7 @@ def test_one_step_trains_only_lora_and_head(tiny_dir, proprio_dim, film, patch_e
     assert len([n for n in fully if n.startswith("proprio_projector.")]) == 4 * (proprio_dim > 0)  # 2 Linear layers
     assert len([n for n in fully if n.startswith("film_layers.")]) == 16 * film  # 2 towers x 2 blocks x 2 Linear
     assert [n for n, p in vla.named_parameters() if p.requires_grad] == [n for n, p in add_lora(
-        VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim, film=film), patch_embed=patch_embed).named_parameters()
-        if p.requires_grad]
+        VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim, film=film)).named_parameters() if p.requires_grad]
     frozen = {n: p.detach().clone() for n, p in vla.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW([p for p in vla.parameters() if p.requires_grad], lr=1e-3)
     x, target, state = images(2), torch.randn(2, 8, 14), torch.rand(2, proprio_dim) * 2 - 1
@@ -934,22 +931,20 @@ def test_attention_modes_differ_and_never_see_padding(tiny_dir):
 
 
 def test_save_and_load_trained_reproduce_outputs(tiny_dir, tmp_path):
-    vla = lora_vla(tiny_dir, True, chunk=4, action_dim=7, attention="queries", proprio_dim=3, image_aug=True, film=True)
+    vla = lora_vla(tiny_dir, chunk=4, action_dim=7, attention="queries", proprio_dim=3, image_aug=True, film=True)
     x, state = images(2), torch.rand(2, 3) * 2 - 1
     out = vla(x, INSTR[:2], state)
     save_trained(vla, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["action_head.safetensors", "adapter_config.json",
                                             "adapter_model.safetensors"]
-    adapter = load_file(tmp_path / "adapter_model.safetensors")
-    assert all(k.startswith("base_model.model.") for k in adapter)
-    assert len([k for k in adapter if ".patch_embed.proj.lora_" in k]) == 4  # 2 towers x A, B: the convolutions
+    assert all(k.startswith("base_model.model.") for k in load_file(tmp_path / "adapter_model.safetensors"))
     fresh = VLA.from_pretrained(tiny_dir)  # default chunk 8 x 14, causal, no state, no FiLM: the head's config wins
     assert not hasattr(fresh, "peft_config")
     load_trained(fresh, str(tmp_path))
     assert (fresh.chunk, fresh.action_dim, fresh.attention, fresh.proprio_dim, fresh.image_aug, fresh.film) == \
         (4, 7, "queries", 3, True, True)
     assert torch.equal(fresh.eval()(x, INSTR[:2], state), out)
-    again = add_lora(VLA.from_pretrained(tiny_dir, chunk=4, action_dim=7, proprio_dim=3, film=True), patch_embed=True)
+    again = add_lora(VLA.from_pretrained(tiny_dir, chunk=4, action_dim=7, proprio_dim=3, film=True))  # resume
     assert torch.equal(load_trained(again, str(tmp_path)).eval()(x, INSTR[:2], state), out)
     # a head saved before --attention replaced --bidirectional (and before proprio / augmentation / FiLM) still loads
     head, old = str(tmp_path / "old_head.safetensors"), lora_vla(tiny_dir, chunk=4, action_dim=7)
@@ -960,7 +955,7 @@ def test_save_and_load_trained_reproduce_outputs(tiny_dir, tmp_path):
 
 
 def test_merge_matches_lora_and_export_reloads(tiny_dir, tmp_path):
-    vla = lora_vla(tiny_dir, True, proprio_dim=4, attention="full", film=True)
+    vla = lora_vla(tiny_dir, proprio_dim=4, attention="full", film=True)
     x, state = images(2), torch.rand(2, 4) * 2 - 1
     out = vla(x, INSTR[:2], state)
     with pytest.raises(ValueError, match="merge_lora"):
@@ -1348,7 +1343,6 @@ def test_broken_checkpoint_is_named_before_the_model_loads_and_auto_skips_it(cas
     (["--swap_red_blue"], "trained with --swap_red_blue False, not True"),
     (["--no-image_aug"], "trained with --image_aug True, not False"),
     (["--film"], "trained with --film False, not True"),
-    (["--lora_patch_embed"], "trained with --lora_patch_embed False, not True"),
 ])
 def test_resume_refuses_flags_that_change_shapes_or_data(flags, message, run_a, tiny_dir, demo_dir, tmp_path):
     with pytest.raises(SystemExit, match=message):

@@ -61,7 +61,6 @@ def get_args(argv=None):
     p.add_argument("--eval_batches", type=int, default=8, help="validation batches per evaluation (fixed samples)")
     p.add_argument("--log_interval", type=int, default=10)
     p.add_argument("--lora_rank", type=int, default=32)
-    p.add_argument("--lora_patch_embed", action="store_true", help="LoRA on the towers' patch embeddings too")
     p.add_argument("--attention", choices=model.ATTENTION, default="causal",
                    help="causal: stock Llama; queries: the action queries also see each other; full: every token "
                    "sees every token, as OpenVLA-OFT's patched Llama")
@@ -116,7 +115,7 @@ CHECKPOINT_FILES = ["adapter_model.safetensors", "adapter_config.json", "action_
                     "dataset_statistics.json", "args.json", "trainer_state.pt"]
 # they change shapes or the data: a resumed run keeps the checkpoint's
 SAME_ON_RESUME = ["chunk", "action_dim", "lora_rank", "cameras", "proprio", "attention", "action_offset", "norm",
-                  "swap_red_blue", "image_aug", "action_key", "state_key", "instruction", "film", "lora_patch_embed"]
+                  "swap_red_blue", "image_aug", "action_key", "state_key", "instruction", "film"]
 
 
 def read_checkpoint(ckpt):
@@ -410,7 +409,7 @@ def main(argv=None):
     vla = model.VLA.from_pretrained(args.vla_path, dtype=dtype, device=device, chunk=args.chunk,
                                     action_dim=args.action_dim, proprio_dim=train_set.proprio_dim,
                                     attention=args.attention, image_aug=args.image_aug, film=args.film)
-    model.add_lora(vla, rank=args.lora_rank, patch_embed=args.lora_patch_embed)
+    model.add_lora(vla, rank=args.lora_rank)
     if args.grad_ckpt == "auto":  # measured, not estimated: the core does not import bench.py's memory model
         texts = [s for texts in train_set.instructions for s in texts]
         worst = torch.utils.data.default_collate([train_set[0]] * args.batch_size)
@@ -458,7 +457,8 @@ def main(argv=None):
             print(json.dumps(row), file=metrics, flush=True)
 
     # -------------------------------------------------------------------------------- training loop
-    stream, stream_state = batch_stream(train_set, args, rank, world, epoch, pos, use_cuda), (epoch, pos)
+    stream = batch_stream(train_set, args, rank, world, epoch, pos, use_cuda)
+    stream_state = (epoch, pos)
     vla.train()
     for name in filter(None, args.preempt_signals.split(",")):
         signal.signal(signal.Signals[name], lambda sig, frame: stop.setdefault("why", signal.Signals(sig).name))
