@@ -145,7 +145,7 @@ def checkpoint(demos, tmp_path_factory):
     args = json.loads((out / "step_000001" / "args.json").read_text())
     assert (args["cameras"], args["instruction"], args["attention"], args["image_aug"], args["proprio"]) == (
         "observations/images/top", "transfer the cube", "full", False, False)
-    assert (args["lr"], args["lr_decay_step"], args["vla_path"], args["world_size"]) == (2e-4, 4000, tiny, 1)
+    assert (args["lr"], args["lr_decay_step"], args["vla_path"], args["world_size"]) == (2e-4, 8000, tiny, 1)
     return out / "step_000001"
 
 
