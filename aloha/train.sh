@@ -6,7 +6,8 @@
 #   VLA_PATH=openvla/openvla-7b bash aloha/train.sh DEMOS OUT --max_steps 20000 --lr 5e-4 --lr_decay_step 16000 \
 #       --save_interval 2000 --batch_size 8 --grad_ckpt auto              # the 7B model on GPUs (all of them)
 #
-# 10,000 steps at lr 2e-4 (decay at 8,000) on 200 demos: 50/100 closed loop, 75-95 min on 2 idle CPU cores.
+# 10,000 steps at lr 2e-4 (decay at 8,000) on 200 demos: 50/100 closed loop, 94 min measured on 2 CPU cores
+# (about 75 on a quiet day, estimated from its 0.45 s a step).
 # Within an hour, --max_steps 5000 --lr_decay_step 4000: 32/100 (another training seed: 25/100; 400 demos: 33/100;
 # lr 5e-4: 28/100; --lora_rank 64: 18/100), 41-45 min. docs/simulation.md has every variation.
 #
