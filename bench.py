@@ -16,6 +16,7 @@ Measure nanoOFT: data loader throughput, training step time / memory / MFU, infe
 
 Without --vla_path the model is a random-weight twin built on the device (no download): tiny on CPU, 7B on CUDA.
 """
+
 import argparse
 import gc
 import itertools
@@ -60,37 +61,61 @@ FLOPS_FORMULA = [  # matmuls only: norms, activations, softmax and the optimizer
     "ViTs per image: T = 256 patches + prefix tokens, pairs T^2, frozen patch embedding forward only; projector: "
     "N x 256 tokens; LLM: T = 1 + N x 256 + prompt + K queries, causal pairs T(T+1)/2; head: K tokens",
     "grad ckpt recomputes the ViT blocks' and LLM layers' forward (2 x params + 4 x layers x width x pairs per "
-    "token): hardware FLOPs (HFU), not model FLOPs (MFU)"]
+    "token): hardware FLOPs (HFU), not model FLOPs (MFU)",
+]
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=["data", "train", "infer", "flops", "memory", "serve", "all"], default="all",
-                   help="all: data, train and infer")
+    p.add_argument(
+        "--what",
+        choices=["data", "train", "infer", "flops", "memory", "serve", "all"],
+        default="all",
+        help="all: data, train and infer",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (pick the GPU with CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--model", choices=["auto", "tiny", "7b"], default="auto",
-                   help="the random twin without --vla_path (and always for --what flops); auto: 7b on CUDA")
+    p.add_argument(
+        "--model",
+        choices=["auto", "tiny", "7b"],
+        default="auto",
+        help="the random twin without --vla_path (and always for --what flops); auto: 7b on CUDA",
+    )
     p.add_argument("--vla_path", help="an OpenVLA-format checkpoint (directory or hub id) instead of a random twin")
-    p.add_argument("--checkpoint", help="--what serve: a trained checkpoint; default: the tiny twin trained one step "
-                                        "on 2 demo episodes with --cameras cameras")
+    p.add_argument(
+        "--checkpoint",
+        help="--what serve: a trained checkpoint; default: the tiny twin trained one step "
+        "on 2 demo episodes with --cameras cameras",
+    )
     p.add_argument("--data_dir", default="out/demo_data", help="episode_*.hdf5 files for --what data")
     p.add_argument("--batch_size", type=int, default=8, help="training and loader batch")
     p.add_argument("--cameras", type=int, default=2, help="images per sample: the first N of data.ALL_CAMERAS")
-    p.add_argument("--jpeg_episodes", type=int, default=4, help="--what data: episodes of the real ALOHA layout made "
-                   "from the first demo episodes (kept beside --data_dir)")
+    p.add_argument(
+        "--jpeg_episodes",
+        type=int,
+        default=4,
+        help="--what data: episodes of the real ALOHA layout made "
+        "from the first demo episodes (kept beside --data_dir)",
+    )
     p.add_argument("--lora_rank", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps / chunks / batches first")
     p.add_argument("--iters", type=int, default=10, help="timed steps / chunks, or batches per loader repeat")
     p.add_argument("--repeats", type=int, default=3, help="loader repeats whose median is reported")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time torch.compile in --what infer")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="also time torch.compile in --what infer"
+    )
     p.add_argument("--compile_mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--grad_ckpt", action="store_true", help="--what memory: the parts with grad ckpt")
     p.add_argument("--film", action="store_true", help="the model with OFT+'s FiLM layers, as train.py --film")
-    p.add_argument("--measure", action="store_true",
-                   help="--what memory: also run real steps on this CPU and compare their peak with the model's")
-    p.add_argument("--peak_tflops", type=float,
-                   help="device peak for MFU; default: bf16 dense spec by GPU name, a measured fp32 matmul on CPU")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="--what memory: also run real steps on this CPU and compare their peak with the model's",
+    )
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        help="device peak for MFU; default: bf16 dense spec by GPU name, a measured fp32 matmul on CPU",
+    )
     return p.parse_args(argv)
 
 
@@ -106,13 +131,17 @@ def machine(device):
 
 def table(title, header, rows, notes=()):
     """Aligned columns; a row shorter than the header (a failure message) runs on from its first cell."""
-    cells = [header] + [[c if isinstance(c, str) else f"{c:,.1f}" if abs(c) >= 1 else f"{c:.3g}" for c in r]
-                        for r in rows]
+    cells = [header] + [
+        [c if isinstance(c, str) else f"{c:,.1f}" if abs(c) >= 1 else f"{c:.3g}" for c in r] for r in rows
+    ]
     width = [max(len(r[i]) for r in cells if len(r) == len(header)) for i in range(len(header))]
     print(f"\n## {title}")
     for r in cells:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, width)))
-              if len(r) == len(header) else f"{r[0].ljust(width[0])}  {'  '.join(r[1:])}")
+        print(
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, width)))
+            if len(r) == len(header)
+            else f"{r[0].ljust(width[0])}  {'  '.join(r[1:])}"
+        )
     print("\n".join(notes))
 
 
@@ -160,6 +189,7 @@ def inputs(args, batch, device):
     images = torch.randint(0, 256, (batch, args.cameras, 3, 256, 256), dtype=torch.uint8)
     return images.pin_memory() if device.type == "cuda" else images, (demo.SEEN * batch)[:batch]
 
+
 # -----------------------------------------------------------------------------
 # FLOPs, by FLOPS_FORMULA
 
@@ -194,9 +224,14 @@ def bench_flops(args, device):
     vla = model.add_lora(build(args, "meta", torch.bfloat16), args.lora_rank)  # shapes only: the 7B costs nothing
     parts = flops_per_sample(vla, args.cameras, len(vla.tokenize(demo.SEEN[:1])[0]))
     rows = [[k, f / 1e9, r / 1e9] for k, (f, r) in parts.items()]
-    table(f"training FLOPs per sample: {args.model}, {args.cameras} cameras, LoRA rank {args.lora_rank}, "
-          f"{demo.SEEN[0]!r}", ["part", "model GFLOP", "+ grad ckpt GFLOP"],
-          rows + [["total", sum(r[1] for r in rows), sum(r[2] for r in rows)]], FLOPS_FORMULA)
+    table(
+        f"training FLOPs per sample: {args.model}, {args.cameras} cameras, LoRA rank {args.lora_rank}, "
+        f"{demo.SEEN[0]!r}",
+        ["part", "model GFLOP", "+ grad ckpt GFLOP"],
+        rows + [["total", sum(r[1] for r in rows), sum(r[2] for r in rows)]],
+        FLOPS_FORMULA,
+    )
+
 
 # -----------------------------------------------------------------------------
 # memory: train.py's step counted on fake tensors (shapes, no storage) by torch's MemTracker
@@ -204,7 +239,7 @@ def bench_flops(args, device):
 FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]  # CUDA's kernels: no T x T matrix kept
 PROMPT_LEN = 20  # BOS + the demo's prompt, as --what flops counts it
 FIT_GB, MARGIN = (24, 40, 80), 1.1
-GB = 2 ** 30  # GPU memory is quoted in GiB ("80 GB" H100s hold 80 GiB)
+GB = 2**30  # GPU memory is quoted in GiB ("80 GB" H100s hold 80 GiB)
 
 
 def fake_vla(config, depths, lora_rank, dtype, **vla_options):
@@ -214,7 +249,7 @@ def fake_vla(config, depths, lora_rank, dtype, **vla_options):
     vla = model.VLA._meta(config, dtype, None, None, vla_options)
     for tower, n in zip(vla.vision_backbone.values(), depths):
         del tower.blocks[n:]
-    del vla.llm.model.layers[depths[2]:]
+    del vla.llm.model.layers[depths[2] :]
     vla.llm.config.num_hidden_layers = depths[2]
     vla._finish("meta")
     model.add_lora(vla, lora_rank)
@@ -255,6 +290,7 @@ def prepared_step(vla, batch_size, cameras, prompt_len, dtype, grad_ckpt):
             train.l1_terms(pred, target)[0].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step, opt, [t for t in (images, state, aug, target) if t is not None]
 
 
@@ -275,35 +311,53 @@ def tracked_peak(config, depths, batch_size, grad_ckpt, cameras, prompt_len, lor
         phase = "optimizer" if mt._in_opt else "backward" if mt._mod_tracker.is_bw else "forward"
         if snap["Total"] > peaks.get(phase, {}).get("Total", 0):
             peaks[phase] = dict(snap)
+
     mt._update_peak_stats = phase_peaks
     mt.track_external(vla, opt, *inputs)
     # transformers takes fake tensors for tracing and then builds a (B, 1, T, T) causal mask that a real run skips
     # (reading the positions' values to rule out packed sequences): a real step's path, as the positions here are
     # one unpacked sequence per row
-    real_path = mock.patch.multiple(transformers.masking_utils, is_tracing=lambda *a: False,
-                                    find_packed_sequence_indices=lambda position_ids: None)
+    real_path = mock.patch.multiple(
+        transformers.masking_utils, is_tracing=lambda *a: False, find_packed_sequence_indices=lambda position_ids: None
+    )
     with vla.fake, mt, real_path:
         step()
     trainable = sum(p.nbytes for p in vla.parameters() if p.requires_grad)
     out = {}
     for phase, snap in peaks.items():
         peak = {str(getattr(k, "value", k)): v for k, v in snap.items()}
-        out[phase] = {"frozen weights": peak["Parameter"] - trainable + peak["Buffer"], "trainable weights": trainable,
-                      "gradients": peak["Gradient"], "AdamW state": peak["Optstate"],
-                      "activations": peak["Activation"], "temporaries": peak["Temp"] + peak["Other"],
-                      "total": peak["Total"]}
+        out[phase] = {
+            "frozen weights": peak["Parameter"] - trainable + peak["Buffer"],
+            "trainable weights": trainable,
+            "gradients": peak["Gradient"],
+            "AdamW state": peak["Optstate"],
+            "activations": peak["Activation"],
+            "temporaries": peak["Temp"] + peak["Other"],
+            "total": peak["Total"],
+        }
     return out
 
 
-def estimate_memory(config, batch_size=8, grad_ckpt=False, cameras=2, prompt_len=PROMPT_LEN, lora_rank=32,
-                    dtype=torch.bfloat16, depths=None, **vla_options):
+def estimate_memory(
+    config,
+    batch_size=8,
+    grad_ckpt=False,
+    cameras=2,
+    prompt_len=PROMPT_LEN,
+    lora_rank=32,
+    dtype=torch.bfloat16,
+    depths=None,
+    **vla_options,
+):
     """Peak accelerator bytes of one train.py step (forward, backward, AdamW) by part, and the phase it falls in,
     computed on the CPU without allocating. Each phase's peak grows linearly with identical blocks, so each stage
     (DINOv2, SigLIP, LLM) is measured at 1 and 2 blocks and extrapolated to its depth; depths=(dino, siglip, llm)
     runs those depths directly. Assumes CUDA's fused attention (flash / memory-efficient). vla_options: chunk,
     action_dim, proprio_dim, attention, image_aug, film, as VLA takes them."""
-    run = lambda d: tracked_peak(config, d, batch_size, grad_ckpt, cameras, prompt_len, lora_rank, dtype,
-                                 **vla_options)
+
+    def run(d):
+        return tracked_peak(config, d, batch_size, grad_ckpt, cameras, prompt_len, lora_rank, dtype, **vla_options)
+
     if depths:
         est = run(depths)
     else:
@@ -314,8 +368,10 @@ def estimate_memory(config, batch_size=8, grad_ckpt=False, cameras=2, prompt_len
         for i, n in enumerate(full):
             if n > 1:
                 more = run(tuple(1 + (j == i) for j in range(3)))
-                est = {ph: {k: v + (n - 1) * (more[ph][k] - base[ph][k]) for k, v in parts.items()}
-                       for ph, parts in est.items()}
+                est = {
+                    ph: {k: v + (n - 1) * (more[ph][k] - base[ph][k]) for k, v in parts.items()}
+                    for ph, parts in est.items()
+                }
     phase = max(est, key=lambda ph: est[ph]["total"])
     return est[phase] | {"phase": phase}
 
@@ -326,8 +382,10 @@ def measured_peak(config, batch_size, grad_ckpt, cameras, prompt_len, lora_rank,
     vla = model.add_lora(model.VLA.from_config(config, dtype, "cpu", **vla_options), lora_rank)
     step, opt, inputs = prepared_step(vla, batch_size, cameras, prompt_len, dtype, grad_ckpt)
     state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in itertools.chain(vla.parameters(), vla.buffers(), state, inputs)}
+    held = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in itertools.chain(vla.parameters(), vla.buffers(), state, inputs)
+    }
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events, totals = prof.profiler.kineto_results.experimental_event_tree(), [0]
@@ -341,9 +399,15 @@ def measured_peak(config, batch_size, grad_ckpt, cameras, prompt_len, lora_rank,
 def fit_lines(rows):
     """rows: (batch, bytes without grad ckpt, bytes with) -> the lines scripts read, then which cards fit."""
     lines = [f"batch {b}: {off / GB:.1f} GB without grad ckpt, {on / GB:.1f} GB with" for b, off, on in rows]
-    fits = lambda r, c: "yes" if r[1] * MARGIN <= c * GB else "grad ckpt" if r[2] * MARGIN <= c * GB else "no"
-    lines += ["", f"fits with a {MARGIN - 1:.0%} margin: yes, only with grad ckpt, or no",
-              "batch " + "".join(f"{c} GB".rjust(11) for c in FIT_GB)]
+
+    def fits(r, c):
+        return "yes" if r[1] * MARGIN <= c * GB else "grad ckpt" if r[2] * MARGIN <= c * GB else "no"
+
+    lines += [
+        "",
+        f"fits with a {MARGIN - 1:.0%} margin: yes, only with grad ckpt, or no",
+        "batch " + "".join(f"{c} GB".rjust(11) for c in FIT_GB),
+    ]
     return lines + [f"{r[0]:<5} " + "".join(fits(r, c).rjust(11) for c in FIT_GB) for r in rows]
 
 
@@ -360,36 +424,64 @@ def bench_memory(args, device):
     if args.film:
         n, towers = film_parameters(config)
         d = model.LlamaConfig(**config["text_config"]).hidden_size
-        print(f"FiLM layers: {n:,} parameters = 2 x ({d} + 1) x ({' + '.join(f'{b} x {w}' for b, w in towers)}) "
-              f"(scale and shift, LLM width -> tower width, in every block used); {4 * n / GB:.2f} GB in float32, "
-              f"{16 * n / GB:.2f} GB with their gradients and AdamW state")
-    parts = estimate_memory(config, args.batch_size, args.grad_ckpt, args.cameras, PROMPT_LEN, args.lora_rank,
-                            **options)
-    what = f"{args.cameras} cameras, {PROMPT_LEN}-token prompt, LoRA rank {args.lora_rank}{', FiLM' * args.film}, " \
-           "bf16 base, AdamW"
-    table(f"training step peak memory (estimate): 7B, batch {args.batch_size}, "
-          f"{'with' if args.grad_ckpt else 'without'} grad ckpt, {what}", ["part", "GB"],
-          [[k, v / GB] for k, v in parts.items() if k != "phase"] + [["peak during", parts["phase"]]],
-          ["method: the step on fake tensors under torch's MemTracker, stages measured at 1 and 2 blocks and "
-           "extrapolated to full depth; fused (flash / memory-efficient) attention assumed, as on CUDA; GB = 2^30 B"])
-    rows = [(b, *(estimate_memory(config, b, ckpt, args.cameras, PROMPT_LEN, args.lora_rank, **options)["total"]
-                  for ckpt in (False, True))) for b in (1, 2, 4, 8, 16)]
+        print(
+            f"FiLM layers: {n:,} parameters = 2 x ({d} + 1) x ({' + '.join(f'{b} x {w}' for b, w in towers)}) "
+            f"(scale and shift, LLM width -> tower width, in every block used); {4 * n / GB:.2f} GB in float32, "
+            f"{16 * n / GB:.2f} GB with their gradients and AdamW state"
+        )
+    parts = estimate_memory(
+        config, args.batch_size, args.grad_ckpt, args.cameras, PROMPT_LEN, args.lora_rank, **options
+    )
+    what = (
+        f"{args.cameras} cameras, {PROMPT_LEN}-token prompt, LoRA rank {args.lora_rank}{', FiLM' * args.film}, "
+        "bf16 base, AdamW"
+    )
+    table(
+        f"training step peak memory (estimate): 7B, batch {args.batch_size}, "
+        f"{'with' if args.grad_ckpt else 'without'} grad ckpt, {what}",
+        ["part", "GB"],
+        [[k, v / GB] for k, v in parts.items() if k != "phase"] + [["peak during", parts["phase"]]],
+        [
+            "method: the step on fake tensors under torch's MemTracker, stages measured at 1 and 2 blocks and "
+            "extrapolated to full depth; fused (flash / memory-efficient) attention assumed, as on CUDA; GB = 2^30 B"
+        ],
+    )
+    rows = [
+        (
+            b,
+            *(
+                estimate_memory(config, b, ckpt, args.cameras, PROMPT_LEN, args.lora_rank, **options)["total"]
+                for ckpt in (False, True)
+            ),
+        )
+        for b in (1, 2, 4, 8, 16)
+    ]
     print(f"\n## fit table (estimate): 7B, {what}\n" + "\n".join(fit_lines(rows)))
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.measure:
         tiny, width = demo.tiny_config(demo.make_tokenizer()), model.openvla_7b_config()
         width["text_config"] = {**width["text_config"], "num_hidden_layers": 2}
-        checks = [("tiny twin, float32", tiny, 8, torch.float32), ("7B width, 2 LLM layers, bf16", width, 1,
-                                                                     torch.bfloat16)]
+        checks = [
+            ("tiny twin, float32", tiny, 8, torch.float32),
+            ("7B width, 2 LLM layers, bf16", width, 1, torch.bfloat16),
+        ]
         out = []
         for (name, config, b, dtype), ckpt in itertools.product(checks, (False, True)):
             common = (config, b, ckpt, args.cameras, PROMPT_LEN, args.lora_rank, dtype)
             est, real = estimate_memory(*common, **options)["total"], measured_peak(*common, **options)
-            out.append([f"{name}, batch {b}{', grad ckpt' if ckpt else ''}", est / 2**20, real / 2**20,
-                        100 * (est / real - 1)])
-        table("memory model vs a real step on this CPU", ["config", "estimate MiB", "measured MiB", "error %"], out,
-              ["measured: bytes held before the step + the peak running total of the CPU allocator during it "
-               "(torch.profiler memory events)"])
+            out.append(
+                [f"{name}, batch {b}{', grad ckpt' if ckpt else ''}", est / 2**20, real / 2**20, 100 * (est / real - 1)]
+            )
+        table(
+            "memory model vs a real step on this CPU",
+            ["config", "estimate MiB", "measured MiB", "error %"],
+            out,
+            [
+                "measured: bytes held before the step + the peak running total of the CPU allocator during it "
+                "(torch.profiler memory events)"
+            ],
+        )
+
 
 # -----------------------------------------------------------------------------
 # the three benchmarks
@@ -417,26 +509,37 @@ def loader_rows(dataset, args):
 def bench_data(args, device):
     header = ["num_workers", "samples/s", "min", "max", "per process"]
     notes = [f"median of {args.repeats} repeats of {args.iters} batches after {args.warmup} warm-up batches"]
-    dataset = data.EpisodeDataset(args.data_dir, cameras=data.ALL_CAMERAS[:args.cameras])
-    table(f"data loader: {args.data_dir}, {len(dataset.paths)} episodes, {args.cameras} cameras, batch "
-          f"{args.batch_size}", header, loader_rows(dataset, args), notes)
+    dataset = data.EpisodeDataset(args.data_dir, cameras=data.ALL_CAMERAS[: args.cameras])
+    table(
+        f"data loader: {args.data_dir}, {len(dataset.paths)} episodes, {args.cameras} cameras, batch {args.batch_size}",
+        header,
+        loader_rows(dataset, args),
+        notes,
+    )
     # real ALOHA's layout: the demo's first episodes as 3 cameras of 480x640 JPEGs (quality 50, as its recorder)
     jpeg_dir = os.path.join(args.data_dir, "..", "bench_aloha_jpeg")
     os.makedirs(jpeg_dir, exist_ok=True)
-    for i, path in enumerate(dataset.paths[:args.jpeg_episodes]):
+    for i, path in enumerate(dataset.paths[: args.jpeg_episodes]):
         target = os.path.join(jpeg_dir, f"episode_{i}.hdf5")
         if not os.path.exists(target):
             episode = data.read_episode(path, data.ALL_CAMERAS[:3])
             frames = np.stack([episode["frames"](t).permute(0, 2, 3, 1).numpy() for t in range(episode["length"])], 1)
-            big = {f"cam_{c}": np.stack([np.asarray(Image.fromarray(x).resize((640, 480), Image.BICUBIC)) for x in f])
-                   for c, f in zip(("high", "left_wrist", "right_wrist"), frames)}
+            big = {
+                f"cam_{c}": np.stack([np.asarray(Image.fromarray(x).resize((640, 480), Image.BICUBIC)) for x in f])
+                for c, f in zip(("high", "left_wrist", "right_wrist"), frames)
+            }
             demo.write_aloha(target + ".tmp", big, episode["actions"], episode["actions"])
             os.replace(target + ".tmp", target)
             episode["close"]()
     cameras = [f"observations/images/cam_{c}" for c in ("high", "left_wrist", "right_wrist")]
     jpeg = data.EpisodeDataset(jpeg_dir, cameras=cameras, instruction="place the shoe on the mat")
-    table(f"data loader: real ALOHA layout ({jpeg_dir}), {len(jpeg.paths)} episodes, 3 cameras of 480x640 JPEG "
-          f"frames, batch {args.batch_size}", header, loader_rows(jpeg, args), notes)
+    table(
+        f"data loader: real ALOHA layout ({jpeg_dir}), {len(jpeg.paths)} episodes, 3 cameras of 480x640 JPEG "
+        f"frames, batch {args.batch_size}",
+        header,
+        loader_rows(jpeg, args),
+        notes,
+    )
 
 
 def train_row(args, device, ckpt):
@@ -472,12 +575,28 @@ def train_row(args, device, ckpt):
         return [name, f"out of memory ({torch.cuda.max_memory_reserved(device) / 2**30:.1f} GiB reserved)"]
     counts = [flops_per_sample(vla, args.cameras, len(ids)) for ids in vla.tokenize(instructions)]  # unpadded
     flops, recomputed = (sum(c[part][i] for c in counts for part in c) for i in (0, 1))
-    util = lambda f: 100 * f / s / 1e12 / args.peak_tflops if args.peak_tflops else "n/a"
-    gib = lambda b: f"{b / 2**30:.1f}"
-    memory = f"{gib(torch.cuda.max_memory_allocated(device))}/{gib(torch.cuda.max_memory_reserved(device))}" \
-        if device.type == "cuda" else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20
-    return [name, 1000 * s, args.batch_size / s, memory, flops / s / 1e12, util(flops),
-            util(flops + recomputed * ckpt), flops / args.batch_size / 1e9]
+
+    def util(f):
+        return 100 * f / s / 1e12 / args.peak_tflops if args.peak_tflops else "n/a"
+
+    def gib(b):
+        return f"{b / 2**30:.1f}"
+
+    memory = (
+        f"{gib(torch.cuda.max_memory_allocated(device))}/{gib(torch.cuda.max_memory_reserved(device))}"
+        if device.type == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20
+    )
+    return [
+        name,
+        1000 * s,
+        args.batch_size / s,
+        memory,
+        flops / s / 1e12,
+        util(flops),
+        util(flops + recomputed * ckpt),
+        flops / args.batch_size / 1e9,
+    ]
 
 
 def bench_train(args, device):
@@ -490,14 +609,23 @@ def bench_train(args, device):
         else:  # ru_maxrss is a high-water mark that never comes down: each CPU row gets a fresh process
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 rows.append(pool.apply(train_row, (args, device, ckpt)))
-    memory = "peak GiB allocated/reserved (torch.cuda)" if device.type == "cuda" else \
-        "peak RSS growth GiB of a fresh process (getrusage ru_maxrss)"
-    table(f"training step: {args.vla_path or f'random {args.model} twin'}, "
-          f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}, batch {args.batch_size}, {args.cameras} "
-          f"cameras, LoRA rank {args.lora_rank}, AdamW",
-          ["config", "step ms", "samples/s", "memory", "TFLOP/s", "MFU %", "HFU %", "GFLOP/sample"], rows,
-          [f"median of {args.iters} steps after {args.warmup} warm-up steps; memory: {memory}, weights included",
-           f"MFU: model FLOPs / step time / peak ({args.peak_source}); per part: --what flops", *FLOPS_FORMULA])
+    memory = (
+        "peak GiB allocated/reserved (torch.cuda)"
+        if device.type == "cuda"
+        else "peak RSS growth GiB of a fresh process (getrusage ru_maxrss)"
+    )
+    table(
+        f"training step: {args.vla_path or f'random {args.model} twin'}, "
+        f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}, batch {args.batch_size}, {args.cameras} "
+        f"cameras, LoRA rank {args.lora_rank}, AdamW",
+        ["config", "step ms", "samples/s", "memory", "TFLOP/s", "MFU %", "HFU %", "GFLOP/sample"],
+        rows,
+        [
+            f"median of {args.iters} steps after {args.warmup} warm-up steps; memory: {memory}, weights included",
+            f"MFU: model FLOPs / step time / peak ({args.peak_source}); per part: --what flops",
+            *FLOPS_FORMULA,
+        ],
+    )
 
 
 def bench_infer(args, device):
@@ -507,10 +635,12 @@ def bench_infer(args, device):
     vla = model.add_lora(build(args, device, dtype), args.lora_rank).eval()
     images, instructions = inputs(args, 1, device)
     rows = []
-    for name in ["eager, LoRA unmerged", "eager, LoRA merged"] + \
-            [f"torch.compile ({args.compile_mode}), merged"] * args.compile:
+    for name in ["eager, LoRA unmerged", "eager, LoRA merged"] + [
+        f"torch.compile ({args.compile_mode}), merged"
+    ] * args.compile:
         if name == "eager, LoRA merged":
             model.merge_lora(vla)
+
         @torch.no_grad()
         def chunk():  # as infer.Policy.predict: frames from host memory in, a float32 chunk back on the host
             with autocast:
@@ -524,12 +654,17 @@ def bench_infer(args, device):
             continue
         ms = 1000 * times
         rows.append([name, float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), 1000 / ms.mean(), warm])
-    table(f"inference: {args.vla_path or f'random {args.model} twin'}, LoRA rank {args.lora_rank}, {dtype}, batch 1, "
-          f"{args.cameras} cameras, chunk {vla.chunk} x {vla.action_dim}",
-          ["path", "p50 ms", "p95 ms", "chunks/s", "warm-up s"], rows,
-          [f"{args.iters} chunks after {args.warmup} warm-up chunks (compilation happens there); "
-           f"{'CUDA events' if device.type == 'cuda' else 'perf_counter'}, synchronized; chunks/s = 1 / mean",
-           f"merged / unmerged p50: {rows[1][1] / rows[0][1]:.2f} (infer.Policy merges a training checkpoint's LoRA)"])
+    table(
+        f"inference: {args.vla_path or f'random {args.model} twin'}, LoRA rank {args.lora_rank}, {dtype}, batch 1, "
+        f"{args.cameras} cameras, chunk {vla.chunk} x {vla.action_dim}",
+        ["path", "p50 ms", "p95 ms", "chunks/s", "warm-up s"],
+        rows,
+        [
+            f"{args.iters} chunks after {args.warmup} warm-up chunks (compilation happens there); "
+            f"{'CUDA events' if device.type == 'cuda' else 'perf_counter'}, synchronized; chunks/s = 1 / mean",
+            f"merged / unmerged p50: {rows[1][1] / rows[0][1]:.2f} (infer.Policy merges a training checkpoint's LoRA)",
+        ],
+    )
 
 
 def serve_checkpoint(args, root):
@@ -537,10 +672,34 @@ def serve_checkpoint(args, root):
         return args.checkpoint
     demo.make_demo(os.path.join(root, "demo"), episodes=2)
     demo.make_tiny(os.path.join(root, "tiny"))
-    flags = ["--vla_path", os.path.join(root, "tiny"), "--data_dir", os.path.join(root, "demo"), "--out_dir",
-             os.path.join(root, "run"), "--cameras", ",".join(data.ALL_CAMERAS[:args.cameras]), "--lora_rank",
-             str(args.lora_rank), "--val_episodes", "1", "--batch_size", "2", "--num_workers", "0", "--max_steps", "1",
-             "--save_interval", "1", "--eval_interval", "1", "--eval_batches", "1", "--device", "cpu"]
+    flags = [
+        "--vla_path",
+        os.path.join(root, "tiny"),
+        "--data_dir",
+        os.path.join(root, "demo"),
+        "--out_dir",
+        os.path.join(root, "run"),
+        "--cameras",
+        ",".join(data.ALL_CAMERAS[: args.cameras]),
+        "--lora_rank",
+        str(args.lora_rank),
+        "--val_episodes",
+        "1",
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--max_steps",
+        "1",
+        "--save_interval",
+        "1",
+        "--eval_interval",
+        "1",
+        "--eval_batches",
+        "1",
+        "--device",
+        "cpu",
+    ]
     subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *flags], check=True, capture_output=True)
     return os.path.join(root, "run", "step_000001")
 
@@ -553,13 +712,27 @@ def bench_serve(args, device):
     try:
         from openpi_client import websocket_client_policy  # the robot's side: only this mode needs it
     except ImportError:
-        raise SystemExit("--what serve talks to serve.py with openpi's client: pip install -r requirements-serve.txt "
-                         "&& pip install --no-deps openpi-client==0.1.2") from None
+        raise SystemExit(
+            "--what serve talks to serve.py with openpi's client: pip install -r requirements-serve.txt "
+            "&& pip install --no-deps openpi-client==0.1.2"
+        ) from None
     with tempfile.TemporaryDirectory() as root:
         ckpt = serve_checkpoint(args, root)
         with open(os.path.join(root, "serve.log"), "w") as log:
-            server = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--checkpoint", ckpt, "--port",
-                                       "0", "--device", str(device)], stdout=log, stderr=subprocess.STDOUT)
+            server = subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(HERE, "serve.py"),
+                    "--checkpoint",
+                    ckpt,
+                    "--port",
+                    "0",
+                    "--device",
+                    str(device),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             policy = infer.Policy.from_checkpoint(ckpt, device=str(device))
             deadline = time.time() + 900  # a 7B checkpoint loads for minutes
@@ -569,8 +742,10 @@ def bench_serve(args, device):
                 time.sleep(0.2)
             client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", int(port[1]))
             rng = np.random.default_rng(0)
-            obs = {"images": {c: rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for c in policy.cameras},
-                   "prompt": demo.SEEN[0]}
+            obs = {
+                "images": {c: rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for c in policy.cameras},
+                "prompt": demo.SEEN[0],
+            }
             obs |= {"state": np.zeros(policy.vla.proprio_dim)} if policy.vla.proprio_dim else {}
             ms = []
             for _ in range(args.warmup + args.iters):  # predict's copy to the host waits for the GPU: host time
@@ -582,17 +757,29 @@ def bench_serve(args, device):
         finally:
             server.terminate()
             server.wait(60)
-    ms = np.array(ms[args.warmup:])
-    rows = [[name, *(float(f(ms[:, i])) for f in (np.median, lambda x: np.percentile(x, 95), np.mean))]
-            for i, name in enumerate(["Policy.predict in process", "serve.py infer_ms (predict in its thread)",
-                                      "round trip, openpi-client over loopback"])]
-    table(f"serving: {args.checkpoint or 'tiny twin, 1 training step'}, {len(policy.cameras)} camera(s) "
-          f"({', '.join(policy.cameras)}) at 256x256, chunk {policy.vla.chunk} x {policy.vla.action_dim}, {device}",
-          ["path", "p50 ms", "p95 ms", "mean ms"], rows,
-          [f"{args.iters} pairs (predict, then the round trip) after {args.warmup} warm-up pairs, perf_counter, the "
-           f"same observation every time; what the protocol adds, round trip - infer_ms of the same call: p50 "
-           f"{np.median(ms[:, 2] - ms[:, 1]):.1f} ms, p95 {np.percentile(ms[:, 2] - ms[:, 1], 95):.1f} ms; load "
-           f"average {os.getloadavg()[0]:.1f}"])
+    ms = np.array(ms[args.warmup :])
+    rows = [
+        [name, *(float(f(ms[:, i])) for f in (np.median, lambda x: np.percentile(x, 95), np.mean))]
+        for i, name in enumerate(
+            [
+                "Policy.predict in process",
+                "serve.py infer_ms (predict in its thread)",
+                "round trip, openpi-client over loopback",
+            ]
+        )
+    ]
+    table(
+        f"serving: {args.checkpoint or 'tiny twin, 1 training step'}, {len(policy.cameras)} camera(s) "
+        f"({', '.join(policy.cameras)}) at 256x256, chunk {policy.vla.chunk} x {policy.vla.action_dim}, {device}",
+        ["path", "p50 ms", "p95 ms", "mean ms"],
+        rows,
+        [
+            f"{args.iters} pairs (predict, then the round trip) after {args.warmup} warm-up pairs, perf_counter, the "
+            f"same observation every time; what the protocol adds, round trip - infer_ms of the same call: p50 "
+            f"{np.median(ms[:, 2] - ms[:, 1]):.1f} ms, p95 {np.percentile(ms[:, 2] - ms[:, 1], 95):.1f} ms; load "
+            f"average {os.getloadavg()[0]:.1f}"
+        ],
+    )
 
 
 def main(argv=None):
@@ -608,14 +795,20 @@ def main(argv=None):
         source = "bf16 dense spec" if args.peak_tflops else f"no spec known for {name}: pass --peak_tflops"
     elif args.peak_tflops is None:  # no spec number fits a CPU: the best fp32 matmul rate at this thread count
         a = torch.randn(1024, 1024)
-        args.peak_tflops = 2 * 1024 ** 3 / timed(lambda: a @ a, device, 2, 20)[0].min() / 1e12
+        args.peak_tflops = 2 * 1024**3 / timed(lambda: a @ a, device, 2, 20)[0].min() / 1e12
         source = "measured fp32 1024^2 matmul"
     args.peak_source = f"{args.peak_tflops:.4g} TFLOP/s, {source}" if args.peak_tflops else source
     print(f"machine: {machine(device)}")
     for what in [args.what] if args.what != "all" else ["data", "train", "infer"]:
         try:
-            dict(flops=bench_flops, memory=bench_memory, data=bench_data, train=bench_train,
-                 infer=bench_infer, serve=bench_serve)[what](args, device)
+            dict(
+                flops=bench_flops,
+                memory=bench_memory,
+                data=bench_data,
+                train=bench_train,
+                infer=bench_infer,
+                serve=bench_serve,
+            )[what](args, device)
         except data.DataError as e:  # no episodes: say how to make some, measure the rest
             print(f"\n## data loader: {e}\n(make episodes with: python demo.py {args.data_dir})")
 

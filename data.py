@@ -8,6 +8,7 @@ $ python data.py /path/to/place_shoe --vla_path openvla/openvla-7b --preview fra
 $ python data.py /path/to/act_sim_transfer_cube --instruction "transfer the cube to the left arm"
 Synthetic episodes in RoboTwin's layout: python demo.py demo_data --episodes 48 --seed 0
 """
+
 import argparse
 import glob
 import hashlib
@@ -29,11 +30,15 @@ DEFAULT_CAMERAS = ["head_camera_image", "left_wrist_image"]
 STATE_KEYS = ["state", "observations/qpos", "obs/joint_states,obs/gripper_states"]  # what --state_key auto tries
 MAX_OPEN = 64  # episode files a loader process keeps open: 10,000 episodes must not hit `ulimit -n` (often 1024)
 ACTION_NAMES = [f"{arm}_{j}" for arm in ("left", "right") for j in ("j1", "j2", "j3", "j4", "j5", "j6", "gripper")]
-ACTION_OFFSET_HELP = ("the target of frame t is action[t+o : t+o+chunk]. RoboTwin's action[t] is the joint target "
-                      "recorded at frame t, close to the state the frame already shows, and RoboTwin's own converters "
-                      "train on action[t+1]: 1 may suit it")
-STATE_KEY_HELP = (f"dataset(s) --proprio reads, comma-separated ones concatenated; default: the first of "
-                  f"{' | '.join(STATE_KEYS)} the episodes hold, else the action")
+ACTION_OFFSET_HELP = (
+    "the target of frame t is action[t+o : t+o+chunk]. RoboTwin's action[t] is the joint target "
+    "recorded at frame t, close to the state the frame already shows, and RoboTwin's own converters "
+    "train on action[t+1]: 1 may suit it"
+)
+STATE_KEY_HELP = (
+    f"dataset(s) --proprio reads, comma-separated ones concatenated; default: the first of "
+    f"{' | '.join(STATE_KEYS)} the episodes hold, else the action"
+)
 
 
 class DataError(ValueError):
@@ -81,8 +86,9 @@ def list_episodes(data_dir_or_paths):
             files = glob.glob(os.path.join(item, "episode_*.hdf5")) or glob.glob(os.path.join(item, "*.hdf5"))
         refs += [r for p in files for r in (split_ref(p)[1] is None and _demos(p) or [p])]
     if not refs:
-        raise DataError(f"{', '.join(map(str, items)) or '(no path given)'}: no episode_*.hdf5 (or other .hdf5) "
-                        "files found")
+        raise DataError(
+            f"{', '.join(map(str, items)) or '(no path given)'}: no episode_*.hdf5 (or other .hdf5) files found"
+        )
     return sorted(refs, key=_natural)
 
 
@@ -104,11 +110,16 @@ def _jpeg_lengths(f, d, name):
     ts = sorted({0, len(d) // 2, len(d) - 1})
     frames = d[ts]
     for row in rows.astype(int) if rows.ndim == 2 and rows.shape[1] == len(d) else []:
-        if 2 <= row.min() and row.max() <= d.shape[1] and all(x[n - 2:n].tobytes() == b"\xff\xd9" and not x[n:].any()
-                                                             for x, n in zip(frames, row[ts])):
+        if (
+            2 <= row.min()
+            and row.max() <= d.shape[1]
+            and all(x[n - 2 : n].tobytes() == b"\xff\xd9" and not x[n:].any() for x, n in zip(frames, row[ts]))
+        ):
             return row
-    raise DataError(f"{name}: no row of compress_len {rows.shape} gives the lengths of its JPEG frames (missing, "
-                    f"longer than the {d.shape[1]} bytes stored per frame, or the frames are not JPEG)")
+    raise DataError(
+        f"{name}: no row of compress_len {rows.shape} gives the lengths of its JPEG frames (missing, "
+        f"longer than the {d.shape[1]} bytes stored per frame, or the frames are not JPEG)"
+    )
 
 
 def camera_reader(f, g, camera, ref):
@@ -118,7 +129,7 @@ def camera_reader(f, g, camera, ref):
     if not (f.attrs.get("compress", False) and d.ndim == 2):
         return d.__getitem__
     lengths = _jpeg_lengths(f, d, f"{ref}: {camera}")
-    return lambda t: np.asarray(Image.open(io.BytesIO(d[t][:lengths[t]].tobytes())).convert("RGB"))[..., ::-1]
+    return lambda t: np.asarray(Image.open(io.BytesIO(d[t][: lengths[t]].tobytes())).convert("RGB"))[..., ::-1]
 
 
 def _filters(d):
@@ -141,8 +152,11 @@ def read_instructions(f, g, key="seen", instruction=None):
         return [s for s in items if isinstance(s, str) and s.strip()]
     try:
         info = f["data"].attrs.get("problem_info") if g is not f and key == "seen" else None
-        return [s for s in [json.loads(info)["language_instruction"]] if s.strip()] if info is not None else \
-            [instruction] * bool(instruction and key == "seen")
+        return (
+            [s for s in [json.loads(info)["language_instruction"]] if s.strip()]
+            if info is not None
+            else [instruction] * bool(instruction and key == "seen")
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
         raise DataError("data.attrs['problem_info'] is not JSON with a language_instruction string") from None
 
@@ -179,32 +193,46 @@ def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction)
         missing, layout = [k for k in [action_key, *cameras] if k not in g], detect_layout(f, g)
         if missing and layout is None:
             sets = [k for k in g if isinstance(g.get(k), h5py.Dataset)]
-            raise DataError(f"no known episode layout (RoboTwin's flat datasets, ALOHA's observations/images, "
-                            f"robomimic's data/demo_N): it holds datasets {', '.join(sets) or 'none'} and groups "
-                            f"{', '.join(k for k in g if k not in sets) or 'none'}")
+            raise DataError(
+                f"no known episode layout (RoboTwin's flat datasets, ALOHA's observations/images, "
+                f"robomimic's data/demo_N): it holds datasets {', '.join(sets) or 'none'} and groups "
+                f"{', '.join(k for k in g if k not in sets) or 'none'}"
+            )
         if missing:
-            raise DataError(f"missing {', '.join(missing)} (a {layout[0]} episode: `python data.py DIR` prints the "
-                            "flags that read it)")
+            raise DataError(
+                f"missing {', '.join(missing)} (a {layout[0]} episode: `python data.py DIR` prints the "
+                "flags that read it)"
+            )
         action, videos = g[action_key], [g[c] for c in cameras]
         if action.ndim == 2 and action.dtype.kind in "iuf" and action.shape[1] != action_dim:
             raise DataError(f"{action_key} has shape {action.shape}, expected (T, {action_dim}) (--action_dim)")
         values = _numbers(g, action_key, len(action))
-        if any(v.dtype != np.uint8 or not (v.ndim == 4 and v.shape[3] == 3 or v.ndim == 2 and f.attrs.get("compress"))
-               for v in videos):
+        if any(
+            v.dtype != np.uint8 or not (v.ndim == 4 and v.shape[3] == 3 or v.ndim == 2 and f.attrs.get("compress"))
+            for v in videos
+        ):
             found = ", ".join(f"{c} {v.dtype} {v.shape}" for c, v in zip(cameras, videos))
-            raise DataError(f"camera frames must be uint8 (T, H, W, 3), or padded JPEGs (T, bytes) in a file with "
-                            f"compress set; found {found}")
+            raise DataError(
+                f"camera frames must be uint8 (T, H, W, 3), or padded JPEGs (T, bytes) in a file with "
+                f"compress set; found {found}"
+            )
         if {len(v) for v in videos} != {len(action)}:
-            raise DataError(f"cameras and action differ in length: {action_key} {len(action)}, "
-                            + ", ".join(f"{c} {len(v)}" for c, v in zip(cameras, videos)))
+            raise DataError(
+                f"cameras and action differ in length: {action_key} {len(action)}, "
+                + ", ".join(f"{c} {len(v)}" for c, v in zip(cameras, videos))
+            )
         key = state_key_of(g, state_key, action_key)
         if key is None:
             raise DataError(f"missing {state_key} (--state_key)")
         if key != action_key:
             _numbers(g, key, len(action))
         if not read_instructions(f, g, "seen", instruction):
-            raise DataError("seen instructions missing, empty or all blank" if "seen" in g else "no instructions (no "
-                            "seen dataset or LIBERO problem_info): pass --instruction \"what the robot should do\"")
+            raise DataError(
+                "seen instructions missing, empty or all blank"
+                if "seen" in g
+                else "no instructions (no "
+                'seen dataset or LIBERO problem_info): pass --instruction "what the robot should do"'
+            )
         if "unseen" in g and not read_instructions(f, g, "unseen"):
             raise DataError("unseen instructions missing, empty or all blank")
         shapes = set()  # of every camera's first and last frames: all of them, in every episode, must agree
@@ -213,20 +241,25 @@ def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction)
             try:  # the last frame must decode: catches cut-off data, missing compression filters, broken JPEGs
                 shapes |= {read(-1).shape, read(0).shape} if v.ndim == 2 else {read(-1).shape}
             except (OSError, ValueError) as e:
-                why = f"stored with HDF5 filter {', '.join(_filters(v))}, not installed here" if _filters(v) else \
-                    str(e).splitlines()[0]
+                why = (
+                    f"stored with HDF5 filter {', '.join(_filters(v))}, not installed here"
+                    if _filters(v)
+                    else str(e).splitlines()[0]
+                )
                 raise DataError(f"{c}: its frames do not read ({why})") from None
         return len(action), shapes, hashlib.sha1(np.ascontiguousarray(values)).hexdigest()
 
 
-def check_episodes(paths, cameras, chunk, action_dim, action_offset=0, action_key="action", state_key=None,
-                   instruction=None):
+def check_episodes(
+    paths, cameras, chunk, action_dim, action_offset=0, action_key="action", state_key=None, instruction=None
+):
     """Validate every episode up front (so a broken one fails now, not hours into training); return the usable ones."""
     if not cameras or not all(cameras):
         raise DataError(f"--cameras {','.join(cameras)}: give the camera datasets, comma-separated")
     if chunk < 1 or action_offset < 0 or action_dim < 1:
-        raise DataError(f"need chunk >= 1, action_offset >= 0 and action_dim >= 1; got {chunk}, {action_offset}, "
-                        f"{action_dim}")
+        raise DataError(
+            f"need chunk >= 1, action_offset >= 0 and action_dim >= 1; got {chunk}, {action_offset}, {action_dim}"
+        )
     problems, usable, frame_shapes, seen = [], [], set(), {}
     for p in paths:
         path, demo = split_ref(p)
@@ -237,8 +270,9 @@ def check_episodes(paths, cameras, chunk, action_dim, action_offset=0, action_ke
             if twin := seen.get((os.path.realpath(path), demo)) or seen.get(digest):
                 raise DataError(f"the same episode as {twin} (same file or same actions): remove one")
             if len(shapes | frame_shapes) > 1:
-                raise DataError(f"frame sizes differ: {sorted(shapes | frame_shapes)} (all cameras, all episodes must "
-                                "agree)")
+                raise DataError(
+                    f"frame sizes differ: {sorted(shapes | frame_shapes)} (all cameras, all episodes must agree)"
+                )
         except DataError as e:
             problems.append(f"{p}: {str(e).removeprefix(f'{p}: ')}")
             continue
@@ -250,8 +284,10 @@ def check_episodes(paths, cameras, chunk, action_dim, action_offset=0, action_ke
         if length >= chunk + action_offset:
             usable.append(p)
         else:
-            print(f"warning: {p}: {length} frames, too short for one chunk of {chunk} at offset {action_offset}; "
-                  "skipped", file=sys.stderr)
+            print(
+                f"warning: {p}: {length} frames, too short for one chunk of {chunk} at offset {action_offset}; skipped",
+                file=sys.stderr,
+            )
     if problems:
         raise DataError("\n".join(problems))
     if not usable:
@@ -263,6 +299,7 @@ def check_prompts(paths, texts, vla_path, cameras, proprio, chunk):
     """Every instruction (texts: one list per file) must fit the LLM of vla_path with the image, state and query
     tokens; one line per file that does not. Returns the longest sequence."""
     import model  # here only: the rest of data.py needs no model code, and importing it is slow
+
     try:
         config, tokenizer = model.load_tokenizer(vla_path)
     except (OSError, ValueError, RuntimeError) as e:
@@ -270,8 +307,10 @@ def check_prompts(paths, texts, vla_path, cameras, proprio, chunk):
     problems, longest = [], 0
     for p, ts in zip(paths, texts):
         try:
-            longest = max([longest] + [model.check_sequence_length(config, tokenizer, s, cameras, proprio, chunk)
-                                       for s in set(ts)])
+            longest = max(
+                [longest]
+                + [model.check_sequence_length(config, tokenizer, s, cameras, proprio, chunk) for s in set(ts)]
+            )
         except ValueError as e:
             problems.append(f"{p}: {e}")
     if problems:
@@ -291,18 +330,28 @@ def split_episodes(paths, val_episodes, seed):
 def compute_stats(arrays):
     """Per-dimension statistics of (T, D) arrays (actions or states) over all their rows, in OpenVLA's layout."""
     a = np.concatenate(arrays)
-    return {"mean": a.mean(0).tolist(), "std": a.std(0).tolist(), "max": a.max(0).tolist(), "min": a.min(0).tolist(),
-            "q01": np.quantile(a, 0.01, axis=0).tolist(), "q99": np.quantile(a, 0.99, axis=0).tolist(),
-            "mask": [True] * a.shape[1]}
+    return {
+        "mean": a.mean(0).tolist(),
+        "std": a.std(0).tolist(),
+        "max": a.max(0).tolist(),
+        "min": a.min(0).tolist(),
+        "q01": np.quantile(a, 0.01, axis=0).tolist(),
+        "q99": np.quantile(a, 0.99, axis=0).tolist(),
+        "mask": [True] * a.shape[1],
+    }
 
 
-def save_stats(path, action_stats, proprio_stats=None, dataset_name="place_shoe", num_transitions=None,
-               num_trajectories=None):
+def save_stats(
+    path, action_stats, proprio_stats=None, dataset_name="place_shoe", num_transitions=None, num_trajectories=None
+):
     """dataset_statistics.json in OpenVLA's norm_stats layout, so deployment finds the training normalization.
     The counts are informational (nothing reads them back); they are written when given."""
     counts = {"num_transitions": num_transitions, "num_trajectories": num_trajectories}
-    entry = {"action": action_stats, **({"proprio": proprio_stats} if proprio_stats else {}),
-             **{k: int(v) for k, v in counts.items() if v is not None}}
+    entry = {
+        "action": action_stats,
+        **({"proprio": proprio_stats} if proprio_stats else {}),
+        **{k: int(v) for k, v in counts.items() if v is not None},
+    }
     with open(path, "w") as f:
         json.dump({dataset_name: entry}, f, indent=2)
 
@@ -318,11 +367,14 @@ def load_stats(path, dataset_name=None, key="action", dim=None):
     block = entry.get(key, {})
     missing = {"min", "max", "q01", "q99"} - set(block)
     if missing:
-        raise DataError(f"{path}: expected OpenVLA norm_stats {{name: {{'{key}': {{'min', 'max', 'q01', 'q99'}}}}}} "
-                        f"with one dataset, or a dataset_name; found {list(stats)[:5]}, missing {sorted(missing)}")
+        raise DataError(
+            f"{path}: expected OpenVLA norm_stats {{name: {{'{key}': {{'min', 'max', 'q01', 'q99'}}}}}} "
+            f"with one dataset, or a dataset_name; found {list(stats)[:5]}, missing {sorted(missing)}"
+        )
     n, v = dim or np.size(block["min"]), {k: np.array(block[k], dtype=float) for k in ("min", "max", "q01", "q99")}
-    bad = [k for k, x in v.items() if x.shape != (n,) or not np.isfinite(x).all()] or \
-        [f"{lo} > {hi}" for lo, hi in (("min", "max"), ("q01", "q99")) if (v[lo] > v[hi]).any()]
+    bad = [k for k, x in v.items() if x.shape != (n,) or not np.isfinite(x).all()] or [
+        f"{lo} > {hi}" for lo, hi in (("min", "max"), ("q01", "q99")) if (v[lo] > v[hi]).any()
+    ]
     if bad:  # min > max would make every action a constant, NaN every action NaN
         raise DataError(f"{path}: {key} {', '.join(bad)}: expected {n} finite values each, min <= max, q01 <= q99")
     return block
@@ -335,11 +387,17 @@ def _prepare(actions, stats, mode):
     if torch.is_tensor(actions):
         dtype = torch.float64 if actions.dtype == torch.float64 else torch.float32
         out = actions.dtype if actions.is_floating_point() else torch.float32
-        cast = lambda v: torch.as_tensor(v, dtype=dtype, device=actions.device)
+
+        def cast(v):
+            return torch.as_tensor(v, dtype=dtype, device=actions.device)
+
         back, where = lambda y: y.to(out), torch.where
     else:
         out = np.result_type(np.asarray(actions).dtype, np.float32)
-        cast = lambda v: np.asarray(v, dtype=np.float64)
+
+        def cast(v):
+            return np.asarray(v, dtype=np.float64)
+
         back, where = lambda y: y.astype(out), np.where
     lo, hi = cast(lo), cast(hi)
     raw = cast(stats.get("mask", [True] * len(lo))) == 0  # OpenVLA's mask: False dims pass through untouched
@@ -370,27 +428,50 @@ def _frames(readers, t, swap_red_blue=False):
     return torch.from_numpy((x[..., ::-1] if swap_red_blue else x).transpose(0, 3, 1, 2).copy())
 
 
-def read_episode(ref, cameras=DEFAULT_CAMERAS, swap_red_blue=False, action_key="action", state_key=None,
-                 instruction=None):
+def read_episode(
+    ref, cameras=DEFAULT_CAMERAS, swap_red_blue=False, action_key="action", state_key=None, instruction=None
+):
     """A whole episode to step through: actions and states in memory, frames(t) -> uint8 (N, 3, H, W) from disk."""
     f, g = open_episode(ref)
     readers = [camera_reader(f, g, c, ref) for c in cameras]
-    return {"length": len(g[action_key]), "actions": g[action_key][()],
-            "states": read_state(g, state_key_of(g, state_key, action_key) or action_key),
-            "seen": read_instructions(f, g, "seen", instruction), "unseen": read_instructions(f, g, "unseen"),
-            "frames": lambda t: _frames(readers, t, swap_red_blue), "close": f.close}
+    return {
+        "length": len(g[action_key]),
+        "actions": g[action_key][()],
+        "states": read_state(g, state_key_of(g, state_key, action_key) or action_key),
+        "seen": read_instructions(f, g, "seen", instruction),
+        "unseen": read_instructions(f, g, "unseen"),
+        "frames": lambda t: _frames(readers, t, swap_red_blue),
+        "close": f.close,
+    }
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
     """One sample per frame t: its camera frames, an instruction, actions[t+o : t+o+chunk], the normalized state
     with proprio, uniform draws (cameras, 6) with image_aug; draws seeded per sample, for any resume or worker count."""
 
-    def __init__(self, paths, cameras=DEFAULT_CAMERAS, chunk=8, action_dim=14, stats=None, norm="bounds",
-                 action_offset=0, instructions="seen", instruction_variant=None, seed=0, proprio=False,
-                 proprio_stats=None, image_aug=False, swap_red_blue=False, action_key="action", state_key=None,
-                 instruction=None):
-        self.paths = check_episodes(list_episodes(paths), cameras, chunk, action_dim, action_offset, action_key,
-                                    state_key, instruction)
+    def __init__(
+        self,
+        paths,
+        cameras=DEFAULT_CAMERAS,
+        chunk=8,
+        action_dim=14,
+        stats=None,
+        norm="bounds",
+        action_offset=0,
+        instructions="seen",
+        instruction_variant=None,
+        seed=0,
+        proprio=False,
+        proprio_stats=None,
+        image_aug=False,
+        swap_red_blue=False,
+        action_key="action",
+        state_key=None,
+        instruction=None,
+    ):
+        self.paths = check_episodes(
+            list_episodes(paths), cameras, chunk, action_dim, action_offset, action_key, state_key, instruction
+        )
         self.cameras, self.chunk, self.action_offset, self.norm = list(cameras), chunk, action_offset, norm
         self.instruction_variant, self.seed, self.epoch = instruction_variant, seed, 0
         self.image_aug, self.swap_red_blue = image_aug, swap_red_blue
@@ -404,13 +485,18 @@ class EpisodeDataset(torch.utils.data.Dataset):
                 self.instructions.append(read_instructions(f, g, instructions, instruction))
                 if p == self.paths[0]:  # the same in every file (checked)
                     self.frame_sizes = {c: list(camera_reader(f, g, c, p)(0).shape[:2]) for c in cameras}
-        problems = [f"{p}: no '{instructions}' instructions" for p, texts in zip(self.paths, self.instructions)
-                    if not texts]
+        problems = [
+            f"{p}: no '{instructions}' instructions" for p, texts in zip(self.paths, self.instructions) if not texts
+        ]
         kinds = [(k, s.shape[1]) for k, s in zip(keys, states)]  # a state in milli-units beside one in radians, say
         if len(set(kinds)) > 1:
-            problems.append(f"--proprio: {self.paths[0]} reads its state from {keys[0]} ({kinds[0][1]} wide), but "
-                            + ", ".join(f"{p} from {k} ({w} wide)" for p, (k, w) in zip(self.paths, kinds)
-                                        if (k, w) != kinds[0])[:400] + ": pass --state_key")
+            problems.append(
+                f"--proprio: {self.paths[0]} reads its state from {keys[0]} ({kinds[0][1]} wide), but "
+                + ", ".join(f"{p} from {k} ({w} wide)" for p, (k, w) in zip(self.paths, kinds) if (k, w) != kinds[0])[
+                    :400
+                ]
+                + ": pass --state_key"
+            )
         if problems:
             raise DataError("\n".join(problems))
         self.state_key = keys[0] if proprio else None
@@ -458,8 +544,13 @@ class EpisodeDataset(torch.utils.data.Dataset):
         texts, rng = self.instructions[e], np.random.default_rng([self.seed, self.epoch, i])
         k = rng.integers(len(texts)) if self.instruction_variant is None else self.instruction_variant % len(texts)
         start = t + self.action_offset
-        sample = {"images": images, "instruction": texts[k],
-                  "actions": torch.from_numpy(self.actions[e][start:start + self.chunk]), "episode": e, "t": t}
+        sample = {
+            "images": images,
+            "instruction": texts[k],
+            "actions": torch.from_numpy(self.actions[e][start : start + self.chunk]),
+            "episode": e,
+            "t": t,
+        }
         if self.states is not None:
             sample["state"] = torch.from_numpy(self.states[e][t])
         if self.image_aug:
@@ -472,8 +563,9 @@ ARM_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 def named_arm(instructions):
     """'left' or 'right' by majority of the instructions that name exactly one arm; None if none does, or a tie."""
-    said = [words.pop() for words in ({w.lower() for w in ARM_WORDS.findall(s)} for s in instructions)
-            if len(words) == 1]
+    said = [
+        words.pop() for words in ({w.lower() for w in ARM_WORDS.findall(s)} for s in instructions) if len(words) == 1
+    ]
     return None if said.count("left") == said.count("right") else max(("left", "right"), key=said.count)
 
 
@@ -488,23 +580,42 @@ def moving_arm(action):
 def check_arms(paths, actions, instructions):
     """Instructions that name the arm which does not move belong to another episode: RoboTwin's OFT conversion
     looked them up by shuffled position. Prints what it finds; returns the disagreeing files."""
-    named = [(p, said, moved) for p, a, s in zip(paths, actions, instructions)
-             if (said := named_arm(s)) and (moved := moving_arm(a))]
+    named = [
+        (p, said, moved)
+        for p, a, s in zip(paths, actions, instructions)
+        if (said := named_arm(s)) and (moved := moving_arm(a))
+    ]
     wrong = [os.path.basename(p) for p, said, moved in named if said != moved]
     if named and not wrong:
         print(f"arms: all {len(named)} episodes whose instructions name an arm move that arm most")
     elif wrong:
-        print(f"arms: in {len(wrong)} of {len(named)} episodes the instructions name one arm and the other arm moves "
-              "most: " + ", ".join(wrong))
+        print(
+            f"arms: in {len(wrong)} of {len(named)} episodes the instructions name one arm and the other arm moves "
+            "most: " + ", ".join(wrong)
+        )
     if 2 * len(wrong) > len(named):
-        print("arms: most disagree, so these files look like RoboTwin's OFT conversion (instructions looked up by "
-              "shuffled position; it also swapped red and blue); reconvert the raw episodes with "
-              "python robotwin/convert.py RoboTwin/data/<task>/<config> OUT_DIR")
+        print(
+            "arms: most disagree, so these files look like RoboTwin's OFT conversion (instructions looked up by "
+            "shuffled position; it also swapped red and blue); reconvert the raw episodes with "
+            "python robotwin/convert.py RoboTwin/data/<task>/<config> OUT_DIR"
+        )
     return wrong
 
 
-def summarize(data_dir, cameras=None, chunk=8, action_dim=None, action_offset=0, swap_red_blue=False, preview=None,
-              vla_path=None, proprio=False, action_key=None, state_key=None, instruction=None):
+def summarize(
+    data_dir,
+    cameras=None,
+    chunk=8,
+    action_dim=None,
+    action_offset=0,
+    swap_red_blue=False,
+    preview=None,
+    vla_path=None,
+    proprio=False,
+    action_key=None,
+    state_key=None,
+    instruction=None,
+):
     """Print what the episodes hold and the train.py flags that read them; every problem is a DataError."""
     refs, layout, width, texts_inside = list_episodes(data_dir), None, None, True
     try:  # the first episode tells the layout; check_episodes names it when it is broken
@@ -528,15 +639,18 @@ def summarize(data_dir, cameras=None, chunk=8, action_dim=None, action_offset=0,
             keys.append(state_key_of(g, state_key, action_key))
             for key in texts:
                 texts[key].append(read_instructions(f, g, key, text))
-    fits = vla_path and check_prompts(paths, [s + u for s, u in zip(*texts.values())], vla_path, len(cameras), proprio,
-                                      chunk)
+    fits = vla_path and check_prompts(
+        paths, [s + u for s, u in zip(*texts.values())], vla_path, len(cameras), proprio, chunk
+    )
     stats, lengths = compute_stats(actions), [len(a) for a in actions]
     samples = sum(n - chunk - action_offset + 1 for n in lengths)
     files = len({split_ref(p)[0] for p in paths})
     demos = f", {len(paths)} demos in {files} files" if files < len(paths) else ""
     print(f"layout: {layout[0] if layout else 'unknown'}{demos}")
-    print(f"{len(paths)} episodes, {sum(lengths)} frames (length {min(lengths)}-{max(lengths)}, "
-          f"mean {np.mean(lengths):.0f}), {samples} samples (chunk {chunk}, action offset {action_offset})")
+    print(
+        f"{len(paths)} episodes, {sum(lengths)} frames (length {min(lengths)}-{max(lengths)}, "
+        f"mean {np.mean(lengths):.0f}), {samples} samples (chunk {chunk}, action offset {action_offset})"
+    )
     episode = read_episode(paths[0], cameras, swap_red_blue, action_key)
     shape = episode["frames"](0).shape[2:]
     print(f"cameras: {', '.join(cameras)} at {shape[0]}x{shape[1]}" + " (red and blue swapped on read)" * swap_red_blue)
@@ -547,8 +661,11 @@ def summarize(data_dir, cameras=None, chunk=8, action_dim=None, action_offset=0,
         print(f"{name:<16}" + "".join(f"{stats[k][i]:9.3f}" for k in ("min", "max", "mean", "std")))
     for key, per_episode in texts.items():
         counts, examples = [len(t) for t in per_episode], [s for t in per_episode for s in t][:2]
-        print(f"{key}: {min(counts)}-{max(counts)} variants per episode, e.g. " + " | ".join(examples) if max(counts)
-              else f"{key}: none")
+        print(
+            f"{key}: {min(counts)}-{max(counts)} variants per episode, e.g. " + " | ".join(examples)
+            if max(counts)
+            else f"{key}: none"
+        )
     if fits:
         print(f"prompts: the longest instruction fills {fits[0]} of the LLM's {fits[1]} positions")
     if action_dim == len(ACTION_NAMES):
@@ -557,11 +674,17 @@ def summarize(data_dir, cameras=None, chunk=8, action_dim=None, action_offset=0,
         Image.fromarray(np.concatenate(episode["frames"](0).permute(0, 2, 3, 1).numpy(), 1)).save(preview)
         print(f"wrote {preview}: frame 0 of {paths[0]}, cameras left to right")
     episode["close"]()
-    flags = [("--cameras", ",".join(cameras))] + [("--action_key", action_key)] * (action_key != "action") + \
-        [("--action_dim", str(action_dim))] * (action_dim != 14) + [("--state_key", state_key)] * bool(state_key) + \
-        [("--instruction", text)] * bool(text)
-    print("flags: " + " ".join(f"{k} {shlex.quote(v)}" for k, v in flags) + "   # the files hold no instructions: "
-          "put what the robot should do in place of TEXT" * (text == "TEXT"))
+    flags = (
+        [("--cameras", ",".join(cameras))]
+        + [("--action_key", action_key)] * (action_key != "action")
+        + [("--action_dim", str(action_dim))] * (action_dim != 14)
+        + [("--state_key", state_key)] * bool(state_key)
+        + [("--instruction", text)] * bool(text)
+    )
+    print(
+        "flags: " + " ".join(f"{k} {shlex.quote(v)}" for k, v in flags) + "   # the files hold no instructions: "
+        "put what the robot should do in place of TEXT" * (text == "TEXT")
+    )
 
 
 if __name__ == "__main__":
@@ -574,18 +697,36 @@ if __name__ == "__main__":
     parser.add_argument("--chunk", type=int, default=8, help="actions per sample")
     parser.add_argument("--action_dim", type=int, help="action width every file must have; default: the first file's")
     parser.add_argument("--action_offset", type=int, default=0, help=ACTION_OFFSET_HELP)
-    parser.add_argument("--swap_red_blue", action="store_true", help="read frames with red and blue reversed, as "
-                        "train.py --swap_red_blue does (files known to hold them swapped)")
+    parser.add_argument(
+        "--swap_red_blue",
+        action="store_true",
+        help="read frames with red and blue reversed, as "
+        "train.py --swap_red_blue does (files known to hold them swapped)",
+    )
     parser.add_argument("--preview", metavar="PNG", help="also write frame 0 of every camera, as training sees it")
-    parser.add_argument("--vla_path", help="also check that every instruction fits this model's LLM with the image and "
-                        "query tokens (reads its config.json and tokenizer only)")
+    parser.add_argument(
+        "--vla_path",
+        help="also check that every instruction fits this model's LLM with the image and "
+        "query tokens (reads its config.json and tokenizer only)",
+    )
     parser.add_argument("--proprio", action="store_true", help="count the state token too, as train.py --proprio")
     args = parser.parse_args()
     if not args.data_dir:
         parser.error("give a directory to check (demo episodes: python demo.py DIR)")
     try:
-        summarize(args.data_dir, args.cameras and args.cameras.split(","), args.chunk, args.action_dim,
-                  args.action_offset, args.swap_red_blue, args.preview, args.vla_path, args.proprio, args.action_key,
-                  args.state_key, args.instruction)
+        summarize(
+            args.data_dir,
+            args.cameras and args.cameras.split(","),
+            args.chunk,
+            args.action_dim,
+            args.action_offset,
+            args.swap_red_blue,
+            args.preview,
+            args.vla_path,
+            args.proprio,
+            args.action_key,
+            args.state_key,
+            args.instruction,
+        )
     except DataError as e:
         sys.exit(str(e))

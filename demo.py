@@ -6,6 +6,7 @@ twin checkpoint that runs through the same code path as the 7B model, and a writ
 $ python demo.py demo_data --episodes 48 --seed 0          # episode_0.hdf5 ... episode_47.hdf5
 $ python demo.py --tiny tiny-openvla                        # the tiny twin (config, tokenizer, safetensors)
 """
+
 import argparse
 import glob
 import io
@@ -29,15 +30,27 @@ from model import TOWERS, VIT, VLA, add_lora, openvla_7b_config, param_report
 # -----------------------------------------------------------------------------
 # the tiny twin
 
+
 def tiny_config(tokenizer):
     pad = tokenizer.token_to_id("<PAD>")
     vocab = -(-tokenizer.get_vocab_size() // 64) * 64  # padded to 64 rows, as OpenVLA pads 32001 to 32064
-    return {**openvla_7b_config(), "vision_backbone_id": "nanooft-tiny-dinosiglip-224px",
-            "llm_backbone_id": "nanooft-tiny-llama", "pad_token_id": pad,
-            "timm_model_ids": ["nanooft_tiny_dinov2_reg4", "nanooft_tiny_siglip"],
-            "text_config": dict(model_type="llama", vocab_size=vocab, pad_token_id=pad, hidden_size=128,
-                                intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=4)}
+    return {
+        **openvla_7b_config(),
+        "vision_backbone_id": "nanooft-tiny-dinosiglip-224px",
+        "llm_backbone_id": "nanooft-tiny-llama",
+        "pad_token_id": pad,
+        "timm_model_ids": ["nanooft_tiny_dinov2_reg4", "nanooft_tiny_siglip"],
+        "text_config": dict(
+            model_type="llama",
+            vocab_size=vocab,
+            pad_token_id=pad,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        ),
+    }
 
 
 CORPUS = """In: What action should the robot take to pick up the shoe and place it on the mat?\nOut:
@@ -61,21 +74,25 @@ def make_tokenizer():
     """A Llama-like tokenizer trained offline on CORPUS: <unk>=0, <s>=1, </s>=2, byte pieces 3..258, BPE merges,
     Metaspace "▁" words, byte fallback for anything else, <PAD> added last."""
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
     specials = ["<unk>", "<s>", "</s>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
-                                                                      show_progress=False))
+    tok.train_from_iterator(
+        CORPUS.splitlines(), trainers.BpeTrainer(vocab_size=1000, special_tokens=specials, show_progress=False)
+    )
     # put the 256 byte pieces right after the specials, as Llama-2 does, so byte fallback finds them
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]
     words = [t for t in sorted(vocab, key=vocab.get) if t not in specials]
     data["model"]["vocab"] = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + words)}
     tok = Tokenizer.from_str(json.dumps(data))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     tok.add_special_tokens(["<PAD>"])
     return tok
 
@@ -98,14 +115,30 @@ def make_tiny(out_dir, seed=0):
         shapes = {f"blocks.{s['depth'] - 1}.{k}": v.shape for k, v in block.state_dict().items()}
         shapes |= {"norm.weight": (w,), "norm.bias": (w,)}
         if s["attn_pool"]:
-            shapes |= {f"attn_pool.{k}": v for k, v in dict(
-                latent=(1, 1, w), **{"q.weight": (w, w), "q.bias": (w,), "kv.weight": (2 * w, w), "kv.bias": (2 * w,),
-                                     "proj.weight": (w, w), "proj.bias": (w,), "norm.weight": (w,), "norm.bias": (w,),
-                                     "mlp.fc1.weight": (s["mlp"], w), "mlp.fc1.bias": (s["mlp"],),
-                                     "mlp.fc2.weight": (w, s["mlp"]), "mlp.fc2.bias": (w,)}).items()}
+            shapes |= {
+                f"attn_pool.{k}": v
+                for k, v in dict(
+                    latent=(1, 1, w),
+                    **{
+                        "q.weight": (w, w),
+                        "q.bias": (w,),
+                        "kv.weight": (2 * w, w),
+                        "kv.bias": (2 * w,),
+                        "proj.weight": (w, w),
+                        "proj.bias": (w,),
+                        "norm.weight": (w,),
+                        "norm.bias": (w,),
+                        "mlp.fc1.weight": (s["mlp"], w),
+                        "mlp.fc1.bias": (s["mlp"],),
+                        "mlp.fc2.weight": (w, s["mlp"]),
+                        "mlp.fc2.bias": (w,),
+                    },
+                ).items()
+            }
         extra |= {f"vision_backbone.{name}.{k}": 0.02 * torch.randn(shape) for k, shape in shapes.items()}
     save_file(load_file(path) | extra, path, metadata={"format": "pt"})
     return out_dir
+
 
 # -----------------------------------------------------------------------------
 # demo episodes: a top-down table, a red shoe, a green mat, two arms
@@ -114,19 +147,26 @@ BASES = np.array([[40.0, 248.0], [216.0, 248.0]])  # arm shoulders in head-camer
 LOW_BASES = np.array([[40.0, 120.0], [216.0, 120.0]])  # and in the side view
 FLOOR, TABLE, MAT, SHOE, WALL = (50, 50, 60), (205, 185, 145), (30, 150, 60), (210, 25, 25), (165, 190, 220)
 LINK, JAW, OPEN, CLOSED = (110, 110, 125), (25, 25, 25), np.array([250, 215, 0]), np.array([200, 0, 220])
-SEEN = [f"{v} {o} {d}.".capitalize() for v in ("place", "put", "set", "move", "drop")
-        for o in ("the shoe", "the sneaker", "the red shoe", "the lone shoe")
-        for d in ("on the mat", "onto the green mat", "on top of the mat")]
-UNSEEN = [f"{v} {o} and leave it {d}.".capitalize() for v in ("grab", "take", "pick up", "lift", "fetch")
-          for o in ("the footwear", "that shoe", "the crimson sneaker", "the trainer")
-          for d in ("on the pad", "atop the green rug", "over the target area")]
+SEEN = [
+    f"{v} {o} {d}.".capitalize()
+    for v in ("place", "put", "set", "move", "drop")
+    for o in ("the shoe", "the sneaker", "the red shoe", "the lone shoe")
+    for d in ("on the mat", "onto the green mat", "on top of the mat")
+]
+UNSEEN = [
+    f"{v} {o} and leave it {d}.".capitalize()
+    for v in ("grab", "take", "pick up", "lift", "fetch")
+    for o in ("the footwear", "that shoe", "the crimson sneaker", "the trainer")
+    for d in ("on the pad", "atop the green rug", "over the target area")
+]
 
 
 def _blob(img, x, y, rx, ry, color):
     """Fill ellipses in all frames of img (T, H, W, 3) at once; x, y: (T,) or (T, n) centres; color: (3,) or (T, 3)."""
     T, H, W, _ = img.shape
-    x, y, rx, ry = np.broadcast_arrays(*[np.asarray(v, float).reshape(T, -1) if np.ndim(v) else np.float64(v)
-                                         for v in (x, y, rx, ry)])
+    x, y, rx, ry = np.broadcast_arrays(
+        *[np.asarray(v, float).reshape(T, -1) if np.ndim(v) else np.float64(v) for v in (x, y, rx, ry)]
+    )
     reach = int(np.ceil(max(rx.max(), ry.max())))
     d = np.arange(-reach, reach + 1)
     cx, cy = np.rint(x).astype(int), np.rint(y).astype(int)
@@ -152,8 +192,17 @@ def _joints(p, base):
     """A fixed smooth nonlinear stand-in for inverse kinematics: joint angles agree with the drawn gripper position."""
     u, v, z = (p[:, 0] - base[0]) / 256, (base[1] - p[:, 1]) / 256, p[:, 2]
     r, yaw = np.hypot(u, v), np.arctan2(u, v)
-    return np.stack([yaw, 1.8 * r - 0.6 * z, 0.9 * z - 1.5 * r ** 2 - 0.4, 0.5 * np.sin(2 * yaw) * (1 - z),
-                     0.5 * r - 0.7 * z, 0.5 * yaw + 0.3], 1)
+    return np.stack(
+        [
+            yaw,
+            1.8 * r - 0.6 * z,
+            0.9 * z - 1.5 * r**2 - 0.4,
+            0.5 * np.sin(2 * yaw) * (1 - z),
+            0.5 * r - 0.7 * z,
+            0.5 * yaw + 0.3,
+        ],
+        1,
+    )
 
 
 def _demo_episode(rng, videos, canvas):
@@ -165,8 +214,22 @@ def _demo_episode(rng, videos, canvas):
     mat = np.array([128, 186]) + rng.uniform(-8, 8, 2)
     home = np.array([[60, 205, 0.8, 1], [196, 205, 0.8, 1]]) + rng.uniform(-1, 1, (2, 4)) * [8, 8, 0.05, 0]
     hover = rng.uniform(0.55, 0.75)
-    wp = np.array([home[side], home[side], [*shoe, hover, 1], [*shoe, 0.05, 1], [*shoe, 0.05, 0], [*shoe, hover, 0],
-                   [*mat, hover, 0], [*mat, 0.1, 0], [*mat, 0.1, 1], [*mat, hover, 1], home[side], home[side]])
+    wp = np.array(
+        [
+            home[side],
+            home[side],
+            [*shoe, hover, 1],
+            [*shoe, 0.05, 1],
+            [*shoe, 0.05, 0],
+            [*shoe, hover, 0],
+            [*mat, hover, 0],
+            [*mat, 0.1, 0],
+            [*mat, 0.1, 1],
+            [*mat, hover, 1],
+            home[side],
+            home[side],
+        ]
+    )
     frames = np.array([8, 36, 14, 10, 12, 40, 12, 8, 10, 30, 6]) * rng.uniform(0.83, 1.1) * rng.uniform(0.9, 1.1, 11)
     n = np.maximum(2, np.rint(frames)).astype(int)  # so T <= 231
     seg = np.repeat(np.arange(len(n)), n)
@@ -182,11 +245,13 @@ def _demo_episode(rng, videos, canvas):
     canvas, head, left, right, low = canvas[:T], *videos[:, :T]
 
     # head camera, from above: a canvas with a 32 px margin lets the wrist views crop around any gripper position
-    top = lambda p: (p[:, 0] + 32, p[:, 1] + 32, 7 + 12 * p[:, 2], p[:, 3])  # closer to the camera looks bigger
+    def top(p):
+        return (p[:, 0] + 32, p[:, 1] + 32, 7 + 12 * p[:, 2], p[:, 3])  # closer to the camera looks bigger
+
     bg = np.empty((320, 320, 3), np.uint8)
     bg[:] = FLOOR
     bg[32:268, 40:280] = TABLE
-    bg[int(mat[1]) + 10:int(mat[1]) + 54, int(mat[0]) - 4:int(mat[0]) + 68] = MAT
+    bg[int(mat[1]) + 10 : int(mat[1]) + 54, int(mat[0]) - 4 : int(mat[0]) + 68] = MAT
     still = bg.copy()  # the idle arm never moves: draw it once
     _arm(still[None], BASES[1 - side] + 32, *top(idle))
     moved = (still != bg).any(-1)
@@ -196,20 +261,22 @@ def _demo_episode(rng, videos, canvas):
     for (a, wrist), t in itertools.product(enumerate((left, right)), range(T)):  # a 2x zoom of the scene below
         x, y = np.clip(np.rint(state[a][t, :2]).astype(int) - 32, 0, 192)
         zoom = wrist[t].reshape(128, 2, 256, 3)
-        zoom[:, 0, 0::2] = zoom[:, 0, 1::2] = canvas[t, y:y + 128, x:x + 128]
+        zoom[:, 0, 0::2] = zoom[:, 0, 1::2] = canvas[t, y : y + 128, x : x + 128]
         zoom[:, 1] = zoom[:, 0]
         gap = int(30 + 60 * state[a][t, 3])  # the jaws sit fixed in a wrist camera's view
-        wrist[t, 190:, 92 - gap:128 - gap] = wrist[t, 190:, 128 + gap:164 + gap] = JAW
+        wrist[t, 190:, 92 - gap : 128 - gap] = wrist[t, 190:, 128 + gap : 164 + gap] = JAW
     canvas[:, moved] = still[moved]
     _arm(canvas, BASES[side] + 32, *top(arm))
     head[:] = canvas[:, 32:288, 32:288]
 
     # low camera: a side view from the front, height upwards
-    front = lambda p: (p[:, 0], 178 - 150 * p[:, 2], np.full(len(p), 11.0), p[:, 3])
+    def front(p):
+        return (p[:, 0], 178 - 150 * p[:, 2], np.full(len(p), 11.0), p[:, 3])
+
     bg = np.empty((256, 256, 3), np.uint8)
     bg[:] = WALL
     bg[200:] = TABLE
-    bg[196:201, int(mat[0]) - 36:int(mat[0]) + 36] = MAT
+    bg[196:201, int(mat[0]) - 36 : int(mat[0]) + 36] = MAT
     _arm(bg[None], LOW_BASES[1 - side], *front(idle))
     low[:] = bg
     _blob(low, shoe_pos[:, 0], 192 - 150 * shoe_pos[:, 2], 18, 9, SHOE)
@@ -229,7 +296,7 @@ def make_demo(out_dir, episodes=48, seed=0):
         rel = np.diff(actions, axis=0, append=actions[-1:])
         rel[-1] = rel[-2]
         with h5py.File(os.path.join(out_dir, f"episode_{i}.hdf5"), "w") as f:
-            for name, video in zip(ALL_CAMERAS, videos[:, :len(actions)]):  # gzip 1: flat colours shrink ~100x, fast
+            for name, video in zip(ALL_CAMERAS, videos[:, : len(actions)]):  # gzip 1: flat colours shrink ~100x, fast
                 f.create_dataset(name, data=video, chunks=(1, 256, 256, 3), compression="gzip", compression_opts=1)
             f["action"], f["relative_action"] = actions, rel
             for key, texts in (("seen", SEEN), ("unseen", UNSEEN)):
@@ -257,7 +324,7 @@ def write_aloha(path, frames, qpos, action):
     encoded = {cam: [cv2_jpeg(x) for x in frames[cam]] for cam in cameras}
     compressed_len = np.array([[len(e) for e in encoded[cam]] for cam in cameras])
     padded_size = compressed_len.max()
-    with h5py.File(path, "w", rdcc_nbytes=1024 ** 2 * 2) as root:
+    with h5py.File(path, "w", rdcc_nbytes=1024**2 * 2) as root:
         root.attrs["sim"], root.attrs["compress"] = False, True
         obs = root.create_group("observations")
         image = obs.create_group("images")
@@ -265,7 +332,7 @@ def write_aloha(path, frames, qpos, action):
             image.create_dataset(cam, (T, padded_size), dtype="uint8", chunks=(1, padded_size))
             padded = np.zeros((T, padded_size), np.uint8)
             for t, e in enumerate(encoded[cam]):
-                padded[t, :len(e)] = e
+                padded[t, : len(e)] = e
             root[f"/observations/images/{cam}"][...] = padded
         for name in ("qpos", "qvel", "effort"):
             obs.create_dataset(name, (T, 14), dtype="f4")

@@ -12,6 +12,7 @@ whether the model learned the data, not whether the task succeeds. In your own c
     policy = Policy.from_checkpoint("out/shoe/step_050000", device="cuda")
     action = policy.act({"head_camera_image": head_rgb, "left_wrist_image": wrist_rgb}, "place the shoe on the mat")
 """
+
 import argparse
 import io
 import json
@@ -46,8 +47,10 @@ def check_checkpoint(ckpt_dir):
         if absent := [k for k in "vla_path cameras chunk action_dim action_offset norm".split() if k not in args]:
             raise ValueError(f"{where}: no {', '.join(absent)}")
         # what the weights were trained for, as the head records it (and the cameras, in order, as frame_sizes does)
-        trained = {k: head[k] for k in ("chunk", "action_dim", "attention", "image_aug", "film")} | \
-            {"proprio": bool(head["proprio_dim"]), "cameras": ",".join(args.get("frame_sizes") or [args["cameras"]])}
+        trained = {k: head[k] for k in ("chunk", "action_dim", "attention", "image_aug", "film")} | {
+            "proprio": bool(head["proprio_dim"]),
+            "cameras": ",".join(args.get("frame_sizes") or [args["cameras"]]),
+        }
         if k := next((k for k in trained if k in args and args[k] != trained[k]), None):
             raise ValueError(f"{where}: {k} {args[k]!r}, but the checkpoint was trained with {trained[k]!r}")
         for key, n in [("action", head["action_dim"])] + [("proprio", head["proprio_dim"])] * bool(head["proprio_dim"]):
@@ -75,8 +78,9 @@ class Policy:
     Live frames take the training frames' path: a JPEG round trip if asked (for data whose frames went through JPEG),
     the data conversion's bicubic squash to the training frames' size, then the model's resize (and centre crop)."""
 
-    def __init__(self, vla, stats, train_args, device, execute=1, ensemble=False, jpeg_quality=None,
-                 proprio_stats=None):
+    def __init__(
+        self, vla, stats, train_args, device, execute=1, ensemble=False, jpeg_quality=None, proprio_stats=None
+    ):
         if type(execute) is not int or not 1 <= execute <= train_args["chunk"]:
             raise ValueError(f"Policy: execute must be 1..{train_args['chunk']} (the chunk), got {execute!r}")
         self.vla, self.stats, self.proprio_stats, self.args, self.device = vla, stats, proprio_stats, train_args, device
@@ -95,8 +99,9 @@ class Policy:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         merged = os.path.isfile(os.path.join(ckpt_dir, "config.json"))
         try:  # the adapter is checked against its config, and the base against it, before the base loads
-            base = ckpt_dir if merged else \
-                model.check_base(ckpt_dir, vla_path or model.trained_base(ckpt_dir, train_args))
+            base = (
+                ckpt_dir if merged else model.check_base(ckpt_dir, vla_path or model.trained_base(ckpt_dir, train_args))
+            )
             # the head records chunk, action_dim, proprioception, attention, augmentation and FiLM: they come with it
             vla = model.VLA.from_pretrained(base, dtype=dtype, device=device)
             if not merged:  # an export already holds LoRA folded in and its head
@@ -114,8 +119,10 @@ class Policy:
         """A live HxWx3 uint8 RGB frame (array, tensor or PIL image) as this camera's training frames were made."""
         array = np.asarray(image.numpy(force=True) if torch.is_tensor(image) else image)
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(f"predict: {camera}: expected an HxWx3 uint8 RGB frame (numpy array, tensor or PIL "
-                             f"image), got {type(image).__name__} of {array.dtype} {array.shape}")
+            raise ValueError(
+                f"predict: {camera}: expected an HxWx3 uint8 RGB frame (numpy array, tensor or PIL "
+                f"image), got {type(image).__name__} of {array.dtype} {array.shape}"
+            )
         image = np.ascontiguousarray(array)
         if self.jpeg_quality:
             image = jpeg_round_trip(image, self.jpeg_quality)
@@ -136,17 +143,23 @@ class Policy:
         if not isinstance(images, dict) or set(self.cameras) - set(images):
             got = f"cameras {', '.join(images)}" if isinstance(images, dict) else type(images).__name__
             raise ValueError(f"predict: expected a dict camera name -> frame for {', '.join(self.cameras)}, got {got}")
-        model.check_sequence_length(self.vla.config, self.vla.tokenizer, instruction, len(self.cameras),
-                                    self.vla.proprio_dim, self.vla.chunk)
+        model.check_sequence_length(
+            self.vla.config, self.vla.tokenizer, instruction, len(self.cameras), self.vla.proprio_dim, self.vla.chunk
+        )
         if self.vla.proprio_dim and np.shape(state) != (self.vla.proprio_dim,):
             got = "None" if state is None else np.shape(state)
-            raise ValueError(f"predict: this policy was trained with proprioception: pass state, the raw "
-                             f"({self.vla.proprio_dim},) joint state, got {got}")
+            raise ValueError(
+                f"predict: this policy was trained with proprioception: pass state, the raw "
+                f"({self.vla.proprio_dim},) joint state, got {got}"
+            )
         if self.vla.proprio_dim and not np.isfinite(state).all():
             raise ValueError(f"predict: the state is NaN or inf at dims {np.flatnonzero(~np.isfinite(state)).tolist()}")
         frames = torch.stack([self.frame(c, images[c]) for c in self.cameras])
-        state = torch.as_tensor(data.normalize_state(np.asarray(state, np.float64), self.proprio_stats))[None] \
-            if self.vla.proprio_dim else None
+        state = (
+            torch.as_tensor(data.normalize_state(np.asarray(state, np.float64), self.proprio_stats))[None]
+            if self.vla.proprio_dim
+            else None
+        )
         with self.autocast:
             pred = self.vla(frames[None].to(self.device), [instruction], state)[0].float().cpu().numpy()
         return data.unnormalize(pred, self.stats, self.args["norm"])
@@ -162,7 +175,7 @@ class Policy:
             self.recent.append(self.predict(images, instruction, state))
             return ensemble(self.recent)
         if not self.plan:
-            self.plan.extend(self.predict(images, instruction, state)[:self.execute])
+            self.plan.extend(self.predict(images, instruction, state)[: self.execute])
         return self.plan.popleft()
 
 
@@ -186,7 +199,7 @@ def replay(policy, episode, instruction, progress=True):
             print(f"\rstep {t + 1}/{steps} | {1000 * np.mean(latency):.1f} ms per chunk", end="", flush=True)
     if progress:
         print()
-    recorded = episode["actions"][offset:offset + steps]
+    recorded = episode["actions"][offset : offset + steps]
     return np.stack(chunks), np.stack(executed), recorded, np.array(latency[1:] or latency)  # first call warms up
 
 
@@ -194,27 +207,48 @@ def report(chunks, executed, recorded, latency, stats, train_args):
     norm = train_args["norm"]
     n_exec, n_rec = data.normalize(executed, stats, norm), data.normalize(recorded, stats, norm)
     k, steps = chunks.shape[1], len(recorded)
-    per_position = [float(np.mean([np.abs(data.normalize(chunks[t, j], stats, norm) - n_rec[t + j]).mean()
-                                   for t in range(steps - j)])) for j in range(min(k, steps))]
-    names = data.ACTION_NAMES if recorded.shape[1] == len(data.ACTION_NAMES) else \
-        [f"dim {i}" for i in range(recorded.shape[1])]
+    per_position = [
+        float(
+            np.mean([np.abs(data.normalize(chunks[t, j], stats, norm) - n_rec[t + j]).mean() for t in range(steps - j)])
+        )
+        for j in range(min(k, steps))
+    ]
+    names = (
+        data.ACTION_NAMES
+        if recorded.shape[1] == len(data.ACTION_NAMES)
+        else [f"dim {i}" for i in range(recorded.shape[1])]
+    )
     grippers = [i for i, n in enumerate(names) if "gripper" in n]
     agree = float(np.mean((executed[:, grippers] > 0.5) == (recorded[:, grippers] > 0.5))) if grippers else None
     ms = 1000 * latency
-    return {"l1": float(np.abs(n_exec - n_rec).mean()), "l1_raw": float(np.abs(executed - recorded).mean()),
-            "l1_per_dim_raw": {n: float(v) for n, v in zip(names, np.abs(executed - recorded).mean(0))},
-            "l1_per_position": {f"t+{j}": v for j, v in enumerate(per_position)}, "gripper_agreement": agree,
-            "latency_ms": {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)),
-                           "p95": float(np.percentile(ms, 95))}, "chunks_per_s": float(1000 / ms.mean()),
-            "names": names, "executed": executed.tolist(), "recorded": recorded.tolist()}
+    return {
+        "l1": float(np.abs(n_exec - n_rec).mean()),
+        "l1_raw": float(np.abs(executed - recorded).mean()),
+        "l1_per_dim_raw": {n: float(v) for n, v in zip(names, np.abs(executed - recorded).mean(0))},
+        "l1_per_position": {f"t+{j}": v for j, v in enumerate(per_position)},
+        "gripper_agreement": agree,
+        "latency_ms": {
+            "mean": float(ms.mean()),
+            "p50": float(np.percentile(ms, 50)),
+            "p95": float(np.percentile(ms, 95)),
+        },
+        "chunks_per_s": float(1000 / ms.mean()),
+        "names": names,
+        "executed": executed.tolist(),
+        "recorded": recorded.tolist(),
+    }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a step_NNNNNN directory or a merged export")
     p.add_argument("--episode", required=True, help="an episode file, or FILE.hdf5:demo_N in a multi-demo file")
-    p.add_argument("--instruction", default="seen", help="seen or unseen (first variant of that set; seen falls back "
-                   "to the checkpoint's --instruction), or the text")
+    p.add_argument(
+        "--instruction",
+        default="seen",
+        help="seen or unseen (first variant of that set; seen falls back "
+        "to the checkpoint's --instruction), or the text",
+    )
     p.add_argument("--execute", type=int, default=1, help="actions executed per chunk before re-planning")
     p.add_argument("--ensemble", action="store_true", help="temporal ensembling over overlapping chunks (ACT)")
     p.add_argument("--vla_path", help="base model, overriding the one named in the checkpoint's args.json")
@@ -229,29 +263,39 @@ def main(argv=None):
     cameras = train_args["cameras"].split(",")
     keys = {k: train_args.get(k, v) for k, v in dict(action_key="action", state_key=None, instruction=None).items()}
     try:
-        data.check_episodes([args.episode], cameras, train_args["chunk"], train_args["action_dim"],
-                            train_args["action_offset"], **keys)
+        data.check_episodes(
+            [args.episode], cameras, train_args["chunk"], train_args["action_dim"], train_args["action_offset"], **keys
+        )
     except data.DataError as e:
         sys.exit(f"error: {e}")
     episode = data.read_episode(args.episode, cameras, train_args.get("swap_red_blue", False), **keys)  # as trained
     if args.instruction in ("seen", "unseen") and not episode[args.instruction]:
-        sys.exit(f"error: {args.episode} has no {args.instruction} instructions; pass --instruction \"text\"")
+        sys.exit(f'error: {args.episode} has no {args.instruction} instructions; pass --instruction "text"')
     instruction = episode[args.instruction][0] if args.instruction in ("seen", "unseen") else args.instruction
 
-    policy = Policy.from_checkpoint(args.checkpoint, device=args.device, vla_path=args.vla_path,
-                                    execute=args.execute, ensemble=args.ensemble)
+    policy = Policy.from_checkpoint(
+        args.checkpoint, device=args.device, vla_path=args.vla_path, execute=args.execute, ensemble=args.ensemble
+    )
     print(f"{args.episode}: {episode['length']} frames | instruction: {instruction!r}")
     chunks, executed, recorded, latency = replay(policy, episode, instruction)
     result = report(chunks, executed, recorded, latency, policy.stats, train_args)
-    result |= {"checkpoint": args.checkpoint, "episode": args.episode, "instruction": instruction,
-               "execute": args.execute, "ensemble": args.ensemble, "device": str(policy.device)}
+    result |= {
+        "checkpoint": args.checkpoint,
+        "episode": args.episode,
+        "instruction": instruction,
+        "execute": args.execute,
+        "ensemble": args.ensemble,
+        "device": str(policy.device),
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(result, f)
     lat, agree = result["latency_ms"], result["gripper_agreement"]
-    print(f"L1 {result['l1']:.4f} normalized, {result['l1_raw']:.4f} raw | gripper agreement "
-          f"{'n/a' if agree is None else f'{agree:.3f}'} | latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, "
-          f"{result['chunks_per_s']:.1f} chunks/s")
+    print(
+        f"L1 {result['l1']:.4f} normalized, {result['l1_raw']:.4f} raw | gripper agreement "
+        f"{'n/a' if agree is None else f'{agree:.3f}'} | latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, "
+        f"{result['chunks_per_s']:.1f} chunks/s"
+    )
     print("per chunk position: " + " ".join(f"{k} {v:.3f}" for k, v in result["l1_per_position"].items()))
     print("per dimension (raw): " + " | ".join(f"{k} {v:.3f}" for k, v in result["l1_per_dim_raw"].items()))
     print(f"wrote {args.out}/report.json (plot it: python plot.py {args.out}/report.json)")

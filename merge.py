@@ -8,6 +8,7 @@ and args.json) that infer.Policy.from_checkpoint and model.VLA.from_pretrained l
     from merge import save_pretrained
     save_pretrained(model.merge_lora(vla), "out/export")  # any VLA without adapters (the tiny twin: demo.py --tiny)
 """
+
 import argparse
 import json
 import os
@@ -34,20 +35,36 @@ def save_pretrained(vla, out_dir, max_shard_bytes=4 << 30):
         if size + v.nbytes > max_shard_bytes and shards[-1]:
             shards, size = shards + [{}], 0
         shards[-1][k], size = v.detach().contiguous(), size + v.nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for name, shard in zip(names, shards):
         save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
     if len(shards) > 1:
-        index = dict(metadata=dict(total_size=sum(v.nbytes for s in shards for v in s.values())),
-                     weight_map={k: name for name, s in zip(names, shards) for k in s})
+        index = dict(
+            metadata=dict(total_size=sum(v.nbytes for s in shards for v in s.values())),
+            weight_map={k: name for name, s in zip(names, shards) for k in s},
+        )
         _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
     vla.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
     special = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<PAD>")
-    tokenizer_config = dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, legacy=False,
-                            model_max_length=vla.config["llm_max_length"], padding_side="right", **special)
-    for name, obj in [("config.json", vla.config), ("preprocessor_config.json", vla.preprocessor),
-                      ("special_tokens_map.json", special), ("tokenizer_config.json", tokenizer_config)]:
+    tokenizer_config = dict(
+        tokenizer_class="LlamaTokenizer",
+        add_bos_token=True,
+        add_eos_token=False,
+        legacy=False,
+        model_max_length=vla.config["llm_max_length"],
+        padding_side="right",
+        **special,
+    )
+    for name, obj in [
+        ("config.json", vla.config),
+        ("preprocessor_config.json", vla.preprocessor),
+        ("special_tokens_map.json", special),
+        ("tokenizer_config.json", tokenizer_config),
+    ]:
         _write_json(os.path.join(out_dir, name), obj)
     model.save_head(vla, os.path.join(out_dir, "action_head.safetensors"))
 
@@ -63,8 +80,9 @@ if __name__ == "__main__":
     ap.add_argument("--base", help="base checkpoint (directory or hub id); default: the one CKPT_DIR trained on")
     ap.add_argument("--out", metavar="DIR", required=True, help="where the merged OpenVLA-format export goes")
     ap.add_argument("--device", default="cpu", help="device to merge on (cpu keeps the GPUs free)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                    help="dtype of the merged export")
+    ap.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="dtype of the merged export"
+    )
     args = ap.parse_args()
     ckpt = args.ckpt_dir
     try:  # the statistics and run args travel with the weights: both are read before any model loads

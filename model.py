@@ -22,6 +22,7 @@ Command line:
     python demo.py --tiny tiny-openvla                  # tiny random OpenVLA-format twin (CPU demo and tests)
     python merge.py checkpoints/step-1000 --base openvla/openvla-7b --out out/merged --device cpu  # fold LoRA in
 """
+
 import hashlib
 import json
 import os
@@ -44,38 +45,60 @@ PATCH = 14
 TOWERS = ("featurizer", "fused_featurizer")  # DINOv2 first, then SigLIP: the order of the fused channels
 # the checkpoint's timm_model_ids -> tower settings; the tiny twin's towers run through the same code
 VIT = {
-    "vit_large_patch14_reg4_dinov2.lvd142m":
-        dict(width=1024, depth=24, heads=16, mlp=4096, cls=True, regs=4, layer_scale=True, attn_pool=False),
-    "vit_so400m_patch14_siglip_224":
-        dict(width=1152, depth=27, heads=16, mlp=4304, cls=False, regs=0, layer_scale=False, attn_pool=True),
-    "nanooft_tiny_dinov2_reg4":
-        dict(width=64, depth=3, heads=2, mlp=256, cls=True, regs=4, layer_scale=True, attn_pool=False),
-    "nanooft_tiny_siglip":
-        dict(width=96, depth=3, heads=2, mlp=384, cls=False, regs=0, layer_scale=False, attn_pool=True),
+    "vit_large_patch14_reg4_dinov2.lvd142m": dict(
+        width=1024, depth=24, heads=16, mlp=4096, cls=True, regs=4, layer_scale=True, attn_pool=False
+    ),
+    "vit_so400m_patch14_siglip_224": dict(
+        width=1152, depth=27, heads=16, mlp=4304, cls=False, regs=0, layer_scale=False, attn_pool=True
+    ),
+    "nanooft_tiny_dinov2_reg4": dict(
+        width=64, depth=3, heads=2, mlp=256, cls=True, regs=4, layer_scale=True, attn_pool=False
+    ),
+    "nanooft_tiny_siglip": dict(
+        width=96, depth=3, heads=2, mlp=384, cls=False, regs=0, layer_scale=False, attn_pool=True
+    ),
 }
 # the shipped preprocessor_config.json's tvf_normalize_params (bf16-rounded values), used when the file has none
-NORMALIZE = [dict(mean=[0.484375, 0.455078125, 0.40625], std=[0.228515625, 0.2236328125, 0.224609375]),
-             dict(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])]
+NORMALIZE = [
+    dict(mean=[0.484375, 0.455078125, 0.40625], std=[0.228515625, 0.2236328125, 0.224609375]),
+    dict(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+]
 HEAD = ("action_head.", "action_queries", "proprio_projector.", "film_layers.")  # what trains fully
 ATTENTION = ("causal", "queries", "full")
 
 
 def openvla_7b_config():
     """The config.json fields of openvla/openvla-7b that matter (text_config is a diff from LlamaConfig())."""
-    return dict(model_type="openvla", architectures=["OpenVLAForActionPrediction"], use_fused_vision_backbone=True,
-                vision_backbone_id="dinosiglip-vit-so-224px", llm_backbone_id="llama2-7b-pure",
-                arch_specifier="no-align+fused-gelu-mlp", image_resize_strategy="resize-naive", image_sizes=[224, 224],
-                timm_model_ids=["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
-                timm_override_act_layers=[None, None], pad_token_id=32000, pad_to_multiple_of=64, n_action_bins=256,
-                text_config=dict(model_type="llama", vocab_size=32064, pad_token_id=32000), llm_max_length=2048,
-                norm_stats={})
+    return dict(
+        model_type="openvla",
+        architectures=["OpenVLAForActionPrediction"],
+        use_fused_vision_backbone=True,
+        vision_backbone_id="dinosiglip-vit-so-224px",
+        llm_backbone_id="llama2-7b-pure",
+        arch_specifier="no-align+fused-gelu-mlp",
+        image_resize_strategy="resize-naive",
+        image_sizes=[224, 224],
+        timm_model_ids=["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
+        timm_override_act_layers=[None, None],
+        pad_token_id=32000,
+        pad_to_multiple_of=64,
+        n_action_bins=256,
+        text_config=dict(model_type="llama", vocab_size=32064, pad_token_id=32000),
+        llm_max_length=2048,
+        norm_stats={},
+    )
 
 
 def default_preprocessor(config):
     size = config["image_sizes"][0]
-    return dict(image_processor_type="PrismaticImageProcessor", use_fused_vision_backbone=True,
-                image_resize_strategy="resize-naive", input_sizes=[[3, size, size]] * 2,
-                interpolations=["bicubic", "bicubic"], tvf_normalize_params=NORMALIZE)
+    return dict(
+        image_processor_type="PrismaticImageProcessor",
+        use_fused_vision_backbone=True,
+        image_resize_strategy="resize-naive",
+        input_sizes=[[3, size, size]] * 2,
+        interpolations=["bicubic", "bicubic"],
+        tvf_normalize_params=NORMALIZE,
+    )
 
 
 def skipped_prefixes(config):
@@ -86,6 +109,7 @@ def skipped_prefixes(config):
         out += [f"vision_backbone.{name}.blocks.{spec['depth'] - 1}.", f"vision_backbone.{name}.norm."]
         out += [f"vision_backbone.{name}.attn_pool."] if spec["attn_pool"] else []
     return out
+
 
 # -----------------------------------------------------------------------------
 # modules
@@ -130,8 +154,9 @@ class ViT(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, spec["regs"], w)) if spec["regs"] else None
         self.pos_embed = nn.Parameter(torch.zeros(1, (image_size // PATCH) ** 2, w))
         # the last block only feeds the final norm / pooling that OpenVLA never reads, so it is not built
-        self.blocks = nn.ModuleList(Block(w, spec["heads"], spec["mlp"], spec["layer_scale"])
-                                    for _ in range(spec["depth"] - 1))
+        self.blocks = nn.ModuleList(
+            Block(w, spec["heads"], spec["mlp"], spec["layer_scale"]) for _ in range(spec["depth"] - 1)
+        )
         self.grad_ckpt = False
 
     def forward(self, x, film=None):
@@ -141,7 +166,7 @@ class ViT(nn.Module):
         x = torch.cat(prefix + [x], 1)
         for block, f in zip(self.blocks, film or [()] * len(self.blocks)):
             x = checkpoint(block, x, *f, use_reentrant=False) if self.grad_ckpt and self.training else block(x, *f)
-        return x[:, sum(t.shape[1] for t in prefix):]
+        return x[:, sum(t.shape[1] for t in prefix) :]
 
 
 class ResBlock(nn.Module):
@@ -162,6 +187,7 @@ def init_weights(named_parameters):
             p.fill_(1.0)
         else:
             p.normal_(0.0, 0.02)
+
 
 # -----------------------------------------------------------------------------
 # frames -> pixels
@@ -184,7 +210,7 @@ def pil_weights(n, lo, hi, size):
     w = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, torch.where(t < 2, ((t - 5) * t + 8) * t * -0.5 + 2, 0.0))
     w = w * ((i >= 0) & (i < n) & (i < end[..., None]))
     w = w / w.sum(-1, keepdim=True)
-    w = (w * 2 ** 22 + torch.where(w < 0, -0.5, 0.5)).trunc()
+    w = (w * 2**22 + torch.where(w < 0, -0.5, 0.5)).trunc()
     return w.new_zeros(*w.shape[:2], n).scatter_add_(-1, i.clamp(0, n - 1).long(), w)
 
 
@@ -197,7 +223,10 @@ def resize_like_pil(frames, size, boxes=None):
         if (H, W) == (size, size):
             return frames.float()
         boxes = torch.tensor([0.0, 0, W, H], dtype=torch.float64, device=frames.device).expand(M, 4)
-    level = lambda v: ((v + 2 ** 21) / 2 ** 22).floor().clamp(0, 255)  # PIL's clip8 of the rounded sum
+
+    def level(v):
+        return ((v + 2**21) / 2**22).floor().clamp(0, 255)  # PIL's clip8 of the rounded sum
+
     x = level(frames.double() @ pil_weights(W, boxes[:, 0], boxes[:, 2], size).transpose(1, 2)[:, None])
     return level(pil_weights(H, boxes[:, 1], boxes[:, 3], size)[:, None] @ x).float()
 
@@ -205,8 +234,8 @@ def resize_like_pil(frames, size, boxes=None):
 def crop_boxes(u, H, W):
     """OFT's square crop of 90% of its 224 px image's area, placed by u (M, 2) in [0, 1] (0.5: centred), mapped onto
     the H x W frame, so that a frame is resampled once instead of resized and then cropped and resized again."""
-    lo = (1 - CROP_AREA ** 0.5) * u
-    return torch.cat([lo, lo + CROP_AREA ** 0.5], 1) * u.new_tensor([W, H, W, H])
+    lo = (1 - CROP_AREA**0.5) * u
+    return torch.cat([lo, lo + CROP_AREA**0.5], 1) * u.new_tensor([W, H, W, H])
 
 
 def jitter(x, u):
@@ -223,6 +252,7 @@ def jitter(x, u):
     sat = (d / v.clamp(min=1e-12) * (1 + s)).clamp(0, 1)
     k = (x.new_tensor([5.0, 3.0, 1.0]).view(3, 1, 1) + 6 * (hue + h)) % 6  # HSV -> RGB, channel by channel
     return v - v * sat * torch.minimum(k, 4 - k).clamp(0, 1)
+
 
 # -----------------------------------------------------------------------------
 # the prompt
@@ -242,9 +272,11 @@ def check_sequence_length(config, tokenizer, instruction, cameras, proprio=False
     prompt, patches = len(prompt_ids(tokenizer, instruction)), (config["image_sizes"][0] // PATCH) ** 2
     n, limit = prompt + cameras * patches + bool(proprio) + chunk, max_positions(config)
     if n > limit:
-        raise ValueError(f"the instruction is too long: {prompt} prompt tokens + {cameras} camera(s) x {patches} image "
-                         f"tokens{' + 1 state token' * bool(proprio)} + {chunk} action queries = {n} positions, more "
-                         f"than the LLM's {limit}")
+        raise ValueError(
+            f"the instruction is too long: {prompt} prompt tokens + {cameras} camera(s) x {patches} image "
+            f"tokens{' + 1 state token' * bool(proprio)} + {chunk} action queries = {n} positions, more "
+            f"than the LLM's {limit}"
+        )
     return n
 
 
@@ -260,13 +292,24 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"{path}: missing tokenizer.json")
     return read_json(os.path.join(path, "config.json")), Tokenizer.from_file(tok)
 
+
 # -----------------------------------------------------------------------------
 # the VLA
 
 
 class VLA(nn.Module):
-    def __init__(self, config, tokenizer=None, preprocessor=None, chunk=8, action_dim=14, proprio_dim=0,
-                 attention="causal", image_aug=False, film=False):
+    def __init__(
+        self,
+        config,
+        tokenizer=None,
+        preprocessor=None,
+        chunk=8,
+        action_dim=14,
+        proprio_dim=0,
+        attention="causal",
+        image_aug=False,
+        film=False,
+    ):
         super().__init__()
         if unknown := [tid for tid in config["timm_model_ids"] if tid not in VIT]:
             raise ValueError(f"unknown vision tower {unknown[0]!r} in config.json; known: {', '.join(VIT)}")
@@ -282,8 +325,9 @@ class VLA(nn.Module):
         # sdpa takes the boolean 4D masks of the non-causal modes as they are (eager would want additive ones)
         text = LlamaConfig(**config["text_config"], attn_implementation="sdpa")
         d = text.hidden_size
-        self.projector = nn.ModuleDict(dict(fc1=nn.Linear(vision, 4 * vision), fc2=nn.Linear(4 * vision, d),
-                                            fc3=nn.Linear(d, d)))
+        self.projector = nn.ModuleDict(
+            dict(fc1=nn.Linear(vision, 4 * vision), fc2=nn.Linear(4 * vision, d), fc3=nn.Linear(d, d))
+        )
         self.language_model = LlamaForCausalLM(text)
         self.new_head(chunk, action_dim, proprio_dim, film, torch.get_default_device())
 
@@ -292,13 +336,32 @@ class VLA(nn.Module):
         d = self.llm.config.hidden_size
         with torch.device(device):
             self.action_queries = nn.Parameter(torch.empty(chunk, d))
-            self.action_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.ReLU(), ResBlock(d), ResBlock(d),
-                                             nn.LayerNorm(d), nn.Linear(d, action_dim))
-            self.proprio_projector = nn.ModuleDict(dict(fc1=nn.Linear(proprio_dim, d), fc2=nn.Linear(d, d))) \
-                if proprio_dim else None
-            film_block = lambda w: nn.ModuleDict(dict(scale=nn.Linear(d, w), shift=nn.Linear(d, w)))  # init as OFT
-            self.film_layers = nn.ModuleDict({name: nn.ModuleList(film_block(t.pos_embed.shape[-1]) for _ in t.blocks)
-                                              for name, t in self.vision_backbone.items()}) if film else None
+            self.action_head = nn.Sequential(
+                nn.LayerNorm(d),
+                nn.Linear(d, d),
+                nn.ReLU(),
+                ResBlock(d),
+                ResBlock(d),
+                nn.LayerNorm(d),
+                nn.Linear(d, action_dim),
+            )
+            self.proprio_projector = (
+                nn.ModuleDict(dict(fc1=nn.Linear(proprio_dim, d), fc2=nn.Linear(d, d))) if proprio_dim else None
+            )
+
+            def film_block(w):
+                return nn.ModuleDict(dict(scale=nn.Linear(d, w), shift=nn.Linear(d, w)))  # init as OFT
+
+            self.film_layers = (
+                nn.ModuleDict(
+                    {
+                        name: nn.ModuleList(film_block(t.pos_embed.shape[-1]) for _ in t.blocks)
+                        for name, t in self.vision_backbone.items()
+                    }
+                )
+                if film
+                else None
+            )
         init_weights([(n, p) for n, p in self.named_parameters() if n.startswith(HEAD[:-1])])
         self.chunk, self.action_dim, self.proprio_dim, self.film = chunk, action_dim, proprio_dim, film
 
@@ -320,8 +383,11 @@ class VLA(nn.Module):
         if aug is None and not self.image_aug:
             x = resize_like_pil(x, self.image_size) / 255
         else:
-            u = aug.to(self.device, torch.float64).flatten(0, 1) if aug is not None else \
-                torch.full((len(x), 2), 0.5, dtype=torch.float64, device=x.device)
+            u = (
+                aug.to(self.device, torch.float64).flatten(0, 1)
+                if aug is not None
+                else torch.full((len(x), 2), 0.5, dtype=torch.float64, device=x.device)
+            )
             x = resize_like_pil(x, self.image_size, crop_boxes(u[:, :2], H, W)) / 255
             x = jitter(x, u[:, 2:].float()) if aug is not None else x
         feats, lang = [], lang.repeat_interleave(N, 0) if self.film else None
@@ -345,8 +411,11 @@ class VLA(nn.Module):
         tokens = torch.tensor([t + [self.config["pad_token_id"]] * (T - len(t)) for t in ids], device=dev)
         emb = self.llm.model.embed_tokens(tokens)
         # FiLM's language vector (OFT+): the mean input embedding of the sample's own prompt tokens, never padding
-        lang = (emb.float() * (torch.arange(T, device=dev) < n[:, None])[..., None]).sum(1) / n[:, None] \
-            if self.film else None
+        lang = (
+            (emb.float() * (torch.arange(T, device=dev) < n[:, None])[..., None]).sum(1) / n[:, None]
+            if self.film
+            else None
+        )
         patches = self.embed_images(images, aug, lang)
         if self.proprio_dim:  # OFT: one state token right after the image patches
             if state is None:
@@ -407,12 +476,20 @@ class VLA(nn.Module):
             load_head(vla, os.path.join(path, "action_head.safetensors"))
         return vla
 
+
 # -----------------------------------------------------------------------------
 # loading
 
 
-HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*", "*_tokens*.json",
-             "preprocessor_config.json", "action_head.safetensors"]
+HUB_FILES = [
+    "config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "*_tokens*.json",
+    "preprocessor_config.json",
+    "action_head.safetensors",
+]
 
 
 def is_hub_id(path):
@@ -427,12 +504,15 @@ def resolve(path):
     if not is_hub_id(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     from huggingface_hub import snapshot_download
+
     try:  # weights, config and tokenizer only: the repo's .py remote code is never fetched
         return snapshot_download(path, allow_patterns=HUB_FILES)
     except Exception as e:  # offline, unknown repo, gated...: one line that says what to do
-        raise RuntimeError(f"cannot download {path} from the Hugging Face Hub ({type(e).__name__}; offline?): "
-                           f"fetch it where there is internet (hf download {path} --local-dir DIR) "
-                           f"and pass --vla_path DIR") from None
+        raise RuntimeError(
+            f"cannot download {path} from the Hugging Face Hub ({type(e).__name__}; offline?): "
+            f"fetch it where there is internet (hf download {path} --local-dir DIR) "
+            f"and pass --vla_path DIR"
+        ) from None
 
 
 def read_json(path):
@@ -465,15 +545,20 @@ def check_keys(vla, keys, where):
     missing = sorted(wanted - set(keys))
     unexpected = sorted(k for k in set(keys) - wanted if not k.startswith(skip))
     if missing or unexpected:
-        raise ValueError(f"{where} does not match the model: missing keys [{_listing(missing)}]; "
-                         f"unexpected keys [{_listing(unexpected)}]")
+        raise ValueError(
+            f"{where} does not match the model: missing keys [{_listing(missing)}]; "
+            f"unexpected keys [{_listing(unexpected)}]"
+        )
     return wanted
 
 
 def load_weights(vla, path, dtype, device):
     index = os.path.join(path, "model.safetensors.index.json")
-    shards = sorted(set(read_json(index)["weight_map"].values()) if os.path.exists(index) else
-                    (f for f in os.listdir(path) if f.startswith("model") and f.endswith(".safetensors")))
+    shards = sorted(
+        set(read_json(index)["weight_map"].values())
+        if os.path.exists(index)
+        else (f for f in os.listdir(path) if f.startswith("model") and f.endswith(".safetensors"))
+    )
     if not shards:
         raise FileNotFoundError(f"{path}: no model*.safetensors weights")
     shards = [os.path.join(path, s) for s in shards]
@@ -482,8 +567,9 @@ def load_weights(vla, path, dtype, device):
     # one shard at a time, straight into the target dtype and device: never two copies of the model
     for shard in shards:
         with open_safetensors(shard, device) as f:
-            vla.load_state_dict({k: f.get_tensor(k).to(dtype) for k in f.keys() if k in wanted},
-                                strict=False, assign=True)
+            vla.load_state_dict(
+                {k: f.get_tensor(k).to(dtype) for k in f.keys() if k in wanted}, strict=False, assign=True
+            )
 
 
 HEAD_OPTIONS = ("chunk", "action_dim", "proprio_dim", "attention", "image_aug", "film")  # saved with the head's weights
@@ -494,8 +580,9 @@ def fingerprint(config):  # what a checkpoint records of its base: config.json, 
 
 
 def save_head(vla, path):
-    meta = {k: getattr(vla, k) for k in HEAD_OPTIONS} | dict(hidden=vla.llm.config.hidden_size,
-                                                             base=fingerprint(vla.config))
+    meta = {k: getattr(vla, k) for k in HEAD_OPTIONS} | dict(
+        hidden=vla.llm.config.hidden_size, base=fingerprint(vla.config)
+    )
     sd = {k: v.detach().contiguous() for k, v in vla.state_dict().items() if k.startswith(HEAD)}
     save_file(sd, path, metadata={k: json.dumps(v) for k, v in meta.items()})
 
@@ -507,8 +594,9 @@ def head_options(path):
     try:
         meta = {k: json.loads(v) for k, v in meta.items()}
         # heads saved before proprioception, augmentation, FiLM, --attention (which replaced --bidirectional), the base
-        old = dict(proprio_dim=0, image_aug=False, film=False,
-                   attention="queries" if meta.get("bidirectional") else "causal")
+        old = dict(
+            proprio_dim=0, image_aug=False, film=False, attention="queries" if meta.get("bidirectional") else "causal"
+        )
         return {k: (old | meta)[k] for k in HEAD_OPTIONS + ("hidden",)} | {"base": meta.get("base")}
     except (KeyError, ValueError):
         raise ValueError(f"{path}: no action-head config in its metadata (not written by save_trained?)") from None
@@ -530,6 +618,7 @@ def load_head(vla, path):
         raise ValueError(f"{path}: head keys [{_listing(sorted(sd))}] != expected [{_listing(wanted)}]")
     vla.load_state_dict(sd, strict=False)
 
+
 # -----------------------------------------------------------------------------
 # LoRA and what trains
 
@@ -544,10 +633,17 @@ def _inject(vla, lora_config):
 
 def add_lora(vla, rank=32):
     """peft LoRA on every nn.Linear of the towers, the projector and the LLM layers (not lm_head, not the head)."""
-    targets = [n for n, m in vla.named_modules() if isinstance(m, nn.Linear)
-               and n.startswith(("vision_backbone.", "projector.", "language_model.model.layers."))]
-    _inject(vla, LoraConfig(r=rank, lora_alpha=min(rank, 16), lora_dropout=0.0, init_lora_weights="gaussian",
-                            target_modules=targets))
+    targets = [
+        n
+        for n, m in vla.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith(("vision_backbone.", "projector.", "language_model.model.layers."))
+    ]
+    _inject(
+        vla,
+        LoraConfig(
+            r=rank, lora_alpha=min(rank, 16), lora_dropout=0.0, init_lora_weights="gaussian", target_modules=targets
+        ),
+    )
     return vla
 
 
@@ -559,13 +655,20 @@ def enable_grad_ckpt(vla):
 
 
 def param_report(vla):
-    parts = {"vision towers": ("vision_backbone.",), "projector": ("projector.",), "llm": ("language_model.",),
-             "action head+queries": HEAD[:-1], "FiLM": HEAD[-1:], "total": ("",)}
+    parts = {
+        "vision towers": ("vision_backbone.",),
+        "projector": ("projector.",),
+        "llm": ("language_model.",),
+        "action head+queries": HEAD[:-1],
+        "FiLM": HEAD[-1:],
+        "total": ("",),
+    }
     lines = [f"{'part':20s} {'total':>15s} {'trainable':>15s}"]
     for part, prefixes in parts.items():
         ps = [p for n, p in vla.named_parameters() if n.startswith(prefixes)]
-        lines.append(f"{part:20s} {sum(p.numel() for p in ps):15,d} "
-                     f"{sum(p.numel() for p in ps if p.requires_grad):15,d}")
+        lines.append(
+            f"{part:20s} {sum(p.numel() for p in ps):15,d} {sum(p.numel() for p in ps if p.requires_grad):15,d}"
+        )
     return "\n".join(lines)
 
 
@@ -579,6 +682,7 @@ def merge_lora(vla):
     vla.__dict__.pop("peft_config", None)
     return vla
 
+
 # -----------------------------------------------------------------------------
 # saving
 
@@ -587,8 +691,11 @@ def save_trained(vla, ckpt_dir):
     """What training changed: the LoRA adapter in peft's format and the head + queries with their config."""
     os.makedirs(ckpt_dir, exist_ok=True)
     sd = get_peft_model_state_dict(vla)  # peft's own key names, with PeftModel's prefix so peft tools read it
-    save_file({f"base_model.model.{k}": v.detach().contiguous() for k, v in sd.items()},
-              os.path.join(ckpt_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {f"base_model.model.{k}": v.detach().contiguous() for k, v in sd.items()},
+        os.path.join(ckpt_dir, "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     vla.peft_config["default"].save_pretrained(ckpt_dir)
     save_head(vla, os.path.join(ckpt_dir, "action_head.safetensors"))
 
@@ -597,14 +704,20 @@ def check_adapter(ckpt_dir):
     """adapter_config.json's rank and target_modules against the tensors in adapter_model.safetensors (headers)."""
     config = read_json(os.path.join(ckpt_dir, "adapter_config.json"))
     with open_safetensors(os.path.join(ckpt_dir, "adapter_model.safetensors")) as f:  # <module>.lora_A.weight: (r, in)
-        ranks = {k.removeprefix("base_model.model.").split(".lora_A.")[0]: f.get_slice(k).get_shape()[0]
-                 for k in f.keys() if ".lora_A." in k}
+        ranks = {
+            k.removeprefix("base_model.model.").split(".lora_A.")[0]: f.get_slice(k).get_shape()[0]
+            for k in f.keys()
+            if ".lora_A." in k
+        }
     targets, hit = config.get("target_modules") or [], lambda m, t: m == t or m.endswith(f".{t}")  # peft's rule
-    odd = [t for t in targets if not any(hit(m, t) for m in ranks)] + \
-        [m for m in ranks if not any(hit(m, t) for t in targets)]
+    odd = [t for t in targets if not any(hit(m, t) for m in ranks)] + [
+        m for m in ranks if not any(hit(m, t) for t in targets)
+    ]
     if set(ranks.values()) != {config.get("r")} or odd:
-        raise ValueError(f"{ckpt_dir}: adapter_config.json (r {config.get('r')}) does not match the tensors in "
-                         f"adapter_model.safetensors (rank {sorted(set(ranks.values()))}; modules [{_listing(odd)}])")
+        raise ValueError(
+            f"{ckpt_dir}: adapter_config.json (r {config.get('r')}) does not match the tensors in "
+            f"adapter_model.safetensors (rank {sorted(set(ranks.values()))}; modules [{_listing(odd)}])"
+        )
 
 
 def check_base(ckpt_dir, base):
@@ -613,11 +726,16 @@ def check_base(ckpt_dir, base):
     check_adapter(ckpt_dir)
     path, head = resolve(base), head_options(os.path.join(ckpt_dir, "action_head.safetensors"))
     config, what = read_json(os.path.join(path, "config.json")), "LLM width" if not head["base"] else "config.json"
-    trained, found = (head["base"], fingerprint(config)) if head["base"] else \
-        (head["hidden"], LlamaConfig(**config["text_config"]).hidden_size)
+    trained, found = (
+        (head["base"], fingerprint(config))
+        if head["base"]
+        else (head["hidden"], LlamaConfig(**config["text_config"]).hidden_size)
+    )
     if found != trained:
-        raise ValueError(f"{ckpt_dir} was trained on another base than {base} ({what} {trained}; {base}'s: {found}): "
-                         "pass the base it was trained on")
+        raise ValueError(
+            f"{ckpt_dir} was trained on another base than {base} ({what} {trained}; {base}'s: {found}): "
+            "pass the base it was trained on"
+        )
     if not head["base"] and os.environ.get("RANK", "0") == "0":  # once per run, not once per DDP rank
         print(f"note: {ckpt_dir} records no base fingerprint (saved before nanoOFT did): checked {base}'s LLM width")
     return path
@@ -628,12 +746,14 @@ def trained_base(ckpt_dir, train_args):
     from the directory the run started in, where its relative out_dir leads to ckpt_dir."""
     path, out = os.path.expanduser(train_args["vla_path"]), os.path.normpath(train_args.get("out_dir") or "/")
     run = os.path.dirname(os.path.abspath(ckpt_dir))
-    started = os.path.join(run[:-len(out)], path) if run.endswith(os.sep + out) else path
+    started = os.path.join(run[: -len(out)], path) if run.endswith(os.sep + out) else path
     if os.path.isdir(path) or is_hub_id(path) and not os.path.isdir(started):  # as given: here, or a hub id
         return path
     if not os.path.isdir(started):
-        raise FileNotFoundError(f"{ckpt_dir}: its args.json's vla_path {path} is not found from here: pass the base "
-                                "(--vla_path; --base for merge.py)")
+        raise FileNotFoundError(
+            f"{ckpt_dir}: its args.json's vla_path {path} is not found from here: pass the base "
+            "(--vla_path; --base for merge.py)"
+        )
     return started
 
 
@@ -647,8 +767,10 @@ def load_trained(vla, ckpt_dir):
     result = set_peft_model_state_dict(vla, sd)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{path} does not match the model's LoRA: missing [{_listing(missing)}]; "
-                       f"unexpected [{_listing(result.unexpected_keys)}]")
+        raise ValueError(
+            f"{path} does not match the model's LoRA: missing [{_listing(missing)}]; "
+            f"unexpected [{_listing(result.unexpected_keys)}]"
+        )
     load_head(vla, os.path.join(ckpt_dir, "action_head.safetensors"))
     return vla
 

@@ -4,6 +4,7 @@ Plot a replay: one panel per action dimension, recorded actions grey, executed b
 
     python plot.py out/demo/infer/report.json            # -> out/demo/infer/plot.png
 """
+
 import argparse
 import json
 import os
@@ -52,6 +53,12 @@ if __name__ == "__main__":
         sys.exit(f"error: {args.report}: not a readable infer.py report with its checkpoint's statistics ({e})")
     out = args.out or os.path.join(os.path.dirname(args.report), "plot.png")
     mode = "ensemble" if result.get("ensemble") else f"execute {result.get('execute', 1)}"
-    plot(executed, recorded, result["names"], stats, out,
-         f"{os.path.basename(result['episode'])} | {mode} | L1 {result['l1']:.3f} (normalized)")
+    plot(
+        executed,
+        recorded,
+        result["names"],
+        stats,
+        out,
+        f"{os.path.basename(result['episode'])} | {mode} | L1 {result['l1']:.3f} (normalized)",
+    )
     print(f"wrote {out}")

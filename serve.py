@@ -16,6 +16,7 @@ units, "server_timing": {"infer_ms": ...}}, or with a text frame naming what is 
 
 GET /healthz answers 200 (without a key). Requests of all clients are served one at a time on the model.
 """
+
 import argparse
 import asyncio
 import hmac
@@ -72,12 +73,20 @@ def expected_keys(policy):
 
 def metadata(policy, checkpoint):
     vla = policy.vla
-    return {"cameras": policy.cameras, "checkpoint": os.path.abspath(checkpoint), "keys": expected_keys(policy),
-            "frame_sizes": {c: list(policy.frame_sizes.get(c) or [vla.image_size] * 2) for c in policy.cameras},
-            "chunk": vla.chunk, "action_dim": vla.action_dim, "proprio_dim": vla.proprio_dim,
-            "action_offset": policy.args["action_offset"], "instruction": policy.args.get("instruction"),
-            "action_names": data.ACTION_NAMES if vla.action_dim == len(data.ACTION_NAMES) else
-            [f"dim_{i}" for i in range(vla.action_dim)]}
+    return {
+        "cameras": policy.cameras,
+        "checkpoint": os.path.abspath(checkpoint),
+        "keys": expected_keys(policy),
+        "frame_sizes": {c: list(policy.frame_sizes.get(c) or [vla.image_size] * 2) for c in policy.cameras},
+        "chunk": vla.chunk,
+        "action_dim": vla.action_dim,
+        "proprio_dim": vla.proprio_dim,
+        "action_offset": policy.args["action_offset"],
+        "instruction": policy.args.get("instruction"),
+        "action_names": data.ACTION_NAMES
+        if vla.action_dim == len(data.ACTION_NAMES)
+        else [f"dim_{i}" for i in range(vla.action_dim)],
+    }
 
 
 def parse(policy, message):
@@ -96,8 +105,10 @@ def parse(policy, message):
         raise ValueError(f"images: expected a dict camera name -> HxWx3 uint8 array, got {describe(images)}")
     missing = [c for c in policy.cameras if c not in images]
     if missing:
-        raise ValueError(f"images: missing camera(s) {', '.join(missing)} (this policy reads "
-                         f"{', '.join(policy.cameras)}; got {', '.join(map(str, images)) or 'none'})")
+        raise ValueError(
+            f"images: missing camera(s) {', '.join(missing)} (this policy reads "
+            f"{', '.join(policy.cameras)}; got {', '.join(map(str, images)) or 'none'})"
+        )
     for c in policy.cameras:
         x = images[c]
         if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3 or not x.size:
@@ -113,8 +124,10 @@ def parse(policy, message):
         except (TypeError, ValueError):
             state = None
         if state is None or state.shape != (dim,) or not np.isfinite(state).all():
-            raise ValueError(f"state: this policy was trained with proprioception: expected the raw ({dim},) joint "
-                             f"state, finite numbers, got {describe(obs.get('state'))}")
+            raise ValueError(
+                f"state: this policy was trained with proprioception: expected the raw ({dim},) joint "
+                f"state, finite numbers, got {describe(obs.get('state'))}"
+            )
     return images, prompt, state if dim else None
 
 
@@ -133,7 +146,7 @@ async def run(policy, sock, meta, api_key=None):
         return actions, 1000 * (time.perf_counter() - t0)
 
     async def handler(ws):
-        client, served, prev_total = "%s:%s" % ws.remote_address[:2], 0, None
+        client, served, prev_total = "{}:{}".format(*ws.remote_address[:2]), 0, None
         print(f"{client} connected", flush=True)
         try:
             await ws.send(hello)
@@ -163,16 +176,19 @@ async def run(policy, sock, meta, api_key=None):
             return ws.respond(http.HTTPStatus.OK, "OK\n")
         given = request.headers.get("Authorization", "").encode()  # bytes: compare_digest refuses non-ASCII str
         if api_key and not hmac.compare_digest(given, f"Api-Key {api_key}".encode()):
-            print(f"{'%s:%s' % ws.remote_address[:2]}: refused, missing or wrong API key", flush=True)
+            print(f"{'{}:{}'.format(*ws.remote_address[:2])}: refused, missing or wrong API key", flush=True)
             return ws.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
         return None
 
     # as openpi's server: no compression (camera frames hardly compress), no size limit (frames exceed the 1 MiB one)
     async with serve(handler, sock=sock, compression=None, max_size=None, process_request=process_request):
         host, port = sock.getsockname()[:2]
-        print(f"serving {meta['checkpoint']} on ws://{host}:{port} ({', '.join(policy.cameras)} | chunk "
-              f"{meta['chunk']} x {meta['action_dim']} | proprio {meta['proprio_dim']} | {policy.device}"
-              f"{' | API key required' if api_key else ''}); Ctrl-C stops", flush=True)
+        print(
+            f"serving {meta['checkpoint']} on ws://{host}:{port} ({', '.join(policy.cameras)} | chunk "
+            f"{meta['chunk']} x {meta['action_dim']} | proprio {meta['proprio_dim']} | {policy.device}"
+            f"{' | API key required' if api_key else ''}); Ctrl-C stops",
+            flush=True,
+        )
         stopped_by = await stop
     return stopped_by
 
@@ -183,9 +199,12 @@ def main(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept connections from other machines")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the line at start names it)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--api_key", default=os.environ.get("NANOOFT_API_KEY"),
-                   help="refuse clients without `Authorization: Api-Key KEY` (default: $NANOOFT_API_KEY, which "
-                        "keeps the key out of the process list)")
+    p.add_argument(
+        "--api_key",
+        default=os.environ.get("NANOOFT_API_KEY"),
+        help="refuse clients without `Authorization: Api-Key KEY` (default: $NANOOFT_API_KEY, which "
+        "keeps the key out of the process list)",
+    )
     p.add_argument("--vla_path", help="base model, overriding the one named in the checkpoint's args.json")
     args = p.parse_args(argv)
     infer.check_checkpoint(args.checkpoint)

@@ -3,6 +3,7 @@ The HDF5 layouts data.py reads besides RoboTwin's, with files written the way ea
 ACT's record_sim_episodes.py, Mobile ALOHA's record_episodes.py (padded JPEGs that cv2 encoded from RGB arrays) and a
 LIBERO/robomimic file holding several demos. Run: python -m pytest -q test_layouts.py
 """
+
 import io
 import json
 import os
@@ -32,7 +33,7 @@ def scene(rng, T, h, w):
     """Smooth random scenes (JPEG keeps them close) with a red square in the top-left corner of every frame."""
     small = rng.integers(40, 200, (T, h // 8, w // 8, 3)).astype(np.uint8)
     frames = np.stack([np.asarray(Image.fromarray(x).resize((w, h), Image.BILINEAR)) for x in small])
-    frames[:, 2:h // 3, 2:w // 3] = RED
+    frames[:, 2 : h // 3, 2 : w // 3] = RED
     return frames
 
 
@@ -43,7 +44,7 @@ def joints(rng, T, width=14):
 def write_act_sim(path, T, rng, cameras=("top",), h=48, w=64):
     """As ACT's record_sim_episodes.py: datasets created without a dtype (float32), one-frame image chunks."""
     qpos = joints(rng, T)
-    with h5py.File(path, "w", rdcc_nbytes=1024 ** 2 * 2) as root:
+    with h5py.File(path, "w", rdcc_nbytes=1024**2 * 2) as root:
         root.attrs["sim"] = True
         obs = root.create_group("observations")
         image = obs.create_group("images")
@@ -72,8 +73,13 @@ def write_libero(path, lengths, rng, size=32, drop=None):
     states, 7-D actions; the instruction in data.attrs['problem_info']."""
     with h5py.File(path, "w") as f:
         grp = f.create_group("data")
-        grp.attrs["problem_info"] = json.dumps({"problem_name": "libero_tabletop_manipulation",
-                                                "domain_name": "kitchen", "language_instruction": LIBERO_TASK})
+        grp.attrs["problem_info"] = json.dumps(
+            {
+                "problem_name": "libero_tabletop_manipulation",
+                "domain_name": "kitchen",
+                "language_instruction": LIBERO_TASK,
+            }
+        )
         grp.attrs["macros_image_convention"] = "opengl"
         for i, T in enumerate(lengths):
             demo = grp.create_group(f"demo_{i}")
@@ -98,15 +104,21 @@ def make_layout(name, directory, rng):
         for i, T in enumerate((20, 22, 24)):
             write_aloha_jpeg(os.path.join(directory, f"episode_{i}.hdf5"), T, rng)
     else:
-        write_libero(os.path.join(directory, "KITCHEN_SCENE1_put_the_black_bowl_on_the_plate_demo.hdf5"),
-                     (20, 24, 18), rng)
+        write_libero(
+            os.path.join(directory, "KITCHEN_SCENE1_put_the_black_bowl_on_the_plate_demo.hdf5"), (20, 24, 18), rng
+        )
         write_libero(os.path.join(directory, "KITCHEN_SCENE2_open_the_drawer_demo.hdf5"), (19, 21), rng)
     return directory
 
 
 def run_data_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "data.py"), *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "data.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +126,14 @@ def tiny_dir(tmp_path_factory):
     return make_tiny(str(tmp_path_factory.mktemp("tiny-openvla")))
 
 
-@pytest.mark.parametrize("layout, found, extra", [
-    ("act", "layout: ACT/ALOHA", ["--instruction", "transfer the cube"]),
-    ("aloha", "layout: real ALOHA, JPEG frames", ["--instruction", "fold the towel"]),
-    ("libero", "layout: robomimic/LIBERO, 5 demos in 2 files", []),
-])
+@pytest.mark.parametrize(
+    "layout, found, extra",
+    [
+        ("act", "layout: ACT/ALOHA", ["--instruction", "transfer the cube"]),
+        ("aloha", "layout: real ALOHA, JPEG frames", ["--instruction", "fold the towel"]),
+        ("libero", "layout: robomimic/LIBERO, 5 demos in 2 files", []),
+    ],
+)
 def test_each_layout_is_detected_and_its_flags_line_trains_and_replays(layout, found, extra, tiny_dir, tmp_path):
     directory = make_layout(layout, str(tmp_path / layout), np.random.default_rng(0))
     r = run_data_cli(directory, *extra)
@@ -126,27 +141,64 @@ def test_each_layout_is_detected_and_its_flags_line_trains_and_replays(layout, f
     lines = r.stdout.splitlines()
     assert lines[0] == found
     flags = shlex.split(next(line for line in lines if line.startswith("flags: ")).removeprefix("flags: "))
-    expected = {"act": ["--cameras", "observations/images/top", "--instruction", "transfer the cube"],
-                "aloha": ["--cameras", "observations/images/cam_high,observations/images/cam_left_wrist,"
-                          "observations/images/cam_low", "--instruction", "fold the towel"],
-                "libero": ["--cameras", "obs/agentview_rgb,obs/eye_in_hand_rgb", "--action_key", "actions",
-                           "--action_dim", "7"]}[layout]
+    expected = {
+        "act": ["--cameras", "observations/images/top", "--instruction", "transfer the cube"],
+        "aloha": [
+            "--cameras",
+            "observations/images/cam_high,observations/images/cam_left_wrist,observations/images/cam_low",
+            "--instruction",
+            "fold the towel",
+        ],
+        "libero": [
+            "--cameras",
+            "obs/agentview_rgb,obs/eye_in_hand_rgb",
+            "--action_key",
+            "actions",
+            "--action_dim",
+            "7",
+        ],
+    }[layout]
     assert flags == expected
     out = tmp_path / "run"
-    train.main(["--vla_path", tiny_dir, "--data_dir", directory, "--out_dir", str(out), "--max_steps", "2",
-                "--batch_size", "2", "--num_workers", "0", "--lora_rank", "4", "--val_episodes", "1",
-                "--eval_batches", "1", "--proprio", *flags])
+    train.main(
+        [
+            "--vla_path",
+            tiny_dir,
+            "--data_dir",
+            directory,
+            "--out_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "2",
+            "--num_workers",
+            "0",
+            "--lora_rank",
+            "4",
+            "--val_episodes",
+            "1",
+            "--eval_batches",
+            "1",
+            "--proprio",
+            *flags,
+        ]
+    )
     saved = json.load(open(out / "step_000002" / "args.json"))
     assert saved["cameras"] == flags[1] and saved["frame_sizes"] == {
-        c: [32, 32] if layout == "libero" else [48, 64] for c in flags[1].split(",")}
+        c: [32, 32] if layout == "libero" else [48, 64] for c in flags[1].split(",")
+    }
     assert saved["state_key"] == {"libero": "obs/joint_states,obs/gripper_states"}.get(layout, "observations/qpos")
     episode = saved["val_episode_files"][0]
     if layout == "libero":
         assert data.split_ref(episode)[1].startswith("demo_")
     infer.main(["--checkpoint", str(out / "step_000002"), "--episode", episode, "--out", str(tmp_path / "infer")])
     report = json.load(open(tmp_path / "infer" / "report.json"))
-    assert report["episode"] == episode and report["instruction"] == {
-        "act": "transfer the cube", "aloha": "fold the towel", "libero": LIBERO_TASK}[layout]
+    assert (
+        report["episode"] == episode
+        and report["instruction"]
+        == {"act": "transfer the cube", "aloha": "fold the towel", "libero": LIBERO_TASK}[layout]
+    )
     assert np.isfinite(report["l1"])
 
 
@@ -157,7 +209,7 @@ def test_aloha_jpegs_decode_in_true_colours_each_camera_with_its_own_lengths(tmp
     with h5py.File(path) as f:
         lengths = f["compress_len"][()].astype(int)
         for k, cam in enumerate(("cam_high", "cam_low", "cam_left_wrist")):  # an independent decode, row by row
-            stored = f[f"observations/images/{cam}"][5][:lengths[k, 5]].tobytes()
+            stored = f[f"observations/images/{cam}"][5][: lengths[k, 5]].tobytes()
             want = np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"))[..., ::-1]
             got = ds[5]["images"][cameras.index(f"observations/images/{cam}")].permute(1, 2, 0).numpy()
             np.testing.assert_array_equal(got, want)
@@ -171,15 +223,17 @@ def test_libero_demos_are_episodes_named_file_colon_demo(tmp_path):
     path = write_libero(tmp_path / "task_demo.hdf5", (20, 24, 18), np.random.default_rng(2))
     refs = data.list_episodes(str(tmp_path))
     assert refs == [f"{path}:demo_0", f"{path}:demo_1", f"{path}:demo_2"]
-    ds = data.EpisodeDataset(refs, cameras=["obs/agentview_rgb"], action_key="actions", action_dim=7, chunk=8,
-                             proprio=True)
+    ds = data.EpisodeDataset(
+        refs, cameras=["obs/agentview_rgb"], action_key="actions", action_dim=7, chunk=8, proprio=True
+    )
     assert ds.lengths == [20, 24, 18] and ds.proprio_dim == 9 and ds.state_key == "obs/joint_states,obs/gripper_states"
     assert {ds[i]["instruction"] for i in range(0, len(ds), 7)} == {LIBERO_TASK}
     train_refs, val_refs = data.split_episodes(refs, 1, seed=7)
     assert len(val_refs) == 1 and val_refs[0] in refs and not set(train_refs) & set(val_refs)
     with h5py.File(path) as f:
-        np.testing.assert_allclose(ds[12]["actions"].numpy(), data.normalize(f["data/demo_0/actions"][12:20], ds.stats),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            ds[12]["actions"].numpy(), data.normalize(f["data/demo_0/actions"][12:20], ds.stats), atol=1e-6
+        )
 
 
 def test_broken_variants_are_one_line_naming_the_file_and_the_demo(tmp_path):
@@ -194,12 +248,18 @@ def test_broken_variants_are_one_line_naming_the_file_and_the_demo(tmp_path):
     with h5py.File(tmp_path / "episode_2.hdf5", "w") as f:
         f["joints"], f.create_group("camera")["rgb"] = np.zeros((10, 14)), np.zeros((10, 4, 4, 3), np.uint8)
     cams = ["observations/images/cam_high"]
-    cases = {jpeg_bad: (cams, "action", "observations/images/cam_high: its frames do not read (cannot identify "),
-             too_long: (cams, "action", "no row of compress_len (3, 10) gives the lengths of its JPEG frames"),
-             f"{no_actions}:demo_1": (["obs/agentview_rgb"], "actions", "missing actions (a robomimic/LIBERO episode"),
-             str(tmp_path / "episode_2.hdf5"): (cams, "action", "no known episode layout (RoboTwin's flat datasets, "
-                                                "ALOHA's observations/images, robomimic's data/demo_N): it holds "
-                                                "datasets joints and groups camera")}
+    cases = {
+        jpeg_bad: (cams, "action", "observations/images/cam_high: its frames do not read (cannot identify "),
+        too_long: (cams, "action", "no row of compress_len (3, 10) gives the lengths of its JPEG frames"),
+        f"{no_actions}:demo_1": (["obs/agentview_rgb"], "actions", "missing actions (a robomimic/LIBERO episode"),
+        str(tmp_path / "episode_2.hdf5"): (
+            cams,
+            "action",
+            "no known episode layout (RoboTwin's flat datasets, "
+            "ALOHA's observations/images, robomimic's data/demo_N): it holds "
+            "datasets joints and groups camera",
+        ),
+    }
     for ref, (cameras, key, message) in cases.items():
         with pytest.raises(data.DataError) as e:
             data.check_episodes([ref], cameras, 4, 14 if key == "action" else 7, action_key=key, instruction="go")
@@ -221,12 +281,17 @@ def test_data_files_that_are_wrong_in_their_own_way(tmp_path):
     with pytest.raises(data.DataError, match=r"episode_1.hdf5: the same episode as .*episode_0.hdf5 \(same file or"):
         data.check_episodes(data.list_episodes(str(tmp_path)), cams, 4, 14, instruction="go")
     os.remove(tmp_path / "episode_1.hdf5")
-    cases = {"ints": ("seen", np.arange(5), "seen holds int64 (5,), not text"),
-             "2-d": ("seen", np.array([[b"a", b"b"]]), "seen holds |S1 (1, 2), not text"),
-             "latin-1": ("seen", np.array(["café".encode("latin-1")]),
-                         "seen is not UTF-8 text (unexpected end of data at byte 3)"),
-             "bools": ("observations/qpos", np.ones((12, 14), bool), "observations/qpos holds bool, not numbers"),
-             "strings": ("action", np.array([[b"1"] * 14] * 12), "action holds |S1, not numbers")}
+    cases = {
+        "ints": ("seen", np.arange(5), "seen holds int64 (5,), not text"),
+        "2-d": ("seen", np.array([[b"a", b"b"]]), "seen holds |S1 (1, 2), not text"),
+        "latin-1": (
+            "seen",
+            np.array(["café".encode("latin-1")]),
+            "seen is not UTF-8 text (unexpected end of data at byte 3)",
+        ),
+        "bools": ("observations/qpos", np.ones((12, 14), bool), "observations/qpos holds bool, not numbers"),
+        "strings": ("action", np.array([[b"1"] * 14] * 12), "action holds |S1, not numbers"),
+    }
     for name, (key, value, message) in cases.items():
         path = str(tmp_path / f"{name}.hdf5")
         write_act_sim(path, 12, rng)
@@ -241,12 +306,21 @@ def test_data_files_that_are_wrong_in_their_own_way(tmp_path):
     write_act_sim(filtered, 12, rng)
     with h5py.File(filtered, "a") as f:  # frames written through a filter this machine lacks (32001: Blosc)
         del f["observations/images/top"]
-        d = f.create_dataset("observations/images/top", (12, 48, 64, 3), np.uint8, chunks=(1, 48, 64, 3),
-                             compression=32001, allow_unknown_filter=True)
+        d = f.create_dataset(
+            "observations/images/top",
+            (12, 48, 64, 3),
+            np.uint8,
+            chunks=(1, 48, 64, 3),
+            compression=32001,
+            allow_unknown_filter=True,
+        )
         for t in range(12):
             d.id.write_direct_chunk((t, 0, 0, 0), b"\0" * 100)
-    with pytest.raises(data.DataError, match=r"filtered.hdf5: observations/images/top: its frames do not read "
-                                             r"\(stored with HDF5 filter .*\(id 32001\), not installed here\)"):
+    with pytest.raises(
+        data.DataError,
+        match=r"filtered.hdf5: observations/images/top: its frames do not read "
+        r"\(stored with HDF5 filter .*\(id 32001\), not installed here\)",
+    ):
         data.check_episodes([filtered], cams, 4, 14, instruction="go")
 
 
@@ -256,7 +330,10 @@ def test_open_files_stay_bounded_per_process(tmp_path, monkeypatch):
         write_act_sim(tmp_path / f"episode_{i}.hdf5", 5, rng, h=8, w=8)
     monkeypatch.setattr(data, "MAX_OPEN", 6)
     ds = data.EpisodeDataset(str(tmp_path), cameras=["observations/images/top"], chunk=2, instruction="go")
-    fds = lambda: len(os.listdir("/proc/self/fd"))
+
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
     before = fds()
     for i in np.random.default_rng(0).permutation(len(ds)):  # every episode, in random order, twice
         ds[int(i)], ds[int(i)]

@@ -6,6 +6,7 @@ serve.py against openpi's own client: the metadata, actions equal to Policy.pred
     pip install --no-deps openpi-client==0.1.2 dm-tree==0.1.10
     python -m pytest -q test_serve.py
 """
+
 import http.client
 import os
 import re
@@ -32,8 +33,10 @@ from demo import make_demo, make_tiny
 
 torch.set_num_threads(1)  # as the server under OMP_NUM_THREADS=1: the same kernels, the same sums
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = {k: v for k, v in os.environ.items() if k != "NANOOFT_API_KEY"} | {"OMP_NUM_THREADS": "1",
-                                                                           "PYTHONUNBUFFERED": "1"}
+ENV = {k: v for k, v in os.environ.items() if k != "NANOOFT_API_KEY"} | {
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
 KEY = "k3y-for-tests"
 # openpi-client 0.1.2 opens its connection the way websockets 17 warns about (still supported): not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
@@ -46,11 +49,40 @@ def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     make_demo(str(root / "demo"), episodes=2, seed=0)
     make_tiny(str(root / "tiny"))
-    r = subprocess.run([sys.executable, "train.py", "--vla_path", root / "tiny", "--data_dir", root / "demo",
-                        "--out_dir", root / "run", "--val_episodes", "1", "--batch_size", "2", "--num_workers", "0",
-                        "--lora_rank", "4", "--max_steps", "1", "--save_interval", "1", "--eval_interval", "1",
-                        "--eval_batches", "1", "--proprio"], cwd=HERE, env=ENV, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--vla_path",
+            root / "tiny",
+            "--data_dir",
+            root / "demo",
+            "--out_dir",
+            root / "run",
+            "--val_episodes",
+            "1",
+            "--batch_size",
+            "2",
+            "--num_workers",
+            "0",
+            "--lora_rank",
+            "4",
+            "--max_steps",
+            "1",
+            "--save_interval",
+            "1",
+            "--eval_interval",
+            "1",
+            "--eval_batches",
+            "1",
+            "--proprio",
+        ],
+        cwd=HERE,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return str(root / "run" / "step_000001")
 
@@ -59,8 +91,13 @@ def ckpt(tmp_path_factory):
 def server(ckpt, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     with open(logs / "out", "w") as out, open(logs / "err", "w") as err:
-        proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", ckpt, "--port", "0", "--device", "cpu",
-                                 "--api_key", KEY], cwd=HERE, env=ENV, stdout=out, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "serve.py", "--checkpoint", ckpt, "--port", "0", "--device", "cpu", "--api_key", KEY],
+            cwd=HERE,
+            env=ENV,
+            stdout=out,
+            stderr=err,
+        )
     deadline = time.time() + 120
     while not (m := re.search(r"on ws://127\.0\.0\.1:(\d+) ", (logs / "out").read_text())):
         assert proc.poll() is None, (logs / "err").read_text()[-3000:]
@@ -80,9 +117,11 @@ def policy(ckpt):
 
 def observation(seed):
     rng = np.random.default_rng(seed)
-    return {"images": {c: rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for c, hw in SIZES.items()},
-            "prompt": ["place the shoe on the mat", "put the shoe down"][seed % 2],
-            "state": rng.uniform(-0.5, 1.0, 14)}
+    return {
+        "images": {c: rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for c, hw in SIZES.items()},
+        "prompt": ["place the shoe on the mat", "put the shoe down"][seed % 2],
+        "state": rng.uniform(-0.5, 1.0, 14),
+    }
 
 
 def expected(policy, obs):
@@ -102,9 +141,17 @@ def assert_answers(answer, policy, obs):
 def test_metadata_and_actions_equal_policy_predict(server, policy, ckpt):
     c = client(server)
     assert c.get_server_metadata() == {
-        "cameras": list(SIZES), "checkpoint": os.path.abspath(ckpt), "keys": ["images", "prompt", "state"],
-        "frame_sizes": {c: [256, 256] for c in SIZES}, "chunk": 8, "action_dim": 14, "proprio_dim": 14,
-        "action_offset": 0, "instruction": None, "action_names": data.ACTION_NAMES}
+        "cameras": list(SIZES),
+        "checkpoint": os.path.abspath(ckpt),
+        "keys": ["images", "prompt", "state"],
+        "frame_sizes": {c: [256, 256] for c in SIZES},
+        "chunk": 8,
+        "action_dim": 14,
+        "proprio_dim": 14,
+        "action_offset": 0,
+        "instruction": None,
+        "action_names": data.ACTION_NAMES,
+    }
     answers = []
     for seed in range(3):
         obs = observation(seed)
@@ -121,19 +168,31 @@ def without(obs, key):
 BAD = [  # (observation, the start of the error the server answers)
     ([1, 2], "expected a dict observation with images, prompt, state, got list"),
     (without(observation(0), "images"), "images: expected a dict camera name -> HxWx3 uint8 array, got NoneType"),
-    (observation(0) | {"images": {"head_camera_image": observation(0)["images"]["head_camera_image"]}},
-     "images: missing camera(s) left_wrist_image (this policy reads head_camera_image, left_wrist_image; got "
-     "head_camera_image)"),
-    (observation(0) | {"images": {c: x.astype(np.float32) for c, x in observation(0)["images"].items()}},
-     "images['head_camera_image']: expected an HxWx3 uint8 RGB array, got float32 array of shape (240, 320, 3)"),
-    (observation(0) | {"images": {c: x[..., 0] for c, x in observation(0)["images"].items()}},
-     "images['head_camera_image']: expected an HxWx3 uint8 RGB array, got uint8 array of shape (240, 320)"),
+    (
+        observation(0) | {"images": {"head_camera_image": observation(0)["images"]["head_camera_image"]}},
+        "images: missing camera(s) left_wrist_image (this policy reads head_camera_image, left_wrist_image; got "
+        "head_camera_image)",
+    ),
+    (
+        observation(0) | {"images": {c: x.astype(np.float32) for c, x in observation(0)["images"].items()}},
+        "images['head_camera_image']: expected an HxWx3 uint8 RGB array, got float32 array of shape (240, 320, 3)",
+    ),
+    (
+        observation(0) | {"images": {c: x[..., 0] for c, x in observation(0)["images"].items()}},
+        "images['head_camera_image']: expected an HxWx3 uint8 RGB array, got uint8 array of shape (240, 320)",
+    ),
     (without(observation(0), "prompt"), "prompt: expected the instruction as a non-blank str, got None"),
     (observation(0) | {"prompt": "  "}, "prompt: expected the instruction as a non-blank str, got '  '"),
-    (without(observation(0), "state"), "state: this policy was trained with proprioception: expected the raw "
-                                       "(14,) joint state, finite numbers, got NoneType"),
-    (observation(0) | {"state": np.zeros(7)}, "state: this policy was trained with proprioception: expected the "
-                                              "raw (14,) joint state, finite numbers, got float64 array of shape (7,)"),
+    (
+        without(observation(0), "state"),
+        "state: this policy was trained with proprioception: expected the raw "
+        "(14,) joint state, finite numbers, got NoneType",
+    ),
+    (
+        observation(0) | {"state": np.zeros(7)},
+        "state: this policy was trained with proprioception: expected the "
+        "raw (14,) joint state, finite numbers, got float64 array of shape (7,)",
+    ),
     (observation(0) | {"state": np.full(14, np.nan)}, "state: this policy was trained with proprioception"),
     (observation(0) | {"prompt": "word " * 3000}, "the instruction is too long"),
 ]
@@ -154,12 +213,18 @@ def test_frames_that_are_no_msgpack_numpy_are_refused(server, policy):
     objects = short | {b"dtype": "|O", b"shape": [10]}
     with connect(f"ws://127.0.0.1:{server.port}", additional_headers=head, compression=None, max_size=None) as ws:
         assert msgpack.unpackb(ws.recv())["cameras"] == list(SIZES)
-        for frame, message in [(b"\xc1\x00", "the request is not msgpack-numpy: "),
-                               ("{\"prompt\": \"json\"}", "expected a binary frame holding a msgpack'd observation"),
-                               (msgpack_numpy.packb(good | {"images": {"head_camera_image": short}}),
-                                "the request is not msgpack-numpy: TypeError: buffer is too small"),
-                               (msgpack_numpy.packb(good | {"images": {"head_camera_image": objects}}),
-                                "the request is not msgpack-numpy: ValueError: unsupported array dtype object")]:
+        for frame, message in [
+            (b"\xc1\x00", "the request is not msgpack-numpy: "),
+            ('{"prompt": "json"}', "expected a binary frame holding a msgpack'd observation"),
+            (
+                msgpack_numpy.packb(good | {"images": {"head_camera_image": short}}),
+                "the request is not msgpack-numpy: TypeError: buffer is too small",
+            ),
+            (
+                msgpack_numpy.packb(good | {"images": {"head_camera_image": objects}}),
+                "the request is not msgpack-numpy: ValueError: unsupported array dtype object",
+            ),
+        ]:
             ws.send(frame)
             assert ws.recv(timeout=30).startswith("bad request: " + message)
         ws.send(msgpack_numpy.packb(good))
@@ -173,8 +238,9 @@ def test_two_clients_in_turn_and_at_once(server, policy):
         assert_answers(a.infer(obs[0]), policy, obs[0])
         assert_answers(b.infer(obs[1]), policy, obs[1])
     answers = {}  # both at once: the server queues one behind the other on the model
-    threads = [threading.Thread(target=lambda i=i, c=c: answers.update({i: c.infer(obs[i])}))
-               for i, c in enumerate((a, b))]
+    threads = [
+        threading.Thread(target=lambda i=i, c=c: answers.update({i: c.infer(obs[i])})) for i, c in enumerate((a, b))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -200,8 +266,12 @@ def test_a_missing_or_wrong_api_key_is_refused(server, api_key):
 
 
 def test_a_checkpoint_trained_with_instruction_needs_no_prompt(policy, ckpt):
-    fixed = SimpleNamespace(cameras=policy.cameras, vla=policy.vla, frame_sizes=policy.frame_sizes,
-                            args=policy.args | {"instruction": "place the shoe"})
+    fixed = SimpleNamespace(
+        cameras=policy.cameras,
+        vla=policy.vla,
+        frame_sizes=policy.frame_sizes,
+        args=policy.args | {"instruction": "place the shoe"},
+    )
     obs = observation(0)
     assert serve.parse(fixed, msgpack_numpy.packb(without(obs, "prompt")))[1] == "place the shoe"
     assert serve.parse(fixed, msgpack_numpy.packb(obs))[1] == obs["prompt"]
@@ -216,12 +286,16 @@ def test_bad_flags_fail_in_one_line_before_the_model_loads(ckpt, tmp_path, capsy
         serve.main(["--checkpoint", str(tmp_path / "none")])
     with pytest.raises(SystemExit):
         serve.main(["--checkpoint", ckpt, "--device", "tpu0"])
-    assert capsys.readouterr().err.splitlines()[-1].endswith(": error: --device tpu0: not a device (auto, cpu, cuda "
-                                                            "or cuda:N)")
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(": error: --device tpu0: not a device (auto, cpu, cuda or cuda:N)")
+    )
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(SystemExit, match=f"^error: cannot listen on --host 127.0.0.1 --port {port}: Address "
-                                             f"already in use$"):
+        with pytest.raises(
+            SystemExit, match=f"^error: cannot listen on --host 127.0.0.1 --port {port}: Address already in use$"
+        ):
             serve.main(["--checkpoint", ckpt, "--port", str(port)])
 
 

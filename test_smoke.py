@@ -3,6 +3,7 @@ nanoOFT's test suite: CPU only, a few minutes on 2 cores, on the tiny twin check
 
     pip install -r requirements.txt && python -m pytest -q test_smoke.py robotwin/test_robotwin.py
 """
+
 import ast
 import glob
 import io
@@ -36,8 +37,20 @@ import model
 import train
 from demo import SEEN, make_demo, make_tiny, make_tokenizer, tiny_config
 from merge import save_pretrained
-from model import (VLA, Block, ViT, add_lora, check_keys, enable_grad_ckpt, load_trained, merge_lora,
-                   openvla_7b_config, param_report, save_trained, skipped_prefixes)
+from model import (
+    VLA,
+    Block,
+    ViT,
+    add_lora,
+    check_keys,
+    enable_grad_ckpt,
+    load_trained,
+    merge_lora,
+    openvla_7b_config,
+    param_report,
+    save_trained,
+    skipped_prefixes,
+)
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,6 +77,7 @@ def tiny_dir(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------
 # data.py
 
+
 def write_episode(path, T=20, cameras=data.ALL_CAMERAS, res=8, width=14, frames=None, seen=("pick it", "place it")):
     """A tiny episode in the real layout (8x8 frames keep the tests fast); seen=None leaves the instructions out."""
     rng = np.random.default_rng([T, *os.path.basename(str(path)).encode()])  # two episodes are never the same
@@ -84,8 +98,13 @@ def actions_of(path):
 
 def run_cli(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(HERE, "data.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "data.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_demo_has_the_real_layout(demo):
@@ -134,7 +153,7 @@ def test_sample_counts_and_targets(demo, offset):
     last = max(i for i, (e, _) in enumerate(ds.index) if e == 2)
     for i in (0, 57, last):
         s = ds[i]
-        rows = actions_of(demo[s["episode"]])[s["t"] + offset:s["t"] + offset + 8]
+        rows = actions_of(demo[s["episode"]])[s["t"] + offset : s["t"] + offset + 8]
         assert len(rows) == 8
         np.testing.assert_allclose(data.unnormalize(s["actions"].numpy(), ds.stats), rows, atol=1e-5)
     assert ds[last]["t"] == lengths[2] - 8 - offset
@@ -159,7 +178,7 @@ def test_q99_dataset_round_trip_clips(demo):
     e, t = ds.index[-1]
     s = ds[len(ds) - 1]
     lo, hi = np.array(ds.stats["q01"]), np.array(ds.stats["q99"])
-    rows = actions_of(demo[e])[t:t + 8]
+    rows = actions_of(demo[e])[t : t + 8]
     flat = hi - lo < 1e-8
     expect = np.where(flat, lo, np.clip(rows, lo, hi))
     np.testing.assert_allclose(data.unnormalize(s["actions"], ds.stats, "q99").numpy(), expect, atol=1e-5)
@@ -169,8 +188,13 @@ def test_normalize_modes_zero_range_mask_and_types():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 4))
     a[:, 2] = 0.25  # a constant dimension
-    stats = {"min": a.min(0).tolist(), "max": a.max(0).tolist(), "q01": np.quantile(a, 0.01, 0).tolist(),
-             "q99": np.quantile(a, 0.99, 0).tolist(), "mask": [True] * 4}
+    stats = {
+        "min": a.min(0).tolist(),
+        "max": a.max(0).tolist(),
+        "q01": np.quantile(a, 0.01, 0).tolist(),
+        "q99": np.quantile(a, 0.99, 0).tolist(),
+        "mask": [True] * 4,
+    }
     n = data.normalize(a, stats)
     assert isinstance(n, np.ndarray) and n.dtype == np.float64
     assert n.min() == pytest.approx(-1) and n.max() == pytest.approx(1) and (n[:, 2] == 0).all()
@@ -272,7 +296,10 @@ def test_instruction_storage_forms(tmp_path, form):
 
 def test_instruction_draws_are_seeded(demo):
     a, b, c = (data.EpisodeDataset(demo[:2], seed=s) for s in (0, 0, 1))
-    draw = lambda ds: [ds[i]["instruction"] for i in range(0, len(ds), 7)]
+
+    def draw(ds):
+        return [ds[i]["instruction"] for i in range(0, len(ds), 7)]
+
     assert draw(a) == draw(b) and draw(a) != draw(c)
     b.set_epoch(1)
     assert draw(a) != draw(b)
@@ -312,13 +339,18 @@ def test_state_comes_from_the_file_or_the_action_bounded_and_clipped(tmp_path, d
     np.testing.assert_array_equal(data.normalize_state(hi + 1, ds.proprio_stats), np.ones(5))  # clipped
     assert "state" not in data.EpisodeDataset([a, b])[0]
     without = write_episode(tmp_path / "episode_2.hdf5", T=20)  # no `state`: the recorded joint vector
-    with pytest.raises(data.DataError, match=r"--proprio: .*episode_0.hdf5 reads its state from state \(5 wide\), "
-                                             r"but .*episode_2.hdf5 from action \(14 wide\): pass --state_key"):
+    with pytest.raises(
+        data.DataError,
+        match=r"--proprio: .*episode_0.hdf5 reads its state from state \(5 wide\), "
+        r"but .*episode_2.hdf5 from action \(14 wide\): pass --state_key",
+    ):
         data.EpisodeDataset([a, without], proprio=True)
     demo_set = data.EpisodeDataset(demo[:1], proprio=True, action_offset=1)
     actions = actions_of(demo[0])
     np.testing.assert_allclose(demo_set[9]["state"].numpy(), data.normalize(actions[9], demo_set.stats), atol=1e-6)
-    np.testing.assert_allclose(demo_set[9]["actions"].numpy(), data.normalize(actions[10:18], demo_set.stats), atol=1e-6)
+    np.testing.assert_allclose(
+        demo_set[9]["actions"].numpy(), data.normalize(actions[10:18], demo_set.stats), atol=1e-6
+    )
     with h5py.File(without, "a") as f:
         f["state"] = np.full((20, 5), np.nan)
     with pytest.raises(data.DataError, match="episode_2.hdf5: state holds NaN or inf"):
@@ -350,8 +382,14 @@ def broken(tmp_path):
     return tmp_path
 
 
-EXPECTED = {1: "not a readable HDF5", 2: "truncated file", 3: "missing left_wrist_image", 4: "missing action",
-            5: "differ in length: action 20, head_camera_image 19", 6: "expected (T, 14)"}
+EXPECTED = {
+    1: "not a readable HDF5",
+    2: "truncated file",
+    3: "missing left_wrist_image",
+    4: "missing action",
+    5: "differ in length: action 20, head_camera_image 19",
+    6: "expected (T, 14)",
+}
 
 
 def test_check_names_every_broken_file(broken, capsys):
@@ -408,8 +446,10 @@ def test_cli_summary(tmp_path):
 
 def blank_instructions(tmp_path):
     """A good episode, then seen missing, empty, all blank, and unseen present but blank."""
-    paths = [write_episode(tmp_path / f"episode_{i}.hdf5", seen=seen)
-             for i, seen in enumerate([("pick it",), None, (), (" ", ""), ("pick it",)])]
+    paths = [
+        write_episode(tmp_path / f"episode_{i}.hdf5", seen=seen)
+        for i, seen in enumerate([("pick it",), None, (), (" ", ""), ("pick it",)])
+    ]
     with h5py.File(paths[4], "a") as f:
         f.create_dataset("unseen", data=["  "], dtype=h5py.string_dtype())
     return paths
@@ -421,8 +461,9 @@ def test_check_refuses_missing_empty_and_blank_instructions(tmp_path):
         data.check_episodes(paths, data.DEFAULT_CAMERAS, 8, 14)
     lines = str(err.value).splitlines()
     assert [line.split(":")[0] for line in lines] == paths[1:]
-    assert lines[0].endswith(": no instructions (no seen dataset or LIBERO problem_info): pass --instruction "
-                             '"what the robot should do"')
+    assert lines[0].endswith(
+        ': no instructions (no seen dataset or LIBERO problem_info): pass --instruction "what the robot should do"'
+    )
     assert all(line.endswith(": seen instructions missing, empty or all blank") for line in lines[1:3])
     assert lines[3].endswith(": unseen instructions missing, empty or all blank")
     r = run_cli(tmp_path)
@@ -436,7 +477,10 @@ def test_check_measures_prompts_with_the_models_tokenizer(tmp_path, tiny_dir, ca
     config, tok = model.load_tokenizer(tiny_dir)
     n = model.check_sequence_length(config, tok, "put the shoe on the mat", 2, True, 8)
     assert n == len(model.prompt_ids(tok, "put the shoe on the mat")) + 2 * 256 + 1 + 8
-    summarize = lambda **kw: data.summarize(str(tmp_path), data.DEFAULT_CAMERAS, 8, 14, 0, **kw)
+
+    def summarize(**kw):
+        return data.summarize(str(tmp_path), data.DEFAULT_CAMERAS, 8, 14, 0, **kw)
+
     summarize(vla_path=tiny_dir, proprio=True)
     assert f"prompts: the longest instruction fills {n} of the LLM's 2048 positions" in capsys.readouterr().out
     long = write_episode(tmp_path / "episode_1.hdf5", seen=("pick it", "place the shoe " * 1700))
@@ -463,8 +507,13 @@ def test_arm_check_flags_instructions_of_other_episodes(demo, tmp_path, capsys):
         for name, arm in moving.items():
             other = {"left": "right", "right": "left"}[arm]
             said, against = (other, arm) if name in wrong else (arm, other)
-            seen = [f"Put the shoe down with the {said} arm.", f"{said.upper()} gripper: place the shoe", f"Use the "
-                    f"{against} arm.", "Place it using the left and right arms.", "Put the shoe on the leftmost mat."]
+            seen = [
+                f"Put the shoe down with the {said} arm.",
+                f"{said.upper()} gripper: place the shoe",
+                f"Use the {against} arm.",
+                "Place it using the left and right arms.",
+                "Put the shoe on the leftmost mat.",
+            ]
             with h5py.File(tmp_path / name, "a") as f:
                 del f["seen"]
                 f.create_dataset("seen", data=seen, dtype=h5py.string_dtype())
@@ -473,8 +522,10 @@ def test_arm_check_flags_instructions_of_other_episodes(demo, tmp_path, capsys):
 
     assert check(set()) == ["arms: all 6 episodes whose instructions name an arm move that arm most"]
     lines = check({"episode_1.hdf5", "episode_4.hdf5"})
-    assert lines == ["arms: in 2 of 6 episodes the instructions name one arm and the other arm moves most: "
-                     "episode_1.hdf5, episode_4.hdf5"]
+    assert lines == [
+        "arms: in 2 of 6 episodes the instructions name one arm and the other arm moves most: "
+        "episode_1.hdf5, episode_4.hdf5"
+    ]
     lines = check({f"episode_{i}.hdf5" for i in (0, 1, 2, 4, 5)})
     assert len(lines) == 2 and lines[0].startswith("arms: in 5 of 6 episodes") and "episode_3" not in lines[0]
     assert "RoboTwin's OFT conversion" in lines[1] and "python robotwin/convert.py" in lines[1]
@@ -487,6 +538,7 @@ def test_arm_check_flags_instructions_of_other_episodes(demo, tmp_path, capsys):
     write_episode(other / "episode_0.hdf5", T=30, width=13, seen=("use the left arm", "the left arm"))
     data.summarize(str(other), data.DEFAULT_CAMERAS, 8, 13, 0)
     assert "arms:" not in capsys.readouterr().out
+
 
 # ----------------------------------------------------------------------------------------------------
 # model.py
@@ -520,24 +572,54 @@ def openvla_7b_keys():
         keys[f"{prefix}.pos_embed"] = (1, 256, w)
         for i in range(depth):
             b = f"{prefix}.blocks.{i}"
-            keys.update({f"{b}.norm1.weight": (w,), f"{b}.norm1.bias": (w,), f"{b}.norm2.weight": (w,),
-                         f"{b}.norm2.bias": (w,), f"{b}.attn.qkv.weight": (3 * w, w), f"{b}.attn.qkv.bias": (3 * w,),
-                         f"{b}.attn.proj.weight": (w, w), f"{b}.attn.proj.bias": (w,),
-                         f"{b}.mlp.fc1.weight": (mlp, w), f"{b}.mlp.fc1.bias": (mlp,),
-                         f"{b}.mlp.fc2.weight": (w, mlp), f"{b}.mlp.fc2.bias": (w,)})
+            keys.update(
+                {
+                    f"{b}.norm1.weight": (w,),
+                    f"{b}.norm1.bias": (w,),
+                    f"{b}.norm2.weight": (w,),
+                    f"{b}.norm2.bias": (w,),
+                    f"{b}.attn.qkv.weight": (3 * w, w),
+                    f"{b}.attn.qkv.bias": (3 * w,),
+                    f"{b}.attn.proj.weight": (w, w),
+                    f"{b}.attn.proj.bias": (w,),
+                    f"{b}.mlp.fc1.weight": (mlp, w),
+                    f"{b}.mlp.fc1.bias": (mlp,),
+                    f"{b}.mlp.fc2.weight": (w, mlp),
+                    f"{b}.mlp.fc2.bias": (w,),
+                }
+            )
             if layer_scale:
                 keys[f"{b}.ls1.scale_factor"], keys[f"{b}.ls2.scale_factor"] = (w,), (w,)
         keys[f"{prefix}.norm.weight"], keys[f"{prefix}.norm.bias"] = (w,), (w,)
         if attn_pool:
             p = f"{prefix}.attn_pool"
-            keys.update({f"{p}.latent": (1, 1, w), f"{p}.q.weight": (w, w), f"{p}.q.bias": (w,),
-                         f"{p}.kv.weight": (2 * w, w), f"{p}.kv.bias": (2 * w,), f"{p}.proj.weight": (w, w),
-                         f"{p}.proj.bias": (w,), f"{p}.norm.weight": (w,), f"{p}.norm.bias": (w,),
-                         f"{p}.mlp.fc1.weight": (mlp, w), f"{p}.mlp.fc1.bias": (mlp,),
-                         f"{p}.mlp.fc2.weight": (w, mlp), f"{p}.mlp.fc2.bias": (w,)})
+            keys.update(
+                {
+                    f"{p}.latent": (1, 1, w),
+                    f"{p}.q.weight": (w, w),
+                    f"{p}.q.bias": (w,),
+                    f"{p}.kv.weight": (2 * w, w),
+                    f"{p}.kv.bias": (2 * w,),
+                    f"{p}.proj.weight": (w, w),
+                    f"{p}.proj.bias": (w,),
+                    f"{p}.norm.weight": (w,),
+                    f"{p}.norm.bias": (w,),
+                    f"{p}.mlp.fc1.weight": (mlp, w),
+                    f"{p}.mlp.fc1.bias": (mlp,),
+                    f"{p}.mlp.fc2.weight": (w, mlp),
+                    f"{p}.mlp.fc2.bias": (w,),
+                }
+            )
 
-    vit("vision_backbone.featurizer", 1024, 24, 4096,
-        {"cls_token": (1, 1, 1024), "reg_token": (1, 4, 1024)}, layer_scale=True, attn_pool=False)
+    vit(
+        "vision_backbone.featurizer",
+        1024,
+        24,
+        4096,
+        {"cls_token": (1, 1, 1024), "reg_token": (1, 4, 1024)},
+        layer_scale=True,
+        attn_pool=False,
+    )
     vit("vision_backbone.fused_featurizer", 1152, 27, 4304, {}, layer_scale=False, attn_pool=True)
     for i, (o, n) in enumerate([(8704, 2176), (4096, 8704), (4096, 4096)], 1):
         keys[f"projector.fc{i}.weight"], keys[f"projector.fc{i}.bias"] = (o, n), (o,)
@@ -547,9 +629,15 @@ def openvla_7b_keys():
     for i in range(32):
         b = f"{lm}.layers.{i}"
         keys.update({f"{b}.self_attn.{p}_proj.weight": (4096, 4096) for p in "qkvo"})
-        keys.update({f"{b}.mlp.gate_proj.weight": (11008, 4096), f"{b}.mlp.up_proj.weight": (11008, 4096),
-                     f"{b}.mlp.down_proj.weight": (4096, 11008), f"{b}.input_layernorm.weight": (4096,),
-                     f"{b}.post_attention_layernorm.weight": (4096,)})
+        keys.update(
+            {
+                f"{b}.mlp.gate_proj.weight": (11008, 4096),
+                f"{b}.mlp.up_proj.weight": (11008, 4096),
+                f"{b}.mlp.down_proj.weight": (4096, 11008),
+                f"{b}.input_layernorm.weight": (4096,),
+                f"{b}.post_attention_layernorm.weight": (4096,),
+            }
+        )
     return keys
 
 
@@ -557,11 +645,19 @@ def test_7b_keys_and_shapes_match_the_checkpoint_except_the_skip_list():
     vla = VLA.from_config(openvla_7b_config(), torch.bfloat16, "meta")  # shapes only, no memory
     head = {k for k in vla.state_dict() if k.startswith(("action_head.", "action_queries"))}
     ckpt = {k: torch.empty(s, dtype=torch.bfloat16, device="meta") for k, s in openvla_7b_keys().items()}
-    unused = {k for k in ckpt if k.startswith(("vision_backbone.featurizer.blocks.23.",
-                                               "vision_backbone.featurizer.norm.",
-                                               "vision_backbone.fused_featurizer.blocks.26.",
-                                               "vision_backbone.fused_featurizer.norm.",
-                                               "vision_backbone.fused_featurizer.attn_pool."))}
+    unused = {
+        k
+        for k in ckpt
+        if k.startswith(
+            (
+                "vision_backbone.featurizer.blocks.23.",
+                "vision_backbone.featurizer.norm.",
+                "vision_backbone.fused_featurizer.blocks.26.",
+                "vision_backbone.fused_featurizer.norm.",
+                "vision_backbone.fused_featurizer.attn_pool.",
+            )
+        )
+    }
     ours = {k: tuple(v.shape) for k, v in vla.state_dict().items() if k not in head}
     assert ours == {k: tuple(v.shape) for k, v in ckpt.items() if k not in unused}
     assert {k for k in ckpt if k.startswith(tuple(skipped_prefixes(vla.config)))} == unused
@@ -602,8 +698,9 @@ def test_tiny_loads_from_its_directory(tiny_dir):
 def test_sequence_length_is_what_forward_builds(tiny_dir, cameras, proprio_dim, chunk):
     vla = VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim, chunk=chunk)
     lengths = []
-    vla.llm.model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["inputs_embeds"].shape[1]),
-                                            with_kwargs=True)
+    vla.llm.model.register_forward_pre_hook(
+        lambda m, a, k: lengths.append(k["inputs_embeds"].shape[1]), with_kwargs=True
+    )
     for text in ["pick it", "Put the red sneaker onto the green mat, then let go of it."]:
         vla(images(b=1, n=cameras, size=64), [text], torch.zeros(1, proprio_dim) if proprio_dim else None)
         assert lengths[-1] == model.check_sequence_length(vla.config, vla.tokenizer, text, cameras, proprio_dim, chunk)
@@ -611,7 +708,10 @@ def test_sequence_length_is_what_forward_builds(tiny_dir, cameras, proprio_dim, 
     n = lengths[-1]
     for limit in (n, n - 1):  # the limit comes from the config, and a sequence of exactly the limit fits
         config = vla.config | {"text_config": vla.config["text_config"] | {"max_position_embeddings": limit}}
-        check = lambda: model.check_sequence_length(config, vla.tokenizer, text, cameras, proprio_dim, chunk)
+
+        def check():
+            return model.check_sequence_length(config, vla.tokenizer, text, cameras, proprio_dim, chunk)
+
         if limit == n:
             assert check() == n
         else:
@@ -639,8 +739,10 @@ def test_embed_images_shape_camera_order_and_preprocessing(tiny_dir):
     # by hand: per-tower normalization from preprocessor_config.json, DINOv2 channels first, GELU projector
     pre = json.load(open(os.path.join(tiny_dir, "preprocessor_config.json")))["tvf_normalize_params"]
     x = a[:, 0].float() / 255
-    feats = [tower((x - torch.tensor(p["mean"]).view(3, 1, 1)) / torch.tensor(p["std"]).view(3, 1, 1))
-             for tower, p in zip([vla.vision_backbone.featurizer, vla.vision_backbone.fused_featurizer], pre)]
+    feats = [
+        tower((x - torch.tensor(p["mean"]).view(3, 1, 1)) / torch.tensor(p["std"]).view(3, 1, 1))
+        for tower, p in zip([vla.vision_backbone.featurizer, vla.vision_backbone.fused_featurizer], pre)
+    ]
     assert feats[0].shape == (1, 256, 64) and feats[1].shape == (1, 256, 96)
     p = vla.projector
     torch.testing.assert_close(ea, p.fc3(F.gelu(p.fc2(F.gelu(p.fc1(torch.cat(feats, -1)))))))
@@ -673,8 +775,13 @@ def test_resize_is_pils_bicubic_bit_for_bit(demo, height, width):
     with h5py.File(demo[0]) as f:
         scene = np.asarray(Image.fromarray(f["head_camera_image"][60]).resize((width, height), Image.BICUBIC))
     rng = np.random.default_rng(0)
-    frames = np.stack([scene, np.clip(scene + rng.normal(0, 12, scene.shape), 0, 255).astype(np.uint8),
-                       rng.integers(0, 256, scene.shape, dtype=np.uint8)])
+    frames = np.stack(
+        [
+            scene,
+            np.clip(scene + rng.normal(0, 12, scene.shape), 0, 255).astype(np.uint8),
+            rng.integers(0, 256, scene.shape, dtype=np.uint8),
+        ]
+    )
     frames = torch.from_numpy(frames).permute(0, 3, 1, 2)
     ours = model.resize_like_pil(frames, 224)
     assert torch.equal(ours, torch.stack([pil_resized(f) for f in frames]))
@@ -686,6 +793,7 @@ def test_jitter_matches_tf_ops_computed_with_colorsys():
     """OFT's colour augmentation (TF's adjust_brightness/contrast/saturation/hue, each clipped) against a per-pixel
     reference written with Python's colorsys."""
     import colorsys
+
     g = torch.Generator().manual_seed(0)
     x, u = torch.rand(3, 3, 5, 6, generator=g), torch.rand(3, 4, generator=g)
     ours = model.jitter(x, u)
@@ -714,7 +822,7 @@ def test_augmentation_is_seeded_per_sample_and_train_only(tiny_dir, demo):
     assert torch.equal(centre, tower_input(vla.eval(), x))
     assert ((augmented - centre).abs().flatten(1).mean(1) > 3).all()  # every camera of every sample changed
     # the centre crop is PIL's crop + resize of the frame's middle 90% of the area
-    lo, hi = (1 - 0.9 ** 0.5) / 2 * 256, (1 + 0.9 ** 0.5) / 2 * 256
+    lo, hi = (1 - 0.9**0.5) / 2 * 256, (1 + 0.9**0.5) / 2 * 256
     assert torch.equal(centre.round(), torch.stack([pil_resized(f, (lo, lo, hi, hi)) for f in x.flatten(0, 1)]))
     assert not torch.equal(centre.round(), torch.stack([pil_resized(f) for f in x.flatten(0, 1)]))
 
@@ -734,7 +842,7 @@ def test_vit_block_and_tower_by_hand():
 
     sd = {k: v.detach() for k, v in block.state_dict().items()}
     h = ln(x, sd["norm1.weight"], sd["norm1.bias"]) @ sd["attn.qkv.weight"].T + sd["attn.qkv.bias"]
-    q, k, v = h[..., :d], h[..., d:2 * d], h[..., 2 * d:]  # rows [q; k; v], heads contiguous
+    q, k, v = h[..., :d], h[..., d : 2 * d], h[..., 2 * d :]  # rows [q; k; v], heads contiguous
     out = []
     for i in range(heads):
         s = slice(i * d // heads, (i + 1) * d // heads)
@@ -755,8 +863,17 @@ def test_vit_block_and_tower_by_hand():
     assert len(vit.blocks) == 2
     img = torch.randn(1, 3, 28, 28, dtype=torch.float64)
     w = vit.patch_embed.proj.weight
-    patches = torch.stack([(img[0, :, 14 * r:14 * r + 14, 14 * c:14 * c + 14] * w).sum((1, 2, 3))
-                           for r in range(2) for c in range(2)])[None] + vit.patch_embed.proj.bias + vit.pos_embed
+    patches = (
+        torch.stack(
+            [
+                (img[0, :, 14 * r : 14 * r + 14, 14 * c : 14 * c + 14] * w).sum((1, 2, 3))
+                for r in range(2)
+                for c in range(2)
+            ]
+        )[None]
+        + vit.patch_embed.proj.bias
+        + vit.pos_embed
+    )
     t = torch.cat([vit.cls_token, vit.reg_token, patches], 1)
     torch.testing.assert_close(vit(img), vit.blocks[1](vit.blocks[0](t))[:, 5:])
 
@@ -765,23 +882,39 @@ def timm_film_block(sd, x, heads, gamma, beta):
     """timm's ViT Block.forward (fused qkv, softmax attention, exact GELU) wrapped as OpenVLA-OFT's
     FiLMedVisionTransformerBlock: x * (1 + gamma) + beta between the attention and the MLP residuals."""
     B, T, d = x.shape
-    ls = lambda name, t: t * sd[f"{name}.scale_factor"] if f"{name}.scale_factor" in sd else t
-    qkv = F.linear(F.layer_norm(x, (d,), sd["norm1.weight"], sd["norm1.bias"], 1e-6), sd["attn.qkv.weight"],
-                   sd["attn.qkv.bias"]).reshape(B, T, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+
+    def ls(name, t):
+        return t * sd[f"{name}.scale_factor"] if f"{name}.scale_factor" in sd else t
+
+    qkv = (
+        F.linear(
+            F.layer_norm(x, (d,), sd["norm1.weight"], sd["norm1.bias"], 1e-6),
+            sd["attn.qkv.weight"],
+            sd["attn.qkv.bias"],
+        )
+        .reshape(B, T, 3, heads, d // heads)
+        .permute(2, 0, 3, 1, 4)
+    )
     q, k, v = qkv.unbind(0)
     attn = ((q * (d // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
     a = (attn @ v).transpose(1, 2).reshape(B, T, d)
     x = x + ls("ls1", F.linear(a, sd["attn.proj.weight"], sd["attn.proj.bias"]))
     x = x * (1 + gamma.view(B, 1, d)) + beta.view(B, 1, d)
-    m = F.linear(F.layer_norm(x, (d,), sd["norm2.weight"], sd["norm2.bias"], 1e-6), sd["mlp.fc1.weight"],
-                 sd["mlp.fc1.bias"])
+    m = F.linear(
+        F.layer_norm(x, (d,), sd["norm2.weight"], sd["norm2.bias"], 1e-6), sd["mlp.fc1.weight"], sd["mlp.fc1.bias"]
+    )
     return x + ls("ls2", F.linear(F.gelu(m), sd["mlp.fc2.weight"], sd["mlp.fc2.bias"]))
 
 
 def tower_outputs(vla, x, instructions):
     """What each tower receives and gives in vla(x, instructions): {tower name: (pixels, features)}."""
-    seen, hooks = {}, [t.register_forward_hook(lambda m, args, out, name=name: seen.update({name: (args[0], out)}))
-                       for name, t in vla.vision_backbone.items()]
+    seen, hooks = (
+        {},
+        [
+            t.register_forward_hook(lambda m, args, out, name=name: seen.update({name: (args[0], out)}))
+            for name, t in vla.vision_backbone.items()
+        ],
+    )
     with torch.no_grad():
         vla(x, instructions)
     for h in hooks:
@@ -807,16 +940,27 @@ def test_film_is_ofts_formula_on_each_samples_prompt_and_listens_to_it(tiny_dir)
         prefix = [t.expand(len(h), -1, -1) for t in (tower.cls_token, tower.reg_token) if t is not None]
         h = torch.cat(prefix + [h], 1)
         for i in range(spec["depth"] - 1):  # features from the second-to-last block: those are FiLMed
-            block = {k[len(f"vision_backbone.{name}.blocks.{i}."):]: v for k, v in sd.items()
-                     if k.startswith(f"vision_backbone.{name}.blocks.{i}.")}
-            film = lambda part: F.linear(e, sd[f"film_layers.{name}.{i}.{part}.weight"],
-                                         sd[f"film_layers.{name}.{i}.{part}.bias"])
+            block = {
+                k[len(f"vision_backbone.{name}.blocks.{i}.") :]: v
+                for k, v in sd.items()
+                if k.startswith(f"vision_backbone.{name}.blocks.{i}.")
+            }
+
+            def film(part):
+                return F.linear(
+                    e, sd[f"film_layers.{name}.{i}.{part}.weight"], sd[f"film_layers.{name}.{i}.{part}.bias"]
+                )
+
             h = timm_film_block(block, h, spec["heads"], film("scale"), film("shift"))
-        expected = h[:, spec["regs"] + spec["cls"]:]
+        expected = h[:, spec["regs"] + spec["cls"] :]
         assert (out - expected).abs().max() < 1e-5, name
     assert sorted(k for k in sd if k.startswith("film_layers.")) == sorted(
-        f"film_layers.{t}.{i}.{p}.{w}" for t in model.TOWERS for i in range(2) for p in ("scale", "shift")
-        for w in ("weight", "bias"))
+        f"film_layers.{t}.{i}.{p}.{w}"
+        for t in model.TOWERS
+        for i in range(2)
+        for p in ("scale", "shift")
+        for w in ("weight", "bias")
+    )
     # only the instruction changes: with FiLM the features follow it, without they cannot
     other = ["place it", "pick up the shoe", INSTR[2]]  # and a shorter batch: sample 2 sees other padding
     for film, vla in [(True, vla), (False, VLA.from_pretrained(tiny_dir).eval())]:
@@ -840,12 +984,16 @@ def test_one_step_trains_only_lora_and_head(tiny_dir, proprio_dim, film):
     head = ("action_head.", "action_queries", "proprio_projector.", "film_layers.")
     assert all("lora_" in n or n.startswith(head) for n in trainable)
     fully = {n for n, p in vla.named_parameters() if n.startswith(head)}
-    assert {n for n in trainable if not "lora_" in n} == fully and all(vla.get_parameter(n).dtype == torch.float32
-                                                                       for n in fully)
+    assert {n for n in trainable if "lora_" not in n} == fully and all(
+        vla.get_parameter(n).dtype == torch.float32 for n in fully
+    )
     assert len([n for n in fully if n.startswith("proprio_projector.")]) == 4 * (proprio_dim > 0)  # 2 Linear layers
     assert len([n for n in fully if n.startswith("film_layers.")]) == 16 * film  # 2 towers x 2 blocks x 2 Linear
-    assert [n for n, p in vla.named_parameters() if p.requires_grad] == [n for n, p in add_lora(
-        VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim, film=film)).named_parameters() if p.requires_grad]
+    assert [n for n, p in vla.named_parameters() if p.requires_grad] == [
+        n
+        for n, p in add_lora(VLA.from_pretrained(tiny_dir, proprio_dim=proprio_dim, film=film)).named_parameters()
+        if p.requires_grad
+    ]
     frozen = {n: p.detach().clone() for n, p in vla.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW([p for p in vla.parameters() if p.requires_grad], lr=1e-3)
     x, target, state = images(2), torch.randn(2, 8, 14), torch.rand(2, proprio_dim) * 2 - 1
@@ -878,6 +1026,7 @@ def test_grad_ckpt_gives_the_same_gradients(tiny_dir, film):
             enable_grad_ckpt(vla)
         vla(images(1), INSTR[:1]).square().sum().backward()
         return {n: p.grad for n, p in vla.named_parameters() if p.requires_grad}
+
     plain, ckpt = grads(False), grads(True)
     assert plain.keys() == ckpt.keys() and sum(n.startswith("film_layers.") for n in plain) == 16 * film
     for n in plain:
@@ -890,7 +1039,7 @@ def test_batched_equals_one_by_one(tiny_dir, attention):
     assert len({len(t) for t in vla.tokenize(INSTR)}) == 3
     x = images()
     batched = vla(x, INSTR)
-    single = torch.cat([vla(x[i:i + 1], INSTR[i:i + 1]) for i in range(3)])
+    single = torch.cat([vla(x[i : i + 1], INSTR[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
     swapped = vla(x[[0, 0]], [INSTR[0], INSTR[1]])  # same image, another prompt: the prompt matters
     assert (swapped[0] - swapped[1]).abs().max() > 1e-3
@@ -906,6 +1055,7 @@ def test_attention_modes_differ_and_never_see_padding(tiny_dir):
             vla.action_queries.copy_(queries)
             vla.action_queries[-1] += bump
             return vla(x, INSTR[:2])
+
     out = {(a, bump): run(a, bump) for a in model.ATTENTION for bump in (0.0, 1.0)}
     c0, c1 = out["causal", 0.0], out["causal", 1.0]
     torch.testing.assert_close(c0[:, :-1], c1[:, :-1], atol=1e-6, rtol=0)  # causal: earlier queries never see it
@@ -935,21 +1085,33 @@ def test_save_and_load_trained_reproduce_outputs(tiny_dir, tmp_path):
     x, state = images(2), torch.rand(2, 3) * 2 - 1
     out = vla(x, INSTR[:2], state)
     save_trained(vla, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["action_head.safetensors", "adapter_config.json",
-                                            "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "action_head.safetensors",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert all(k.startswith("base_model.model.") for k in load_file(tmp_path / "adapter_model.safetensors"))
     fresh = VLA.from_pretrained(tiny_dir)  # default chunk 8 x 14, causal, no state, no FiLM: the head's config wins
     assert not hasattr(fresh, "peft_config")
     load_trained(fresh, str(tmp_path))
-    assert (fresh.chunk, fresh.action_dim, fresh.attention, fresh.proprio_dim, fresh.image_aug, fresh.film) == \
-        (4, 7, "queries", 3, True, True)
+    assert (fresh.chunk, fresh.action_dim, fresh.attention, fresh.proprio_dim, fresh.image_aug, fresh.film) == (
+        4,
+        7,
+        "queries",
+        3,
+        True,
+        True,
+    )
     assert torch.equal(fresh.eval()(x, INSTR[:2], state), out)
     again = add_lora(VLA.from_pretrained(tiny_dir, chunk=4, action_dim=7, proprio_dim=3, film=True))  # resume
     assert torch.equal(load_trained(again, str(tmp_path)).eval()(x, INSTR[:2], state), out)
     # a head saved before --attention replaced --bidirectional (and before proprio / augmentation / FiLM) still loads
     head, old = str(tmp_path / "old_head.safetensors"), lora_vla(tiny_dir, chunk=4, action_dim=7)
-    save_file({k: v.contiguous() for k, v in old.state_dict().items() if k.startswith(model.HEAD)}, head,
-              metadata={"chunk": "4", "action_dim": "7", "hidden": "128", "bidirectional": "true"})
+    save_file(
+        {k: v.contiguous() for k, v in old.state_dict().items() if k.startswith(model.HEAD)},
+        head,
+        metadata={"chunk": "4", "action_dim": "7", "hidden": "128", "bidirectional": "true"},
+    )
     model.load_head(fresh, head)
     assert (fresh.attention, fresh.proprio_dim, fresh.image_aug, fresh.film) == ("queries", 0, False, False)
 
@@ -980,21 +1142,42 @@ def test_merge_matches_lora_and_export_reloads(tiny_dir, tmp_path):
 def test_merge_cli(tiny_dir, tmp_path):
     import subprocess
     import sys
+
     vla = lora_vla(tiny_dir)
     save_trained(vla, str(tmp_path / "ckpt"))
     for f in ("dataset_statistics.json", "args.json"):
         json.dump({"x": 1}, open(tmp_path / "ckpt" / f, "w"))
     merge_lora(vla)
-    cmd = [sys.executable, "merge.py", str(tmp_path / "ckpt"), "--base", tiny_dir,
-           "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "float32"]
-    subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "merge.py",
+        str(tmp_path / "ckpt"),
+        "--base",
+        tiny_dir,
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
+    subprocess.run(
+        cmd,
+        check=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert {"dataset_statistics.json", "args.json", "config.json"} <= set(os.listdir(tmp_path / "out"))
     assert "adapter_config.json" not in os.listdir(tmp_path / "out")
     x = images(2)
     torch.testing.assert_close(VLA.from_pretrained(str(tmp_path / "out"))(x, INSTR[:2]), vla(x, INSTR[:2]))
-    old = subprocess.run([sys.executable, "model.py", "--merge", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")],
-                         cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    old = subprocess.run(
+        [sys.executable, "model.py", "--merge", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")],
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        capture_output=True,
+        text=True,
+    )
     assert old.returncode == 1 and old.stderr.startswith("error: merging moved to merge.py: python merge.py CKPT_DIR")
     assert old.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "o")
 
@@ -1017,8 +1200,9 @@ def test_broken_checkpoints_give_clear_errors(tiny_dir, tmp_path, monkeypatch):
         VLA.from_pretrained(str(d))
 
     for name, edit, match in [
-            ("missing-key", lambda sd: sd.pop("projector.fc2.bias"), r"missing keys \[projector.fc2.bias\]"),
-            ("extra-key", lambda sd: sd.update(extra=torch.zeros(1)), r"unexpected keys \[extra\]")]:
+        ("missing-key", lambda sd: sd.pop("projector.fc2.bias"), r"missing keys \[projector.fc2.bias\]"),
+        ("extra-key", lambda sd: sd.update(extra=torch.zeros(1)), r"unexpected keys \[extra\]"),
+    ]:
         d = copy(name)
         sd = load_file(d / "model.safetensors")
         edit(sd)
@@ -1037,6 +1221,7 @@ def test_broken_checkpoints_give_clear_errors(tiny_dir, tmp_path, monkeypatch):
         VLA.from_pretrained(str(tmp_path / "nowhere"))
 
     import huggingface_hub.constants
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     with pytest.raises(RuntimeError, match="offline.*--vla_path"):
@@ -1055,13 +1240,33 @@ def test_broken_checkpoints_give_clear_errors(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="missing .*adapter_config.json"):
         load_trained(VLA.from_pretrained(tiny_dir), str(tmp_path / "ckpt"))
 
+
 # ----------------------------------------------------------------------------------------------------
 # train.py
 
+
 def train_flags(tiny_dir, demo_dir, out, *extra):
-    return ["--vla_path", tiny_dir, "--data_dir", demo_dir, "--out_dir", str(out), "--val_episodes", "1",
-            "--batch_size", "2", "--num_workers", "0", "--lora_rank", "4", "--log_interval", "1",
-            "--eval_batches", "2", *map(str, extra)]
+    return [
+        "--vla_path",
+        tiny_dir,
+        "--data_dir",
+        demo_dir,
+        "--out_dir",
+        str(out),
+        "--val_episodes",
+        "1",
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--lora_rank",
+        "4",
+        "--log_interval",
+        "1",
+        "--eval_batches",
+        "2",
+        *map(str, extra),
+    ]
 
 
 def train_cmd(flags, nproc=1):
@@ -1075,7 +1280,8 @@ def run_train(flags, nproc=1):
 
 def trained_weights(ckpt):
     return load_file(os.path.join(ckpt, "adapter_model.safetensors")) | load_file(
-        os.path.join(ckpt, "action_head.safetensors"))
+        os.path.join(ckpt, "action_head.safetensors")
+    )
 
 
 def max_diff(a, b):
@@ -1087,8 +1293,11 @@ def max_diff(a, b):
 def run_a(tiny_dir, demo_dir, tmp_path_factory):
     """6 steps, checkpoints at 3 and 6, lr decay after step 4: the reference for resume, lr and metrics tests."""
     out = tmp_path_factory.mktemp("run_a")
-    r = run_train(train_flags(tiny_dir, demo_dir, out, "--max_steps", 6, "--save_interval", 3, "--eval_interval", 3,
-                              "--lr_decay_step", 4))
+    r = run_train(
+        train_flags(
+            tiny_dir, demo_dir, out, "--max_steps", 6, "--save_interval", 3, "--eval_interval", 3, "--lr_decay_step", 4
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -1096,8 +1305,14 @@ def run_a(tiny_dir, demo_dir, tmp_path_factory):
 def test_checkpoint_is_complete(run_a):
     ckpts = sorted(glob.glob(str(run_a / "step_*")))
     assert [os.path.basename(c) for c in ckpts] == ["step_000003", "step_000006"]
-    for f in ["adapter_model.safetensors", "adapter_config.json", "action_head.safetensors",
-              "dataset_statistics.json", "args.json", "trainer_state.pt"]:
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "action_head.safetensors",
+        "dataset_statistics.json",
+        "args.json",
+        "trainer_state.pt",
+    ]:
         assert os.path.isfile(os.path.join(ckpts[-1], f)), f
     state = torch.load(os.path.join(ckpts[-1], "trainer_state.pt"), weights_only=True)
     assert state["step"] == 6 and state["optimizer"]["state"]
@@ -1119,8 +1334,23 @@ def test_metrics_and_lr_decay(run_a):
 
 
 def test_resume_is_exact(run_a, tiny_dir, demo_dir, tmp_path):
-    r = run_train(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 6, "--save_interval", 3,
-                              "--eval_interval", 3, "--lr_decay_step", 4, "--resume", run_a / "step_000003"))
+    r = run_train(
+        train_flags(
+            tiny_dir,
+            demo_dir,
+            tmp_path,
+            "--max_steps",
+            6,
+            "--save_interval",
+            3,
+            "--eval_interval",
+            3,
+            "--lr_decay_step",
+            4,
+            "--resume",
+            run_a / "step_000003",
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
     resumed, straight = trained_weights(tmp_path / "step_000006"), trained_weights(run_a / "step_000006")
@@ -1128,8 +1358,20 @@ def test_resume_is_exact(run_a, tiny_dir, demo_dir, tmp_path):
     assert max_diff(trained_weights(run_a / "step_000003"), straight) > 1e-4  # the last 3 steps did change them
 
 
-P_FLAGS = ["--proprio", "--action_offset", 1, "--attention", "full", "--film", "--save_interval", 2,
-           "--eval_interval", 2, "--grad_ckpt", "auto"]
+P_FLAGS = [
+    "--proprio",
+    "--action_offset",
+    1,
+    "--attention",
+    "full",
+    "--film",
+    "--save_interval",
+    2,
+    "--eval_interval",
+    2,
+    "--grad_ckpt",
+    "auto",
+]
 
 
 @pytest.fixture(scope="session")
@@ -1143,8 +1385,9 @@ def run_p(tiny_dir, demo_dir, tmp_path_factory):
 
 
 def test_resume_is_exact_with_proprio_full_attention_and_film(run_p, tiny_dir, demo_dir, tmp_path):
-    r = run_train(train_flags(tiny_dir, demo_dir, tmp_path, *P_FLAGS, "--max_steps", 4, "--resume",
-                              run_p / "step_000002"))
+    r = run_train(
+        train_flags(tiny_dir, demo_dir, tmp_path, *P_FLAGS, "--max_steps", 4, "--resume", run_p / "step_000002")
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     resumed, straight = trained_weights(tmp_path / "step_000004"), trained_weights(run_p / "step_000004")
     assert max_diff(resumed, straight) <= 1e-6
@@ -1175,22 +1418,30 @@ def test_swap_red_blue_trains_bgr_files_as_their_rgb_twins(tiny_dir, demo, tmp_p
     reports = []
     for kind, extra in (("rgb", []), ("bgr", ["--swap_red_blue"])):
         out = tmp_path / f"run_{kind}"
-        r = run_train(train_flags(tiny_dir, tmp_path / kind, out, "--max_steps", 2, "--save_interval", 2,
-                                  "--eval_interval", 2, *extra))
+        r = run_train(
+            train_flags(
+                tiny_dir, tmp_path / kind, out, "--max_steps", 2, "--save_interval", 2, "--eval_interval", 2, *extra
+            )
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         ckpt = out / "step_000002"
         episode = json.load(open(ckpt / "args.json"))["val_episode_files"][0]
         infer.main(["--checkpoint", str(ckpt), "--episode", episode, "--out", str(out / "infer")])
         reports.append(json.load(open(out / "infer" / "report.json")))
     assert json.load(open(tmp_path / "run_bgr" / "step_000002" / "args.json"))["swap_red_blue"] is True
-    assert max_diff(trained_weights(tmp_path / "run_rgb" / "step_000002"),
-                    trained_weights(tmp_path / "run_bgr" / "step_000002")) == 0
+    assert (
+        max_diff(
+            trained_weights(tmp_path / "run_rgb" / "step_000002"), trained_weights(tmp_path / "run_bgr" / "step_000002")
+        )
+        == 0
+    )
     assert reports[0]["executed"] == reports[1]["executed"]
 
 
 def test_torchrun_two_ranks(tiny_dir, demo_dir, tmp_path):
-    r = run_train(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 2, "--save_interval", 2,
-                              "--eval_interval", 2), nproc=2)
+    r = run_train(
+        train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 2, "--save_interval", 2, "--eval_interval", 2), nproc=2
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainable weights identical on all 2 ranks" in r.stdout
     assert "global batch 4 = 2 x 1 accum x 2 ranks" in r.stdout
@@ -1212,8 +1463,12 @@ def test_grad_accum_matches_bigger_batch(tiny_dir, demo_dir, tmp_path):
     weights = []
     for name, flags in [("b2", ["--batch_size", 2]), ("b1a2", ["--batch_size", 1, "--grad_accum", 2])]:
         out = tmp_path / name
-        r = run_train(train_flags(tiny_dir, demo_dir, out, "--max_steps", 2, "--save_interval", 2, "--eval_interval", 2,
-                                  "--no-image_aug") + list(map(str, flags)))
+        r = run_train(
+            train_flags(
+                tiny_dir, demo_dir, out, "--max_steps", 2, "--save_interval", 2, "--eval_interval", 2, "--no-image_aug"
+            )
+            + list(map(str, flags))
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         weights.append(trained_weights(out / "step_000002"))
     assert max_diff(*weights) <= 1e-5
@@ -1222,30 +1477,36 @@ def test_grad_accum_matches_bigger_batch(tiny_dir, demo_dir, tmp_path):
 def test_nan_loss_stops_without_saving(tiny_dir, demo_dir, tmp_path):
     r = run_train(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 6, "--save_interval", 1, "--lr", 1e30))
     assert r.returncode != 0
-    line = [l for l in r.stderr.splitlines() if "loss is" in l][-1]
+    line = [x for x in r.stderr.splitlines() if "loss is" in x][-1]
     bad_step = int(line.split(" at step ")[1].split(";")[0])
     assert "Traceback" not in r.stderr
     saved = sorted(int(os.path.basename(c)[5:]) for c in glob.glob(str(tmp_path / "step_*")))
     assert saved == list(range(1, bad_step))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--cameras", "head_camera_image,top_cam"], "episode_0.hdf5: missing top_cam"),
-    (["--batch_size", "0"], "--batch_size must be positive"),
-    (["--chunk", "5000"], "too short"),
-    (["--resume", "/nonexistent/step_000100"], "missing /nonexistent/step_000100/adapter_model.safetensors"),
-    (["--lr", "nan"], "--lr must be a finite positive number, got nan"),
-    (["--lr", "inf"], "--lr must be a finite positive number, got inf"),
-    (["--vla_path", "/"], "--vla_path /: no config.json, tokenizer.json, model*.safetensors there"),
-    (["--vla_path", "/nonexistent/openvla-7b"], "no such directory, and not a Hugging Face Hub id"),
-    (["--out_dir", "/dev/null/run"], "--out_dir /dev/null/run is not writable"),
-    (["--preempt_signals", "SIGTERM,SIGKILL"], "SIGKILL is not a signal a process can catch"),
-    pytest.param(["--device", "cuda"], "--device cuda: no CUDA device is visible",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")),
-    (["--data_dir", "/nonexistent/episodes"], "/nonexistent/episodes: no such file or directory"),
-    (["--bidirectional"], "unrecognized arguments: --bidirectional"),
-    (["--dist_timeout", "0"], "--dist_timeout must be positive, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--cameras", "head_camera_image,top_cam"], "episode_0.hdf5: missing top_cam"),
+        (["--batch_size", "0"], "--batch_size must be positive"),
+        (["--chunk", "5000"], "too short"),
+        (["--resume", "/nonexistent/step_000100"], "missing /nonexistent/step_000100/adapter_model.safetensors"),
+        (["--lr", "nan"], "--lr must be a finite positive number, got nan"),
+        (["--lr", "inf"], "--lr must be a finite positive number, got inf"),
+        (["--vla_path", "/"], "--vla_path /: no config.json, tokenizer.json, model*.safetensors there"),
+        (["--vla_path", "/nonexistent/openvla-7b"], "no such directory, and not a Hugging Face Hub id"),
+        (["--out_dir", "/dev/null/run"], "--out_dir /dev/null/run is not writable"),
+        (["--preempt_signals", "SIGTERM,SIGKILL"], "SIGKILL is not a signal a process can catch"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda: no CUDA device is visible",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there"),
+        ),
+        (["--data_dir", "/nonexistent/episodes"], "/nonexistent/episodes: no such file or directory"),
+        (["--bidirectional"], "unrecognized arguments: --bidirectional"),
+        (["--dist_timeout", "0"], "--dist_timeout must be positive, got 0.0"),
+    ],
+)
 def test_bad_flags_fail_before_the_model_loads(flags, message, tiny_dir, demo_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(SystemExit) as e:
@@ -1269,15 +1530,18 @@ def test_validation_split_takes_only_usable_episodes(tiny_dir, tmp_path, monkeyp
     with pytest.raises(ModelLoads):
         train.main(train_flags(tiny_dir, str(tmp_path), tmp_path / "out"))
     out = capsys.readouterr()
-    args = json.loads(out.out[out.out.index("{"):out.out.index("\n}") + 2])
+    args = json.loads(out.out[out.out.index("{") : out.out.index("\n}") + 2])
     assert args["val_episode_files"] == [paths[1]] and paths[0] in out.err
     assert "train: 1 episodes" in out.out and "val: 1 episodes" in out.out
 
 
-@pytest.mark.parametrize("seen, message", [
-    (None, "no instructions (no seen dataset or LIBERO problem_info): pass --instruction"),
-    (("pick it", "place the shoe " * 1700), "the instruction is too long: "),  # 5,000 words
-])
+@pytest.mark.parametrize(
+    "seen, message",
+    [
+        (None, "no instructions (no seen dataset or LIBERO problem_info): pass --instruction"),
+        (("pick it", "place the shoe " * 1700), "the instruction is too long: "),  # 5,000 words
+    ],
+)
 def test_instructions_are_checked_before_the_model_loads(seen, message, tiny_dir, tmp_path, monkeypatch):
     write_episode(tmp_path / "episode_0.hdf5")
     write_episode(tmp_path / "episode_1.hdf5")
@@ -1299,14 +1563,23 @@ def find_resume(tiny_dir, demo_dir, out, *extra):
     return train.find_resume(train.get_args(train_flags(tiny_dir, demo_dir, out, "--max_steps", 9, *extra)))
 
 
-@pytest.mark.parametrize("case, name", [
-    ("truncated", "adapter_model.safetensors"), ("truncated", "action_head.safetensors"),
-    ("truncated", "trainer_state.pt"), ("empty", "trainer_state.pt"), ("garbage", "args.json"),
-    ("garbage", "dataset_statistics.json"), ("garbage", "adapter_config.json"), ("missing", "action_head.safetensors"),
-    ("empty dir", "adapter_model.safetensors"),
-])
-def test_broken_checkpoint_is_named_before_the_model_loads_and_auto_skips_it(case, name, run_a, tiny_dir, demo_dir,
-                                                                             tmp_path, capsys):
+@pytest.mark.parametrize(
+    "case, name",
+    [
+        ("truncated", "adapter_model.safetensors"),
+        ("truncated", "action_head.safetensors"),
+        ("truncated", "trainer_state.pt"),
+        ("empty", "trainer_state.pt"),
+        ("garbage", "args.json"),
+        ("garbage", "dataset_statistics.json"),
+        ("garbage", "adapter_config.json"),
+        ("missing", "action_head.safetensors"),
+        ("empty dir", "adapter_model.safetensors"),
+    ],
+)
+def test_broken_checkpoint_is_named_before_the_model_loads_and_auto_skips_it(
+    case, name, run_a, tiny_dir, demo_dir, tmp_path, capsys
+):
     out = shutil.copytree(run_a, tmp_path / "run")
     ckpt, path = out / "step_000006", out / "step_000006" / name
     if case == "truncated":
@@ -1331,19 +1604,25 @@ def test_broken_checkpoint_is_named_before_the_model_loads_and_auto_skips_it(cas
     assert f"note: --resume auto skips {ckpt}: " in note and name in note
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--chunk", 4], "trained with --chunk 8, not 4"),
-    (["--action_dim", 7], "trained with --action_dim 14, not 7"),
-    (["--lora_rank", 8], "trained with --lora_rank 4, not 8"),
-    (["--cameras", "head_camera_image"], f"trained with --cameras {','.join(data.DEFAULT_CAMERAS)}, not head_camera"),
-    (["--proprio"], "trained with --proprio False, not True"),
-    (["--attention", "full"], "trained with --attention causal, not full"),
-    (["--action_offset", 1], "trained with --action_offset 0, not 1"),
-    (["--norm", "q99"], "trained with --norm bounds, not q99"),
-    (["--swap_red_blue"], "trained with --swap_red_blue False, not True"),
-    (["--no-image_aug"], "trained with --image_aug True, not False"),
-    (["--film"], "trained with --film False, not True"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--chunk", 4], "trained with --chunk 8, not 4"),
+        (["--action_dim", 7], "trained with --action_dim 14, not 7"),
+        (["--lora_rank", 8], "trained with --lora_rank 4, not 8"),
+        (
+            ["--cameras", "head_camera_image"],
+            f"trained with --cameras {','.join(data.DEFAULT_CAMERAS)}, not head_camera",
+        ),
+        (["--proprio"], "trained with --proprio False, not True"),
+        (["--attention", "full"], "trained with --attention causal, not full"),
+        (["--action_offset", 1], "trained with --action_offset 0, not 1"),
+        (["--norm", "q99"], "trained with --norm bounds, not q99"),
+        (["--swap_red_blue"], "trained with --swap_red_blue False, not True"),
+        (["--no-image_aug"], "trained with --image_aug True, not False"),
+        (["--film"], "trained with --film False, not True"),
+    ],
+)
 def test_resume_refuses_flags_that_change_shapes_or_data(flags, message, run_a, tiny_dir, demo_dir, tmp_path):
     with pytest.raises(SystemExit, match=message):
         find_resume(tiny_dir, demo_dir, tmp_path, "--resume", run_a / "step_000003", *flags)
@@ -1354,8 +1633,11 @@ def test_resume_refuses_another_base(run_a, tiny_dir, demo_dir, tmp_path):
     other = shutil.copytree(tiny_dir, tmp_path / "other-base")
     edit_json(other / "config.json", lambda c: c.update(norm_stats={"libero": {}}))
     ckpt = str(run_a / "step_000003")
-    with pytest.raises(SystemExit, match=f"^error: --resume {ckpt}: {ckpt} was trained on another base than {other} "
-                                         r"\(config.json [0-9a-f]{16}; .*'s: [0-9a-f]{16}\): pass the base"):
+    with pytest.raises(
+        SystemExit,
+        match=f"^error: --resume {ckpt}: {ckpt} was trained on another base than {other} "
+        r"\(config.json [0-9a-f]{16}; .*'s: [0-9a-f]{16}\): pass the base",
+    ):
         find_resume(str(other), demo_dir, tmp_path / "new", "--resume", ckpt)
     out = shutil.copytree(run_a, tmp_path / "run")
     with pytest.raises(SystemExit, match="^error: --resume auto: no usable checkpoint in --out_dir"):
@@ -1372,7 +1654,9 @@ def test_resume_rules(run_a, tiny_dir, demo_dir, tmp_path, monkeypatch, capsys):
     (legacy / "args.json").write_text(json.dumps(args | {"bidirectional": True}))
     with pytest.raises(SystemExit, match="trained with --attention queries, not causal"):
         find_resume(tiny_dir, demo_dir, tmp_path / "a", "--resume", legacy)
-    assert find_resume(tiny_dir, demo_dir, tmp_path / "a", "--resume", legacy, "--attention", "queries")[0] == str(legacy)
+    assert find_resume(tiny_dir, demo_dir, tmp_path / "a", "--resume", legacy, "--attention", "queries")[0] == str(
+        legacy
+    )
     # another batch size only changes the data order: a note
     assert find_resume(tiny_dir, demo_dir, tmp_path / "b", "--resume", ckpt, "--batch_size", 3)[0] == ckpt
     assert "note: " + ckpt + " was trained with --batch_size 2" in capsys.readouterr().out
@@ -1399,8 +1683,9 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_dir, demo_di
 
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(SystemExit) as e:
-        train.main(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 3, "--save_interval", 1,
-                               "--eval_interval", 9))
+        train.main(
+            train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 3, "--save_interval", 1, "--eval_interval", 9)
+        )
     assert f"could not save {tmp_path / 'step_000002'} (RuntimeError: " in str(e.value.code)
     assert sorted(os.listdir(tmp_path)) == [".lock", "metrics.jsonl", "step_000001"]
     assert train.read_checkpoint(str(tmp_path / "step_000001"))[1]["step"] == 1
@@ -1413,8 +1698,23 @@ def test_metrics_hold_each_step_once_after_a_resume(run_a, tiny_dir, demo_dir, t
     rows = open(out / "metrics.jsonl").readlines()
     with open(out / "metrics.jsonl", "w") as f:  # a garbage line, and the half-written row of a kill -9
         f.writelines(rows[:2] + ["\x00garbage\n"] + rows[2:] + ['{"step": 7, "lo'])
-    r = run_train(train_flags(tiny_dir, demo_dir, out, "--max_steps", 6, "--save_interval", 3, "--eval_interval", 3,
-                              "--lr_decay_step", 4, "--resume", "auto"))
+    r = run_train(
+        train_flags(
+            tiny_dir,
+            demo_dir,
+            out,
+            "--max_steps",
+            6,
+            "--save_interval",
+            3,
+            "--eval_interval",
+            3,
+            "--lr_decay_step",
+            4,
+            "--resume",
+            "auto",
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"note: {out / 'metrics.jsonl'}: dropping unreadable lines [3, 10]" in r.stdout
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -1422,15 +1722,23 @@ def test_metrics_hold_each_step_once_after_a_resume(run_a, tiny_dir, demo_dir, t
     assert [r["step"] for r in rows if "val_l1" in r] == [3, 6]
     straight = [json.loads(line) for line in open(run_a / "metrics.jsonl")]
     assert [r.get("loss", r.get("val_l1")) for r in rows] == pytest.approx(
-        [r.get("loss", r.get("val_l1")) for r in straight], abs=1e-6)
+        [r.get("loss", r.get("val_l1")) for r in straight], abs=1e-6
+    )
     assert max_diff(trained_weights(out / "step_000006"), trained_weights(run_a / "step_000006")) <= 1e-6
 
 
 def start_train(flags, nproc=1, until="train:"):
     """A run in the background, returned once it printed a line starting with `until` (before the model loads), with
     a function that waits until every process writing its output (every rank) has exited and returns the output."""
-    p = subprocess.Popen(train_cmd(flags, nproc), cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
+    p = subprocess.Popen(
+        train_cmd(flags, nproc),
+        cwd=HERE,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines = []
     reader = threading.Thread(target=lambda: [lines.append(line) for line in p.stdout], daemon=True)
     reader.start()
@@ -1443,21 +1751,34 @@ def start_train(flags, nproc=1, until="train:"):
         assert not reader.is_alive(), "a process never exited:\n" + "".join(lines)[-3000:]
         p.wait()
         return "".join(lines)
+
     return p, output
 
 
 def test_preemption_saves_the_step_and_resumes_exactly(run_a, tiny_dir, demo_dir, tmp_path):
     """SIGTERM to every process of the run, its data worker too, as a cluster sends it: run_a's flags but more steps
     (identical up to step 6), stopped at some step k, resumed to step 6 ends as run_a did."""
-    flags = train_flags(tiny_dir, demo_dir, tmp_path, "--save_interval", 3, "--eval_interval", 3, "--lr_decay_step", 4,
-                        "--num_workers", 1)
+    flags = train_flags(
+        tiny_dir,
+        demo_dir,
+        tmp_path,
+        "--save_interval",
+        3,
+        "--eval_interval",
+        3,
+        "--lr_decay_step",
+        4,
+        "--num_workers",
+        1,
+    )
     p, output = start_train(flags + ["--max_steps", "1000"], until="step 1/")
     os.killpg(p.pid, signal.SIGTERM)
     out = output()
     assert p.returncode == 75, out[-3000:]
     k = int(out.splitlines()[-1].split()[3])
-    assert out.splitlines()[-1] == (f"stopped after step {k} (SIGTERM) and saved it: run the same command with "
-                                    "--resume auto to continue")
+    assert out.splitlines()[-1] == (
+        f"stopped after step {k} (SIGTERM) and saved it: run the same command with --resume auto to continue"
+    )
     assert f"step_{k:06d}" in os.listdir(tmp_path) and not glob.glob(str(tmp_path / "*.tmp"))
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")][-1] == k
     r = run_train(flags + ["--max_steps", "6", "--resume", "auto"])
@@ -1481,8 +1802,9 @@ def test_ctrl_c_is_one_line(tiny_dir, demo_dir, tmp_path):
 
 def test_ranks_stop_together_on_one_ranks_signal_and_without_their_launcher(tiny_dir, demo_dir, tmp_path):
     flags = ["--max_steps", 50, "--save_interval", 50, "--val_episodes", 0]
-    signalled, signalled_output = start_train(train_flags(tiny_dir, demo_dir, tmp_path / "usr1", *flags), nproc=2,
-                                              until="step 1/")  # in start-up a signalled rank exits at once
+    signalled, signalled_output = start_train(
+        train_flags(tiny_dir, demo_dir, tmp_path / "usr1", *flags), nproc=2, until="step 1/"
+    )  # in start-up a signalled rank exits at once
     ranks = open(f"/proc/{signalled.pid}/task/{signalled.pid}/children").read().split()
     rank1 = [pid for pid in ranks if "\0RANK=1\0" in open(f"/proc/{pid}/environ").read()]
     os.kill(int(rank1[0]), signal.SIGUSR1)  # rank 1 alone: rank 0 must stop after the same step and save it
@@ -1500,24 +1822,41 @@ def test_ranks_stop_together_on_one_ranks_signal_and_without_their_launcher(tiny
 
 def test_two_rank_runs_always_exit(tiny_dir, demo_dir, tmp_path):
     """Gloo's teardown deadlocked a rank after its last save in 3 of 86 runs (slow: three runs at once)."""
-    runs = [start_train(train_flags(tiny_dir, demo_dir, tmp_path / str(i), "--max_steps", 1, "--val_episodes", 0),
-                        nproc=2, until=None) for i in range(3)]
+    runs = [
+        start_train(
+            train_flags(tiny_dir, demo_dir, tmp_path / str(i), "--max_steps", 1, "--val_episodes", 0),
+            nproc=2,
+            until=None,
+        )
+        for i in range(3)
+    ]
     for i, (p, output) in enumerate(runs):
         out = output()
         assert p.returncode == 0 and os.path.isdir(tmp_path / str(i) / "step_000001"), out[-3000:]
 
+
 def test_one_run_per_out_dir_and_a_killed_run_leaves_no_lock(tiny_dir, demo_dir, tmp_path, monkeypatch):
     (tmp_path / "run").mkdir()
     lock = tmp_path / "run" / ".lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                               "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
-                               str(lock)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+            "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline() == "locked\n"
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(SystemExit) as e:
         train.main(train_flags(tiny_dir, demo_dir, tmp_path / "run"))
-    assert str(e.value.code) == (f"error: --out_dir {tmp_path / 'run'} is in use by another run (it holds {lock}): "
-                                 "wait for it to end, or pass another --out_dir")
+    assert str(e.value.code) == (
+        f"error: --out_dir {tmp_path / 'run'} is in use by another run (it holds {lock}): "
+        "wait for it to end, or pass another --out_dir"
+    )
     holder.kill()
     holder.wait()
     monkeypatch.setattr(model.VLA, "from_pretrained", stop_at_model_load)
@@ -1565,8 +1904,10 @@ def test_val_data_dir_holding_the_training_files_is_refused(tiny_dir, demo_dir, 
     for val_dir in (demo_dir, str(tmp_path / "same")):
         with pytest.raises(SystemExit) as e:
             train.main(train_flags(tiny_dir, demo_dir, tmp_path / "out", "--val_data_dir", val_dir))
-        assert str(e.value.code) == (f"error: --val_data_dir {val_dir} holds 6 of --data_dir's files (e.g. {first}): "
-                                     "it would validate on training data")
+        assert str(e.value.code) == (
+            f"error: --val_data_dir {val_dir} holds 6 of --data_dir's files (e.g. {first}): "
+            "it would validate on training data"
+        )
 
 
 def test_checkpoints_are_ordered_by_step_number_and_copies_ignored(run_a, tiny_dir, demo_dir, tmp_path):
@@ -1577,7 +1918,8 @@ def test_checkpoints_are_ordered_by_step_number_and_copies_ignored(run_a, tiny_d
     (out / "step_1000001.tmp").mkdir()
     assert train.checkpoints(str(out)) == [(999999, str(out / "step_999999")), (1000000, str(out / "step_1000000"))]
     assert find_resume(tiny_dir, demo_dir, out, "--resume", "auto", "--max_steps", 2000000)[0] == str(
-        out / "step_1000000")
+        out / "step_1000000"
+    )
 
 
 def test_keep_last_never_deletes_the_resumed_or_the_saved_checkpoint(run_a, tiny_dir, demo_dir, tmp_path, capsys):
@@ -1586,8 +1928,23 @@ def test_keep_last_never_deletes_the_resumed_or_the_saved_checkpoint(run_a, tiny
     with open(out / "step_000006" / "trainer_state.pt", "r+b") as f:
         f.truncate(100)
     shutil.copytree(out / "step_000003", out / "step_000003_v2")
-    train.main(train_flags(tiny_dir, demo_dir, out, "--max_steps", 5, "--save_interval", 1, "--eval_interval", 9,
-                           "--keep_last", 1, "--resume", "auto"))
+    train.main(
+        train_flags(
+            tiny_dir,
+            demo_dir,
+            out,
+            "--max_steps",
+            5,
+            "--save_interval",
+            1,
+            "--eval_interval",
+            9,
+            "--keep_last",
+            1,
+            "--resume",
+            "auto",
+        )
+    )
     assert f"note: --resume auto skips {out / 'step_000006'}: " in capsys.readouterr().out
     assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl", "step_000003_v2", "step_000005", "step_000006"]
     assert train.read_checkpoint(str(out / "step_000005"))[1]["step"] == 5
@@ -1595,8 +1952,9 @@ def test_keep_last_never_deletes_the_resumed_or_the_saved_checkpoint(run_a, tiny
     assert find_resume(tiny_dir, demo_dir, out, "--resume", "auto")[0] == str(out / "step_000005")
 
 
-def test_resume_keeps_the_validation_split_and_says_what_changed(run_a, tiny_dir, demo_dir, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_resume_keeps_the_validation_split_and_says_what_changed(
+    run_a, tiny_dir, demo_dir, tmp_path, monkeypatch, capsys
+):
     ckpt = run_a / "step_000003"
     val = [os.path.basename(p) for p in json.load(open(ckpt / "args.json"))["val_episode_files"]]
     files = [os.path.basename(p) for p in data.list_episodes(demo_dir)]
@@ -1610,15 +1968,35 @@ def test_resume_keeps_the_validation_split_and_says_what_changed(run_a, tiny_dir
         f["action"][...] = f["action"][()] * 0.5
     monkeypatch.setattr(model.VLA, "from_pretrained", stop_at_model_load)
     with pytest.raises(ModelLoads):
-        train.main(train_flags(tiny_dir, str(tmp_path / "data"), tmp_path / "out", "--max_steps", 9, "--resume", ckpt,
-                               "--seed", 8, "--val_episodes", 2, "--grad_accum", 2))
+        train.main(
+            train_flags(
+                tiny_dir,
+                str(tmp_path / "data"),
+                tmp_path / "out",
+                "--max_steps",
+                9,
+                "--resume",
+                ckpt,
+                "--seed",
+                8,
+                "--val_episodes",
+                2,
+                "--grad_accum",
+                2,
+            )
+        )
     out = capsys.readouterr().out
-    assert (f"note: --data_dir {tmp_path / 'data'} changed since {ckpt}: added ['episode_99.hdf5'], removed "
-            f"['{gone}'], resized []; its validation episodes stay out of training") in out
-    for note in ["--seed 7, not 8: its validation split is kept", "--val_episodes 1, not 2: its validation split is "
-                 "kept", "--grad_accum 1, not 2: the global batch changes"]:
+    assert (
+        f"note: --data_dir {tmp_path / 'data'} changed since {ckpt}: added ['episode_99.hdf5'], removed "
+        f"['{gone}'], resized []; its validation episodes stay out of training"
+    ) in out
+    for note in [
+        "--seed 7, not 8: its validation split is kept",
+        "--val_episodes 1, not 2: its validation split is kept",
+        "--grad_accum 1, not 2: the global batch changes",
+    ]:
         assert f"note: {ckpt} was trained with {note}" in out
-    args = json.loads(out[out.index("{"):out.index("\n}") + 2])
+    args = json.loads(out[out.index("{") : out.index("\n}") + 2])
     assert [os.path.basename(p) for p in args["val_episode_files"]] == val and "train: 5 episodes" in out
 
 
@@ -1655,10 +2033,19 @@ def test_the_core_imports_no_leaf():
 def run_patched(patch, flags):
     """train.py run as a script after `patch` (Python run first, inherited by the forked data workers): its exit
     code, its output, and whether some process of the run outlived it (a hang is killed after 120 s)."""
-    code = f"import runpy, sys, torch, data, model\n{patch}\nsys.argv = ['train.py', *{list(map(str, flags))!r}]\n" \
-           "runpy.run_path('train.py', run_name='__main__')"
-    p = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, env=ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    code = (
+        f"import runpy, sys, torch, data, model\n{patch}\nsys.argv = ['train.py', *{list(map(str, flags))!r}]\n"
+        "runpy.run_path('train.py', run_name='__main__')"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=HERE,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out = p.communicate(timeout=120)[0]
     except subprocess.TimeoutExpired:
@@ -1694,15 +2081,28 @@ data.EpisodeDataset.__getitem__ = getitem
 
 def test_an_error_in_a_step_ends_every_process(tiny_dir, demo_dir, tmp_path):
     """Data workers ignore SIGTERM (for preemption); an error with them alive used to hang at exit for ever."""
-    code, out, left = run_patched(OOM_AT_STEP_3, train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 9,
-                                                              "--num_workers", 1, "--eval_interval", 9))
+    code, out, left = run_patched(
+        OOM_AT_STEP_3,
+        train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 9, "--num_workers", 1, "--eval_interval", 9),
+    )
     assert code == 1 and not left and "torch.OutOfMemoryError: CUDA out of memory" in out, out[-3000:]
 
 
 def test_a_data_file_failing_mid_run_saves_the_last_step_and_exits_65(tiny_dir, demo_dir, tmp_path, monkeypatch):
     """Also: a relative --vla_path is recorded absolute, so the checkpoint loads from another working directory."""
-    flags = train_flags(os.path.relpath(tiny_dir, HERE), demo_dir, tmp_path / "run", "--max_steps", 9,
-                        "--num_workers", 1, "--eval_interval", 9, "--save_interval", 100)
+    flags = train_flags(
+        os.path.relpath(tiny_dir, HERE),
+        demo_dir,
+        tmp_path / "run",
+        "--max_steps",
+        9,
+        "--num_workers",
+        1,
+        "--eval_interval",
+        9,
+        "--save_interval",
+        100,
+    )
     code, out, left = run_patched(FILE_FAILS_AT_STEP_3, flags)
     assert code == 65 and not left and "Traceback" not in out, out[-3000:]
     assert re.search(r"^error: \S+episode_\d+\.hdf5:demo: wrong B-tree signature$", out, re.M), out[-3000:]
@@ -1727,20 +2127,23 @@ data.EpisodeDataset.__getitem__ = getitem
 
 
 def test_a_validation_file_failing_mid_run_is_one_line_and_keeps_what_was_saved(tiny_dir, demo_dir, tmp_path):
-    flags = train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 9, "--num_workers", 1, "--eval_interval", 3,
-                        "--save_interval", 2)
+    flags = train_flags(
+        tiny_dir, demo_dir, tmp_path, "--max_steps", 9, "--num_workers", 1, "--eval_interval", 3, "--save_interval", 2
+    )
     code, out, left = run_patched(VAL_FILE_FAILS, flags)
     assert code == 65 and not left and "Traceback" not in out, out[-3000:]
-    assert re.search(r"^error: \S+episode_\d+\.hdf5: frame \d+ no longer reads \(truncated\) \(in an evaluation\)$",
-                     out, re.M), out[-3000:]
+    assert re.search(
+        r"^error: \S+episode_\d+\.hdf5: frame \d+ no longer reads \(truncated\) \(in an evaluation\)$", out, re.M
+    ), out[-3000:]
     assert "step 3/9" in out and "step 4/9" not in out
     assert sorted(os.listdir(tmp_path)) == [".lock", "metrics.jsonl", "step_000002"]
     assert train.read_checkpoint(str(tmp_path / "step_000002"))[1]["step"] == 2
 
 
 def test_a_killed_data_worker_ends_every_process(tiny_dir, demo_dir, tmp_path):
-    p, output = start_train(train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 1000, "--num_workers", 2),
-                            until="step 1/")
+    p, output = start_train(
+        train_flags(tiny_dir, demo_dir, tmp_path, "--max_steps", 1000, "--num_workers", 2), until="step 1/"
+    )
     workers = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
     os.kill(int(workers[0]), signal.SIGKILL)  # as the OOM killer does
     out = output()
@@ -1751,6 +2154,7 @@ def test_a_killed_data_worker_ends_every_process(tiny_dir, demo_dir, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # infer.py
+
 
 @pytest.fixture(scope="session")
 def policy(run_a):
@@ -1785,21 +2189,28 @@ def test_policy_brings_live_frames_to_the_training_frames(policy, val_episode):
     episode = data.read_episode(val_episode, policy.cameras)
     frames = frame_dict(episode, 3, policy.cameras)
     levels = tower_input(policy.vla, None, run=lambda: policy.predict(frames, "place it"))
-    lo, hi = (1 - 0.9 ** 0.5) / 2 * 256, (1 + 0.9 ** 0.5) / 2 * 256
+    lo, hi = (1 - 0.9**0.5) / 2 * 256, (1 + 0.9**0.5) / 2 * 256
     centre = [pil_resized(torch.from_numpy(frames[c]).permute(2, 0, 1), (lo, lo, hi, hi)) for c in policy.cameras]
     assert torch.equal(levels.round(), torch.stack(centre))
-    pil = lambda f, size: np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC))
+
+    def pil(f, size):
+        return np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC))
+
     live = {c: pil(f, (320, 240)) for c, f in frames.items()}  # what RoboTwin's simulator hands over: 240x320
-    np.testing.assert_array_equal(policy.predict(live, "place it"),
-                                  policy.predict({c: pil(f, (256, 256)) for c, f in live.items()}, "place it"))
+    np.testing.assert_array_equal(
+        policy.predict(live, "place it"), policy.predict({c: pil(f, (256, 256)) for c, f in live.items()}, "place it")
+    )
 
     def jpeg(f):
         buf = io.BytesIO()
         Image.fromarray(f).save(buf, "JPEG", quality=95)
         return np.asarray(Image.open(buf))
+
     through = infer.Policy(policy.vla, policy.stats, policy.args, policy.device, jpeg_quality=95)
-    np.testing.assert_array_equal(through.predict(live, "place it"),
-                                  policy.predict({c: pil(jpeg(f), (256, 256)) for c, f in live.items()}, "place it"))
+    np.testing.assert_array_equal(
+        through.predict(live, "place it"),
+        policy.predict({c: pil(jpeg(f), (256, 256)) for c, f in live.items()}, "place it"),
+    )
     assert np.abs(through.predict(live, "place it") - policy.predict(live, "place it")).max() > 0
 
 
@@ -1815,8 +2226,9 @@ def test_policy_takes_arrays_pil_images_tensors_any_sizes_and_bytes(policy, val_
     mixed = {c: np.asarray(pil[c].resize(sizes[c], Image.BICUBIC)) for c in policy.cameras}
     squashed = {c: np.asarray(Image.fromarray(f).resize((256, 256), Image.BICUBIC)) for c, f in mixed.items()}
     np.testing.assert_array_equal(policy.predict(mixed, "place the shoe"), policy.predict(squashed, "place the shoe"))
-    unrecorded = infer.Policy(policy.vla, policy.stats, {k: v for k, v in policy.args.items() if k != "frame_sizes"},
-                              policy.device)  # an older checkpoint: the model's input size, 224x224
+    unrecorded = infer.Policy(
+        policy.vla, policy.stats, {k: v for k, v in policy.args.items() if k != "frame_sizes"}, policy.device
+    )  # an older checkpoint: the model's input size, 224x224
     at_224 = {c: np.asarray(Image.fromarray(f).resize((224, 224), Image.BICUBIC)) for c, f in mixed.items()}
     np.testing.assert_array_equal(unrecorded.predict(mixed, "place it"), unrecorded.predict(at_224, "place it"))
 
@@ -1835,26 +2247,36 @@ def bad_predict_input(case, frames):
         "one camera": {"head_camera_image": head},
         "a list": [head, wrist],
     }.get(case, frames)
-    instruction = {"None instruction": None, "int instruction": 3, "blank instruction": "  ",
-                   "5,000 words": "place the shoe " * 1700}.get(case, "place the shoe")
+    instruction = {
+        "None instruction": None,
+        "int instruction": 3,
+        "blank instruction": "  ",
+        "5,000 words": "place the shoe " * 1700,
+    }.get(case, "place the shoe")
     return images, instruction
 
 
-@pytest.mark.parametrize("case, message", [
-    ("channels first", "head_camera_image: expected an HxWx3 uint8 RGB frame .* got ndarray of uint8 \\(3, 256, 256"),
-    ("batch dimension", "left_wrist_image: .* got ndarray of uint8 \\(1, 256, 256, 3\\)"),
-    ("grayscale array", "got ndarray of uint8 \\(256, 256\\)"),
-    ("grayscale PIL", "got Image of uint8 \\(256, 256\\)"),
-    ("float frame", "got ndarray of float64 \\(256, 256, 3\\)"),
-    ("float tensor", "got Tensor of float32 \\(256, 256, 3\\)"),
-    ("None frame", "left_wrist_image: expected .* got NoneType"),
-    ("one camera", "for head_camera_image, left_wrist_image, got cameras head_camera_image"),
-    ("a list", "expected a dict camera name -> frame .* got list"),
-    ("None instruction", "instruction as a non-blank str or bytes, got None"),
-    ("int instruction", "got 3"),
-    ("blank instruction", "got '  '"),
-    ("5,000 words", "too long: .* more than the LLM's 2048"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "channels first",
+            "head_camera_image: expected an HxWx3 uint8 RGB frame .* got ndarray of uint8 \\(3, 256, 256",
+        ),
+        ("batch dimension", "left_wrist_image: .* got ndarray of uint8 \\(1, 256, 256, 3\\)"),
+        ("grayscale array", "got ndarray of uint8 \\(256, 256\\)"),
+        ("grayscale PIL", "got Image of uint8 \\(256, 256\\)"),
+        ("float frame", "got ndarray of float64 \\(256, 256, 3\\)"),
+        ("float tensor", "got Tensor of float32 \\(256, 256, 3\\)"),
+        ("None frame", "left_wrist_image: expected .* got NoneType"),
+        ("one camera", "for head_camera_image, left_wrist_image, got cameras head_camera_image"),
+        ("a list", "expected a dict camera name -> frame .* got list"),
+        ("None instruction", "instruction as a non-blank str or bytes, got None"),
+        ("int instruction", "got 3"),
+        ("blank instruction", "got '  '"),
+        ("5,000 words", "too long: .* more than the LLM's 2048"),
+    ],
+)
 def test_policy_refuses_bad_input_in_one_line(case, message, policy, val_episode):
     episode = data.read_episode(val_episode, policy.cameras)
     with pytest.raises(ValueError, match=message) as e:
@@ -1865,8 +2287,12 @@ def test_policy_refuses_bad_input_in_one_line(case, message, policy, val_episode
 def test_policy_with_proprio_takes_the_raw_state(run_p, tmp_path):
     ckpt = run_p / "step_000004"
     policy = infer.Policy.from_checkpoint(str(ckpt), device="cpu")
-    assert (policy.vla.proprio_dim, policy.vla.attention, policy.vla.image_aug, policy.vla.film) == \
-        (14, "full", True, True)
+    assert (policy.vla.proprio_dim, policy.vla.attention, policy.vla.image_aug, policy.vla.film) == (
+        14,
+        "full",
+        True,
+        True,
+    )
     val = json.load(open(ckpt / "args.json"))["val_episode_files"][0]
     episode = data.read_episode(val, policy.cameras)
     frames, raw = frame_dict(episode, 7, policy.cameras), episode["states"][7]
@@ -1894,7 +2320,7 @@ def test_policy_with_proprio_takes_the_raw_state(run_p, tmp_path):
 
 def test_ensemble_of_consistent_chunks_is_the_trajectory():
     trajectory = np.random.default_rng(0).normal(size=(30, 14))
-    chunks = [trajectory[t:t + 8] for t in range(30 - 8)]
+    chunks = [trajectory[t : t + 8] for t in range(30 - 8)]
     recent = []
     for t, chunk in enumerate(chunks):
         recent = (recent + [chunk])[-8:]
@@ -1918,12 +2344,24 @@ def test_act_replans_every_execute_steps(run_a, val_episode):
 
 def test_infer_episode_end_to_end(run_a, val_episode, policy, tmp_path):
     ckpt = str(run_a / "step_000006")
-    r = subprocess.run([sys.executable, "infer.py", "--checkpoint", ckpt, "--episode", val_episode,
-                        "--out", str(tmp_path)], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "infer.py", "--checkpoint", ckpt, "--episode", val_episode, "--out", str(tmp_path)],
+        cwd=HERE,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.load(open(tmp_path / "report.json"))
-    r = subprocess.run([sys.executable, "plot.py", str(tmp_path / "report.json")], cwd=HERE, env=ENV,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "plot.py", str(tmp_path / "report.json")],
+        cwd=HERE,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and r.stdout.strip() == f"wrote {tmp_path / 'plot.png'}", r.stderr[-2000:]
     img = Image.open(tmp_path / "plot.png")
     assert img.format == "PNG" and img.size[0] >= 800 and len(img.getcolors(1 << 16) or range(99)) > 3
@@ -1931,13 +2369,15 @@ def test_infer_episode_end_to_end(run_a, val_episode, policy, tmp_path):
     instruction = episode["seen"][0]
     assert result["instruction"] == instruction
     # the same numbers, computed directly from the policy and the file
-    executed = np.stack([policy.predict(frame_dict(episode, t, policy.cameras), instruction)[0]
-                         for t in range(episode["length"])])
+    executed = np.stack(
+        [policy.predict(frame_dict(episode, t, policy.cameras), instruction)[0] for t in range(episode["length"])]
+    )
     recorded = episode["actions"]
     np.testing.assert_allclose(result["executed"], executed, rtol=1e-4, atol=1e-5)
     assert result["l1_raw"] == pytest.approx(np.abs(executed - recorded).mean(), rel=1e-4)
-    assert result["l1"] == pytest.approx(np.abs(data.normalize(executed, policy.stats) -
-                                                data.normalize(recorded, policy.stats)).mean(), rel=1e-4)
+    assert result["l1"] == pytest.approx(
+        np.abs(data.normalize(executed, policy.stats) - data.normalize(recorded, policy.stats)).mean(), rel=1e-4
+    )
     assert list(result["l1_per_dim_raw"]) == data.ACTION_NAMES
     assert list(result["l1_per_position"]) == [f"t+{j}" for j in range(8)]
     assert 0 <= result["gripper_agreement"] <= 1 and result["latency_ms"]["p95"] >= result["latency_ms"]["p50"] > 0
@@ -1954,13 +2394,16 @@ def copy_episode(src, dst, drop=None, action_width=None):
                 f.copy(key, g)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no head", "is missing action_head.safetensors"),
-    ("no camera", "left_wrist_image"),
-    ("action width", ", 12), expected (T, 14)"),
-    ("no seen", ": no instructions (no seen dataset or LIBERO problem_info): pass --instruction"),
-    ("no unseen", " has no unseen instructions; pass --instruction"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no head", "is missing action_head.safetensors"),
+        ("no camera", "left_wrist_image"),
+        ("action width", ", 12), expected (T, 14)"),
+        ("no seen", ": no instructions (no seen dataset or LIBERO problem_info): pass --instruction"),
+        ("no unseen", " has no unseen instructions; pass --instruction"),
+    ],
+)
 def test_bad_input_fails_before_the_model_loads(case, message, run_a, val_episode, tmp_path, monkeypatch):
     ckpt, episode = tmp_path / "ckpt", tmp_path / "episode_0.hdf5"
     shutil.copytree(run_a / "step_000006", ckpt)
@@ -1970,8 +2413,18 @@ def test_bad_input_fails_before_the_model_loads(case, message, run_a, val_episod
         os.remove(ckpt / "action_head.safetensors")
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(SystemExit) as e:
-        infer.main(["--checkpoint", str(ckpt), "--episode", str(episode), "--out", str(tmp_path / "o"),
-                    "--instruction", "unseen" if case == "no unseen" else "seen"])
+        infer.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--episode",
+                str(episode),
+                "--out",
+                str(tmp_path / "o"),
+                "--instruction",
+                "unseen" if case == "no unseen" else "seen",
+            ]
+        )
     assert message in str(e.value.code) and str(episode if case != "no head" else ckpt) in str(e.value.code)
     assert "\n" not in str(e.value.code)
 
@@ -1984,8 +2437,9 @@ def test_policy_from_merged_export(run_a, policy, val_episode, tmp_path):
     merged = infer.Policy.from_checkpoint(str(tmp_path), device="cpu")
     episode = data.read_episode(val_episode, policy.cameras)
     images = frame_dict(episode, 5, policy.cameras)
-    np.testing.assert_allclose(merged.predict(images, "place it"), policy.predict(images, "place it"),
-                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        merged.predict(images, "place it"), policy.predict(images, "place it"), rtol=1e-3, atol=1e-4
+    )
 
 
 def edit_json(path, edit):
@@ -2007,36 +2461,62 @@ def truncate(ckpt):
         f.truncate(os.path.getsize(ckpt / "adapter_model.safetensors") - 100)
 
 
-@pytest.mark.parametrize("case, edit, message", [
-    ("min > max", edit_stats("action", lambda a: a.update(min=a["max"], max=a["min"])), "action min > max: "),
-    ("NaN", edit_stats("action", lambda a: a["min"].__setitem__(2, float("nan"))), "action min: expected 14 finite"),
-    ("inf", edit_stats("action", lambda a: a["q99"].__setitem__(0, float("inf"))), "action q99: expected 14 finite"),
-    ("length", edit_stats("action", lambda a: a["max"].pop()), "action max: expected 14 finite values each"),
-    ("proprio length", edit_stats("proprio", lambda a: a["q01"].pop()), "proprio q01: expected 14 finite values"),
-    ("cameras removed", edit_args(lambda a: a.update(cameras="head_camera_image")),
-     "cameras 'head_camera_image', but the checkpoint was trained with 'head_camera_image,left_wrist_image'"),
-    ("cameras reordered", edit_args(lambda a: a.update(cameras="left_wrist_image,head_camera_image")),
-     "cameras 'left_wrist_image,head_camera_image', but the checkpoint was trained with 'head_camera_image,left"),
-    ("chunk 0", edit_args(lambda a: a.update(chunk=0)), "chunk 0, but the checkpoint was trained with 8"),
-    ('chunk "8"', edit_args(lambda a: a.update(chunk="8")), "chunk '8', but the checkpoint was trained with 8"),
-    ("keys missing", edit_args(lambda a: [a.pop("norm"), a.pop("vla_path")]), "args.json: no vla_path, norm"),
-    ("args.json corrupt", lambda ckpt: (ckpt / "args.json").write_text("{"), "corrupt .*args.json"),
-    ("adapter truncated", truncate, "corrupt safetensors file .*adapter_model.safetensors"),
-    ("adapter rank", lambda ckpt: edit_json(ckpt / "adapter_config.json", lambda c: c.update(r=8)),
-     r"adapter_config.json \(r 8\) does not match the tensors in adapter_model.safetensors \(rank \[4\]"),
-    ("adapter targets", lambda ckpt: edit_json(ckpt / "adapter_config.json", lambda c: c["target_modules"].remove(
-        "q_proj")), r"does not match .* \(rank \[4\]; modules \[language_model.model.layers.0.self_attn.q_proj"),
-])
-def test_checkpoint_files_are_checked_against_each_other_before_the_model_loads(case, edit, message, run_a, run_p,
-                                                                                val_episode, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "case, edit, message",
+    [
+        ("min > max", edit_stats("action", lambda a: a.update(min=a["max"], max=a["min"])), "action min > max: "),
+        (
+            "NaN",
+            edit_stats("action", lambda a: a["min"].__setitem__(2, float("nan"))),
+            "action min: expected 14 finite",
+        ),
+        (
+            "inf",
+            edit_stats("action", lambda a: a["q99"].__setitem__(0, float("inf"))),
+            "action q99: expected 14 finite",
+        ),
+        ("length", edit_stats("action", lambda a: a["max"].pop()), "action max: expected 14 finite values each"),
+        ("proprio length", edit_stats("proprio", lambda a: a["q01"].pop()), "proprio q01: expected 14 finite values"),
+        (
+            "cameras removed",
+            edit_args(lambda a: a.update(cameras="head_camera_image")),
+            "cameras 'head_camera_image', but the checkpoint was trained with 'head_camera_image,left_wrist_image'",
+        ),
+        (
+            "cameras reordered",
+            edit_args(lambda a: a.update(cameras="left_wrist_image,head_camera_image")),
+            "cameras 'left_wrist_image,head_camera_image', but the checkpoint was trained with 'head_camera_image,left",
+        ),
+        ("chunk 0", edit_args(lambda a: a.update(chunk=0)), "chunk 0, but the checkpoint was trained with 8"),
+        ('chunk "8"', edit_args(lambda a: a.update(chunk="8")), "chunk '8', but the checkpoint was trained with 8"),
+        ("keys missing", edit_args(lambda a: [a.pop("norm"), a.pop("vla_path")]), "args.json: no vla_path, norm"),
+        ("args.json corrupt", lambda ckpt: (ckpt / "args.json").write_text("{"), "corrupt .*args.json"),
+        ("adapter truncated", truncate, "corrupt safetensors file .*adapter_model.safetensors"),
+        (
+            "adapter rank",
+            lambda ckpt: edit_json(ckpt / "adapter_config.json", lambda c: c.update(r=8)),
+            r"adapter_config.json \(r 8\) does not match the tensors in adapter_model.safetensors \(rank \[4\]",
+        ),
+        (
+            "adapter targets",
+            lambda ckpt: edit_json(ckpt / "adapter_config.json", lambda c: c["target_modules"].remove("q_proj")),
+            r"does not match .* \(rank \[4\]; modules \[language_model.model.layers.0.self_attn.q_proj",
+        ),
+    ],
+)
+def test_checkpoint_files_are_checked_against_each_other_before_the_model_loads(
+    case, edit, message, run_a, run_p, val_episode, tmp_path, monkeypatch
+):
     """A hand-edited or damaged checkpoint: one line naming the file (and the key) from infer.py and from
     Policy.from_checkpoint, before any model loads, instead of a traceback or actions from other inputs."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree((run_p / "step_000004") if case.startswith("proprio") else (run_a / "step_000006"), ckpt)
     edit(ckpt)
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
-    for load in (lambda: infer.main(["--checkpoint", str(ckpt), "--episode", val_episode, "--out", str(tmp_path)]),
-                 lambda: infer.Policy.from_checkpoint(str(ckpt), device="cpu")):
+    for load in (
+        lambda: infer.main(["--checkpoint", str(ckpt), "--episode", val_episode, "--out", str(tmp_path)]),
+        lambda: infer.Policy.from_checkpoint(str(ckpt), device="cpu"),
+    ):
         with pytest.raises(SystemExit) as e:
             load()
         assert re.search(message, str(e.value.code)) and str(ckpt) in str(e.value.code), e.value.code
@@ -2061,12 +2541,17 @@ def run_merge(monkeypatch, *args):
     runpy.run_path(os.path.join(HERE, "merge.py"), run_name="__main__")
 
 
-def test_merge_never_writes_into_the_base_or_the_checkpoint_and_refuses_another_base(run_a, tiny_dir, tmp_path,
-                                                                                      monkeypatch, capsys):
+def test_merge_never_writes_into_the_base_or_the_checkpoint_and_refuses_another_base(
+    run_a, tiny_dir, tmp_path, monkeypatch, capsys
+):
     ckpt = str(run_a / "step_000006")
     before = {f: open(os.path.join(tiny_dir, f), "rb").read() for f in os.listdir(tiny_dir)}
-    for out, where in [(tiny_dir, tiny_dir), (os.path.join(tiny_dir, "merged"), tiny_dir), (ckpt, ckpt),
-                       (os.path.join(ckpt, "merged"), ckpt)]:
+    for out, where in [
+        (tiny_dir, tiny_dir),
+        (os.path.join(tiny_dir, "merged"), tiny_dir),
+        (ckpt, ckpt),
+        (os.path.join(ckpt, "merged"), ckpt),
+    ]:
         with pytest.raises(SystemExit, match=f"--out {re.escape(out)} is \\(or is inside\\) .*{re.escape(where)}"):
             run_merge(monkeypatch, ckpt, "--base", tiny_dir, "--out", out)
     assert {f: open(os.path.join(tiny_dir, f), "rb").read() for f in os.listdir(tiny_dir)} == before
@@ -2074,8 +2559,11 @@ def test_merge_never_writes_into_the_base_or_the_checkpoint_and_refuses_another_
 
     other = shutil.copytree(tiny_dir, tmp_path / "other-base")  # the same shapes, another config (norm_stats)
     edit_json(other / "config.json", lambda c: c.update(norm_stats={"libero": {}}))
-    with pytest.raises(SystemExit, match=f"{ckpt} was trained on another base than {other} \\(config.json "
-                                         f"[0-9a-f]{{16}}; {other}'s: [0-9a-f]{{16}}\\): pass the base"):
+    with pytest.raises(
+        SystemExit,
+        match=f"{ckpt} was trained on another base than {other} \\(config.json "
+        f"[0-9a-f]{{16}}; {other}'s: [0-9a-f]{{16}}\\): pass the base",
+    ):
         run_merge(monkeypatch, ckpt, "--base", other, "--out", tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
 
@@ -2085,8 +2573,10 @@ def test_merge_never_writes_into_the_base_or_the_checkpoint_and_refuses_another_
         meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(sd, str(old / "action_head.safetensors"), metadata={k: v for k, v in meta.items() if k != "base"})
     assert model.check_base(str(old), str(other)) == str(other)
-    assert capsys.readouterr().out == f"note: {old} records no base fingerprint (saved before nanoOFT did): " \
-                                      f"checked {other}'s LLM width\n"
+    assert (
+        capsys.readouterr().out == f"note: {old} records no base fingerprint (saved before nanoOFT did): "
+        f"checked {other}'s LLM width\n"
+    )
     monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
     assert model.check_base(str(old), str(other)) == str(other) and capsys.readouterr().out == ""
     monkeypatch.delenv("RANK")
@@ -2095,8 +2585,7 @@ def test_merge_never_writes_into_the_base_or_the_checkpoint_and_refuses_another_
         model.check_base(str(old), tiny_dir)
 
 
-def test_relative_vla_path_of_older_runs_is_found_from_where_the_run_started(run_a, tiny_dir, tmp_path,
-                                                                             monkeypatch):
+def test_relative_vla_path_of_older_runs_is_found_from_where_the_run_started(run_a, tiny_dir, tmp_path, monkeypatch):
     """launch.sh --demo trained with --vla_path out/tiny-openvla --out_dir out/demo, as args.json kept them: used
     from elsewhere (RoboTwin's root) the base is looked for where the run started, not on the Hub."""
     start = tmp_path / "nanoOFT"
@@ -2107,8 +2596,9 @@ def test_relative_vla_path_of_older_runs_is_found_from_where_the_run_started(run
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert model.trained_base(str(ckpt), args) == str(start / "out" / "tiny-openvla")
-    assert model.trained_base(os.path.join("..", "nanoOFT", "out", "demo", "step_000006"), args) == \
-        str(start / "out" / "tiny-openvla")
+    assert model.trained_base(os.path.join("..", "nanoOFT", "out", "demo", "step_000006"), args) == str(
+        start / "out" / "tiny-openvla"
+    )
     assert model.trained_base(str(ckpt), args | {"vla_path": "openvla/openvla-7b"}) == "openvla/openvla-7b"
     with pytest.raises(FileNotFoundError, match="vla_path tiny-openvla is not found from here: pass the base"):
         model.trained_base(str(ckpt), args | {"vla_path": "tiny-openvla"})
@@ -2132,7 +2622,8 @@ def test_infer_refuses_a_blank_instruction_before_the_model_loads(run_a, val_epi
     with pytest.raises(SystemExit) as e:
         infer.main(["--checkpoint", str(run_a / "step_000006"), "--episode", val_episode, "--instruction", " "])
     assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
-        "error: --instruction is blank: pass seen, unseen or the text")
+        "error: --instruction is blank: pass seen, unseen or the text"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2146,14 +2637,18 @@ def test_bench_flops_match_a_hand_count_and_a_train_row(tiny_dir, capsys):
 
     def vit(w, blocks, mlp, prefix):  # per image: T tokens, frozen 4x, LoRA 6x, attention, patch embed forward only
         T, frozen, lora = 256 + prefix, blocks * (4 * w * w + 2 * w * mlp), blocks * r * (8 * w + 2 * mlp)
-        return (n * (T * (4 * frozen + 6 * lora) + 12 * blocks * w * T * T + 2 * 3 * 14 * 14 * w * 256),
-                n * (T * 2 * (frozen + lora) + 4 * blocks * w * T * T))
+        return (
+            n * (T * (4 * frozen + 6 * lora) + 12 * blocks * w * T * T + 2 * 3 * 14 * 14 * w * 256),
+            n * (T * 2 * (frozen + lora) + 4 * blocks * w * T * T),
+        )
 
     def hand(prompt, d=128, ff=512, L=2):  # -> (model FLOPs, grad ckpt recompute) of one sample
         T = n * 256 + prompt + K
         frozen, lora = L * (4 * d * d + 3 * d * ff), L * r * (8 * d + 3 * (d + ff))
-        llm = (T * (4 * frozen + 6 * lora) + 12 * L * d * T * (T + 1) // 2,
-               T * 2 * (frozen + lora) + 4 * L * d * T * (T + 1) // 2)
+        llm = (
+            T * (4 * frozen + 6 * lora) + 12 * L * d * T * (T + 1) // 2,
+            T * 2 * (frozen + lora) + 4 * L * d * T * (T + 1) // 2,
+        )
         proj = n * 256 * (4 * (160 * 640 + 640 * 128 + 128 * 128) + 6 * r * (160 + 2 * 640 + 3 * 128))
         dino, siglip = vit(64, 2, 256, 5), vit(96, 2, 384, 0)  # depth 3, the last block is never built
         return dino[0] + siglip[0] + proj + llm[0] + 6 * K * (3 * d * d + d * 14), dino[1] + siglip[1] + llm[1]
@@ -2162,8 +2657,22 @@ def test_bench_flops_match_a_hand_count_and_a_train_row(tiny_dir, capsys):
     parts = bench.flops_per_sample(vla, n, 20)
     assert (sum(f for f, _ in parts.values()), sum(c for _, c in parts.values())) == hand(20)
 
-    args = bench.get_args(["--vla_path", tiny_dir, "--batch_size", "2", "--lora_rank", str(r), "--warmup", "1",
-                           "--iters", "1", "--peak_tflops", "1"])
+    args = bench.get_args(
+        [
+            "--vla_path",
+            tiny_dir,
+            "--batch_size",
+            "2",
+            "--lora_rank",
+            str(r),
+            "--warmup",
+            "1",
+            "--iters",
+            "1",
+            "--peak_tflops",
+            "1",
+        ]
+    )
     row = bench.train_row(args, torch.device("cpu"), ckpt=True)
     name, ms, samples_per_s, memory, tflops, mfu, hfu, gflop_per_sample = row
     model_flops, recomputed = (sum(hand(len(ids))[i] for ids in vla.tokenize(SEEN[:2])) for i in (0, 1))
@@ -2201,8 +2710,9 @@ def test_bench_memory_film(monkeypatch, capsys):
     n, towers = bench.film_parameters(openvla_7b_config())
     assert towers == [(23, 1024), (26, 1152)] and n == 2 * (4096 + 1) * (23 * 1024 + 26 * 1152) == 438_411_776
     tiny, one = tiny_config(make_tokenizer()), 2 * (128 + 1) * (64 + 96)  # FiLM at one block per tower
-    plain, film = (bench.estimate_memory(tiny, 1, False, 2, 20, 4, depths=(1, 1, 1), image_aug=True, film=f)
-                   for f in (False, True))
+    plain, film = (
+        bench.estimate_memory(tiny, 1, False, 2, 20, 4, depths=(1, 1, 1), image_aug=True, film=f) for f in (False, True)
+    )
     assert film["trainable weights"] - plain["trainable weights"] == 4 * one
     assert 8 * one <= film["AdamW state"] - plain["AdamW state"] < 8 * one + 1024  # 2 moments (+ AdamW's step)
     calls = []
@@ -2210,6 +2720,7 @@ def test_bench_memory_film(monkeypatch, capsys):
     def estimate(config, batch_size, grad_ckpt, *args, **options):
         calls.append(options)
         return dict(total=(batch_size + 10 * grad_ckpt) * bench.GB, phase="forward")
+
     monkeypatch.setattr(bench, "estimate_memory", estimate)
     bench.main(["--what", "memory", "--film"])
     out = capsys.readouterr().out
@@ -2222,17 +2733,27 @@ def test_bench_memory_film(monkeypatch, capsys):
 def test_fit_table_lines():
     G = bench.GB
     lines = bench.fit_lines([(1, 20.2 * G, 16.9 * G), (8, 49.84 * G, 18.9 * G), (16, 85.6 * G, 73 * G)])
-    assert lines[:3] == ["batch 1: 20.2 GB without grad ckpt, 16.9 GB with",
-                         "batch 8: 49.8 GB without grad ckpt, 18.9 GB with",
-                         "batch 16: 85.6 GB without grad ckpt, 73.0 GB with"]
+    assert lines[:3] == [
+        "batch 1: 20.2 GB without grad ckpt, 16.9 GB with",
+        "batch 8: 49.8 GB without grad ckpt, 18.9 GB with",
+        "batch 16: 85.6 GB without grad ckpt, 73.0 GB with",
+    ]
     assert lines[-4].split() == ["batch", "24", "GB", "40", "GB", "80", "GB"]
     assert lines[-3].split() == ["1", "yes", "yes", "yes"]  # 20.2 x 1.1 = 22.2
     assert lines[-2].split() == ["8", "grad", "ckpt", "grad", "ckpt", "yes"]
     assert lines[-1].split() == ["16", "no", "no", "no"]  # 73 x 1.1 > 80: the margin counts
 
 
-@pytest.mark.parametrize("flags, value", [([], "off"), (["--grad_ckpt"], "on"), (["--grad_ckpt", "auto"], "auto"),
-                                          (["--grad_ckpt", "on"], "on"), (["--no-grad_ckpt"], "off")])
+@pytest.mark.parametrize(
+    "flags, value",
+    [
+        ([], "off"),
+        (["--grad_ckpt"], "on"),
+        (["--grad_ckpt", "auto"], "auto"),
+        (["--grad_ckpt", "on"], "on"),
+        (["--no-grad_ckpt"], "off"),
+    ],
+)
 def test_grad_ckpt_flag_forms(flags, value):
     assert train.get_args(["--data_dir", "d", *flags]).grad_ckpt == value
 
@@ -2246,5 +2767,6 @@ def test_policy_merges_lora_by_default(run_a, policy, val_episode, tiny_dir):
     base = VLA.from_pretrained(tiny_dir).state_dict()[q]
     assert (policy.vla.state_dict()[q] - base).abs().max() > 1e-6  # the trained LoRA is in the weights now
     images = frame_dict(data.read_episode(val_episode, policy.cameras), 5, policy.cameras)
-    np.testing.assert_allclose(policy.predict(images, "place it"), unmerged.predict(images, "place it"),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        policy.predict(images, "place it"), unmerged.predict(images, "place it"), rtol=1e-4, atol=1e-5
+    )

@@ -9,6 +9,7 @@ Continue the newest checkpoint exactly where it stopped:
     torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe --resume auto
 SIGTERM/SIGUSR1 (--preempt_signals): save after the step, exit 75 (at once in start-up); a data file failing: 65.
 """
+
 import argparse
 import datetime
 import fcntl
@@ -37,12 +38,19 @@ def get_args(argv=None):
     p.add_argument("--val_data_dir", help="held-out episodes; default: --val_episodes taken out of --data_dir")
     p.add_argument("--val_episodes", type=int, default=2, help="episodes held out of --data_dir for validation")
     p.add_argument("--out_dir", default="out/run")
-    p.add_argument("--cameras", default=",".join(data.DEFAULT_CAMERAS), help="camera datasets, comma-separated, in "
-                   "model order (e.g. observations/images/top; `python data.py DIR` prints the flags for its layout)")
+    p.add_argument(
+        "--cameras",
+        default=",".join(data.DEFAULT_CAMERAS),
+        help="camera datasets, comma-separated, in "
+        "model order (e.g. observations/images/top; `python data.py DIR` prints the flags for its layout)",
+    )
     p.add_argument("--action_key", default="action", help="the action dataset (LIBERO's: actions)")
     p.add_argument("--state_key", help=data.STATE_KEY_HELP)
-    p.add_argument("--instruction", help="the instruction of episodes that carry none (ACT, teleoperation data); "
-                   "recorded in the checkpoint, Policy's default")
+    p.add_argument(
+        "--instruction",
+        help="the instruction of episodes that carry none (ACT, teleoperation data); "
+        "recorded in the checkpoint, Policy's default",
+    )
     p.add_argument("--chunk", type=int, default=8, help="actions predicted per forward pass")
     p.add_argument("--action_dim", type=int, default=14)
     p.add_argument("--action_offset", type=int, default=0, help=data.ACTION_OFFSET_HELP)
@@ -61,33 +69,77 @@ def get_args(argv=None):
     p.add_argument("--eval_batches", type=int, default=8, help="validation batches per evaluation (fixed samples)")
     p.add_argument("--log_interval", type=int, default=10)
     p.add_argument("--lora_rank", type=int, default=32)
-    p.add_argument("--attention", choices=model.ATTENTION, default="causal",
-                   help="causal: stock Llama; queries: the action queries also see each other; full: every token "
-                   "sees every token, as OpenVLA-OFT's patched Llama")
-    p.add_argument("--proprio", action="store_true", help="feed the state at frame t (the file's `state`, else "
-                   "action[t]) as one token after the image patches, as OFT; pair with --action_offset 1 on RoboTwin")
-    p.add_argument("--film", action="store_true", help="OFT+'s FiLM: the mean embedding of the prompt scales and "
-                   "shifts the features in every block of both vision towers (new layers, trained fully)")
-    p.add_argument("--image_aug", action=argparse.BooleanOptionalAction, default=True,
-                   help="OFT's random crop and colour jitter in training, its centre crop in evaluation/deployment")
-    p.add_argument("--swap_red_blue", action="store_true",
-                   help="reverse the channels of every frame read (RoboTwin's OFT-converted files hold BGR)")
-    p.add_argument("--grad_ckpt", nargs="?", const="on", default="off", choices=["on", "off", "auto"],
-                   help="recompute LLM and ViT activations in backward: less memory, ~30%% slower; auto: on when "
-                   "a step of the longest prompt runs out of GPU memory without it (off on CPU)")
+    p.add_argument(
+        "--attention",
+        choices=model.ATTENTION,
+        default="causal",
+        help="causal: stock Llama; queries: the action queries also see each other; full: every token "
+        "sees every token, as OpenVLA-OFT's patched Llama",
+    )
+    p.add_argument(
+        "--proprio",
+        action="store_true",
+        help="feed the state at frame t (the file's `state`, else "
+        "action[t]) as one token after the image patches, as OFT; pair with --action_offset 1 on RoboTwin",
+    )
+    p.add_argument(
+        "--film",
+        action="store_true",
+        help="OFT+'s FiLM: the mean embedding of the prompt scales and "
+        "shifts the features in every block of both vision towers (new layers, trained fully)",
+    )
+    p.add_argument(
+        "--image_aug",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="OFT's random crop and colour jitter in training, its centre crop in evaluation/deployment",
+    )
+    p.add_argument(
+        "--swap_red_blue",
+        action="store_true",
+        help="reverse the channels of every frame read (RoboTwin's OFT-converted files hold BGR)",
+    )
+    p.add_argument(
+        "--grad_ckpt",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=["on", "off", "auto"],
+        help="recompute LLM and ViT activations in backward: less memory, ~30%% slower; auto: on when "
+        "a step of the longest prompt runs out of GPU memory without it (off on CPU)",
+    )
     p.add_argument("--no-grad_ckpt", dest="grad_ckpt", action="store_const", const="off")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--num_workers", type=int, default=4, help="data loader processes per rank")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="frozen base weights and autocast; auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="frozen base weights and autocast; auto: bfloat16 on CUDA, float32 on CPU",
+    )
     p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the newest one in --out_dir")
     p.add_argument("--dist_timeout", type=float, default=10, help="minutes a rank waits for the others (gloo: 30)")
-    p.add_argument("--preempt_signals", default="SIGTERM,SIGUSR1", help="on these, finish the step, save and exit "
-                   "with code 75 (SLURM sends SIGTERM before it preempts or requeues a job); '' to disable")
+    p.add_argument(
+        "--preempt_signals",
+        default="SIGTERM,SIGUSR1",
+        help="on these, finish the step, save and exit "
+        "with code 75 (SLURM sends SIGTERM before it preempts or requeues a job); '' to disable",
+    )
     args = p.parse_args(argv)
-    positive = ["chunk", "action_dim", "batch_size", "grad_accum", "max_steps", "save_interval", "eval_interval",
-                "eval_batches", "log_interval", "lora_rank", "dist_timeout"]
+    positive = [
+        "chunk",
+        "action_dim",
+        "batch_size",
+        "grad_accum",
+        "max_steps",
+        "save_interval",
+        "eval_interval",
+        "eval_batches",
+        "log_interval",
+        "lora_rank",
+        "dist_timeout",
+    ]
     for name in positive + ["action_offset", "val_episodes", "warmup_steps", "keep_last", "num_workers"]:
         if getattr(args, name) < 0 or getattr(args, name) == 0 and name in positive:
             p.error(f"--{name} must be {'positive' if name in positive else '>= 0'}, got {getattr(args, name)}")
@@ -97,8 +149,9 @@ def get_args(argv=None):
         p.error(f"--device {args.device}: no CUDA device is visible to torch {torch.__version__}")
     path = os.path.expanduser(args.vla_path)
     if os.path.isdir(path):  # a hub id is only resolved when the model loads
-        if missing := [f for f in ("config.json", "tokenizer.json", "model*.safetensors")
-                       if not glob.glob(os.path.join(path, f))]:
+        if missing := [
+            f for f in ("config.json", "tokenizer.json", "model*.safetensors") if not glob.glob(os.path.join(path, f))
+        ]:
             p.error(f"--vla_path {path}: no {', '.join(missing)} there (expected an OpenVLA checkpoint directory)")
         args.vla_path = os.path.abspath(path)  # args.json must name it from any working directory
     elif not model.is_hub_id(path):
@@ -111,11 +164,31 @@ def get_args(argv=None):
     return args
 
 
-CHECKPOINT_FILES = ["adapter_model.safetensors", "adapter_config.json", "action_head.safetensors",
-                    "dataset_statistics.json", "args.json", "trainer_state.pt"]
+CHECKPOINT_FILES = [
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "action_head.safetensors",
+    "dataset_statistics.json",
+    "args.json",
+    "trainer_state.pt",
+]
 # they change shapes or the data: a resumed run keeps the checkpoint's
-SAME_ON_RESUME = ["chunk", "action_dim", "lora_rank", "cameras", "proprio", "attention", "action_offset", "norm",
-                  "swap_red_blue", "image_aug", "action_key", "state_key", "instruction", "film"]
+SAME_ON_RESUME = [
+    "chunk",
+    "action_dim",
+    "lora_rank",
+    "cameras",
+    "proprio",
+    "attention",
+    "action_offset",
+    "norm",
+    "swap_red_blue",
+    "image_aug",
+    "action_key",
+    "state_key",
+    "instruction",
+    "film",
+]
 
 
 def read_checkpoint(ckpt):
@@ -161,8 +234,10 @@ def find_resume(args):
         sys.exit(f"error: --resume auto: no usable checkpoint in --out_dir {args.out_dir} (see the notes above)")
     newer = [d for step, d in done if step > state["step"]]
     if newer and args.resume != "auto":  # auto passed over broken ones only: those may be written over
-        sys.exit(f"error: --resume {ckpt} would write over the newer {', '.join(map(os.path.basename, newer))} in "
-                 f"--out_dir {args.out_dir}: pass a new --out_dir")
+        sys.exit(
+            f"error: --resume {ckpt} would write over the newer {', '.join(map(os.path.basename, newer))} in "
+            f"--out_dir {args.out_dir}: pass a new --out_dir"
+        )
     saved.setdefault("attention", "queries" if saved.get("bidirectional") else "causal")  # before --attention
     args.state_key = args.state_key or saved.get("state_key")  # the run recorded what auto resolved to
     why = {"batch_size": "the data order will differ", "grad_accum": "the global batch changes"}
@@ -189,8 +264,8 @@ def epoch_batches(n, args, rank, world, epoch):
     """This rank's batches for one epoch: one seeded shuffle shared by all ranks, each rank taking its own slice."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
     per_rank = n // world // args.batch_size * args.batch_size  # equal step counts keep the ranks in lockstep
-    mine = order[rank * per_rank:(rank + 1) * per_rank]
-    return [mine[i:i + args.batch_size] for i in range(0, per_rank, args.batch_size)]
+    mine = order[rank * per_rank : (rank + 1) * per_rank]
+    return [mine[i : i + args.batch_size] for i in range(0, per_rank, args.batch_size)]
 
 
 def ignore_sigterm(worker_id):  # a cluster signals data workers too: torch's handler would kill them, and the rank
@@ -202,8 +277,9 @@ def batch_stream(dataset, args, rank, world, epoch, pos, pin):
     while True:
         dataset.set_epoch(epoch)
         batches = epoch_batches(len(dataset), args, rank, world, epoch)[pos:]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
-                                             pin_memory=pin, worker_init_fn=ignore_sigterm)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, num_workers=args.num_workers, pin_memory=pin, worker_init_fn=ignore_sigterm
+        )
         for batch in loader:
             pos += 1
             yield epoch, pos, batch
@@ -222,8 +298,12 @@ def evaluate(vla, val_set, stats, args, device, autocast, rank, world):
     vla.eval()
     n = min(len(val_set), args.eval_batches * args.batch_size)
     picks = torch.linspace(0, len(val_set) - 1, n).round().long().tolist()[rank::world]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, picks), batch_size=args.batch_size,
-                                         num_workers=min(args.num_workers, 2), worker_init_fn=ignore_sigterm)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(val_set, picks),
+        batch_size=args.batch_size,
+        num_workers=min(args.num_workers, 2),
+        worker_init_fn=ignore_sigterm,
+    )
     mean = data.normalize(torch.tensor(stats["mean"]), stats, args.norm).to(device)
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # curr, future, raw, baseline, count
     for batch in loader:
@@ -233,14 +313,26 @@ def evaluate(vla, val_set, stats, args, device, autocast, rank, world):
         err = (pred - target).abs()
         raw = (data.unnormalize(pred, stats, args.norm) - data.unnormalize(target, stats, args.norm)).abs()
         b = len(target)
-        sums += torch.stack([err[:, 0].mean() * b, err[:, 1:].mean() * b, raw.mean() * b,
-                             (mean - target).abs().mean() * b, torch.tensor(b, device=device)]).double()
+        sums += torch.stack(
+            [
+                err[:, 0].mean() * b,
+                err[:, 1:].mean() * b,
+                raw.mean() * b,
+                (mean - target).abs().mean() * b,
+                torch.tensor(b, device=device),
+            ]
+        ).double()
     if world > 1:
         dist.all_reduce(sums)
     curr, future, raw, baseline = (sums[:4] / sums[4]).tolist()
     vla.train()
-    return {"val_l1": (curr + (args.chunk - 1) * future) / args.chunk, "val_curr_l1": curr, "val_future_l1": future,
-            "val_l1_raw": raw, "val_l1_baseline": baseline}
+    return {
+        "val_l1": (curr + (args.chunk - 1) * future) / args.chunk,
+        "val_curr_l1": curr,
+        "val_future_l1": future,
+        "val_l1_raw": raw,
+        "val_l1_baseline": baseline,
+    }
 
 
 def save_checkpoint(vla, opt, step, stream_state, stats, args, world):
@@ -260,17 +352,28 @@ def save_checkpoint(vla, opt, step, stream_state, stats, args, world):
         data.save_stats(os.path.join(tmp, "dataset_statistics.json"), **stats)
         with open(os.path.join(tmp, "args.json"), "w") as f:
             json.dump(vars(args) | {"world_size": world}, f, indent=1)
-        torch.save({"step": step, "optimizer": opt.state_dict(), "epoch": stream_state[0], "pos": stream_state[1],
-                    "world_size": world, "rng": rngs}, os.path.join(tmp, "trainer_state.pt"))
+        torch.save(
+            {
+                "step": step,
+                "optimizer": opt.state_dict(),
+                "epoch": stream_state[0],
+                "pos": stream_state[1],
+                "world_size": world,
+                "rng": rngs,
+            },
+            os.path.join(tmp, "trainer_state.pt"),
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     except Exception as e:  # a full disk: OSError, safetensors' SafetensorError, a RuntimeError from torch.save
         shutil.rmtree(tmp, ignore_errors=True)
-        sys.exit(f"error: could not save {final} ({type(e).__name__}: {e}; disk full?); removed {tmp}, the earlier "
-                 "checkpoints are untouched")
+        sys.exit(
+            f"error: could not save {final} ({type(e).__name__}: {e}; disk full?); removed {tmp}, the earlier "
+            "checkpoints are untouched"
+        )
     if args.keep_last:  # never this one; newer ones are broken ones --resume auto passed over: this run rewrites them
         older = [d for s, d in checkpoints(args.out_dir) if s < step]
-        for old in older[:max(0, len(older) + 1 - args.keep_last)]:
+        for old in older[: max(0, len(older) + 1 - args.keep_last)]:
             shutil.rmtree(old)
     print(f"saved {final}", flush=True)
 
@@ -323,8 +426,10 @@ def main(argv=None):
         if os.environ.get("RANK", "0") == "0":  # the kernel drops the lock when the process ends, killed or not
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by another process: EAGAIN on Linux, NFS too
     except BlockingIOError:
-        sys.exit(f"error: --out_dir {args.out_dir} is in use by another run (it holds {lock.name}): wait for it "
-                 "to end, or pass another --out_dir")
+        sys.exit(
+            f"error: --out_dir {args.out_dir} is in use by another run (it holds {lock.name}): wait for it "
+            "to end, or pass another --out_dir"
+        )
     except OSError as e:
         sys.exit(f"error: --out_dir {args.out_dir} is not writable: {e}")
     stop = {}  # why this rank should save and stop at the end of the current step
@@ -352,15 +457,18 @@ def main(argv=None):
     try:
         # only episodes that give samples may be held out: a too-short validation episode would leave none
         keys = dict(action_key=args.action_key, state_key=args.state_key, instruction=args.instruction)
-        paths = data.check_episodes(data.list_episodes(args.data_dir), cameras, args.chunk, args.action_dim,
-                                    args.action_offset, **keys)
+        paths = data.check_episodes(
+            data.list_episodes(args.data_dir), cameras, args.chunk, args.action_dim, args.action_offset, **keys
+        )
         # what this run trains on, so that a resume can say what changed
         args.data_files = {os.path.basename(p): os.path.getsize(data.split_ref(p)[0]) for p in paths}
         if args.val_data_dir:
             train_paths, val_paths = paths, data.list_episodes(args.val_data_dir)
             if shared := set(map(os.path.realpath, paths)) & set(map(os.path.realpath, val_paths)):
-                raise data.DataError(f"--val_data_dir {args.val_data_dir} holds {len(shared)} of --data_dir's files "
-                                     f"(e.g. {min(shared)}): it would validate on training data")
+                raise data.DataError(
+                    f"--val_data_dir {args.val_data_dir} holds {len(shared)} of --data_dir's files "
+                    f"(e.g. {min(shared)}): it would validate on training data"
+                )
         elif resume:  # the checkpoint's split, whichever files came or went: its validation episodes never train
             held = {os.path.basename(p) for p in state["args"].get("val_episode_files", [])}
             train_paths, val_paths = ([p for p in paths if (os.path.basename(p) in held) == v] for v in (False, True))
@@ -369,18 +477,40 @@ def main(argv=None):
         stats_file = os.path.join(resume, "dataset_statistics.json") if resume else None
         stats = data.load_stats(stats_file) if resume else None
         proprio_stats = data.load_stats(stats_file, key="proprio") if resume and args.proprio else None
-        common = dict(cameras=cameras, chunk=args.chunk, action_dim=args.action_dim, norm=args.norm,
-                      action_offset=args.action_offset, proprio=args.proprio, swap_red_blue=args.swap_red_blue, **keys)
-        train_set = data.EpisodeDataset(train_paths, stats=stats, proprio_stats=proprio_stats, seed=args.seed,
-                                        image_aug=args.image_aug, **common)
+        common = dict(
+            cameras=cameras,
+            chunk=args.chunk,
+            action_dim=args.action_dim,
+            norm=args.norm,
+            action_offset=args.action_offset,
+            proprio=args.proprio,
+            swap_red_blue=args.swap_red_blue,
+            **keys,
+        )
+        train_set = data.EpisodeDataset(
+            train_paths, stats=stats, proprio_stats=proprio_stats, seed=args.seed, image_aug=args.image_aug, **common
+        )
         stats, proprio_stats = train_set.stats, train_set.proprio_stats
-        saved_stats = dict(action_stats=stats, proprio_stats=proprio_stats, num_transitions=sum(train_set.lengths),
-                           num_trajectories=len(train_set.paths))
-        val_set = data.EpisodeDataset(val_paths, stats=stats, proprio_stats=proprio_stats, instruction_variant=0,
-                                      **common) if val_paths else None
+        saved_stats = dict(
+            action_stats=stats,
+            proprio_stats=proprio_stats,
+            num_transitions=sum(train_set.lengths),
+            num_trajectories=len(train_set.paths),
+        )
+        val_set = (
+            data.EpisodeDataset(val_paths, stats=stats, proprio_stats=proprio_stats, instruction_variant=0, **common)
+            if val_paths
+            else None
+        )
         sets = [train_set] + [val_set] * bool(val_set)  # every prompt must fit the LLM: its tokenizer tells, no weights
-        data.check_prompts([p for s in sets for p in s.paths], [t for s in sets for t in s.instructions],
-                           args.vla_path, len(cameras), args.proprio, args.chunk)
+        data.check_prompts(
+            [p for s in sets for p in s.paths],
+            [t for s in sets for t in s.instructions],
+            args.vla_path,
+            len(cameras),
+            args.proprio,
+            args.chunk,
+        )
     except data.DataError as e:
         sys.exit(f"error: {e}")
     if ddp:  # node-local copies that differ would give each rank its own split, statistics and data order
@@ -390,25 +520,39 @@ def main(argv=None):
             sys.exit(f"error: --data_dir {args.data_dir}: ranks {differ} hold other files than rank 0" if master else 1)
     was, now = state["args"].get("data_files", args.data_files) if resume else args.data_files, args.data_files
     if was != now:  # the split was kept above; the saved data position now points into another set
-        log(f"note: --data_dir {args.data_dir} changed since {resume}: added {sorted(now.keys() - was)}, removed "
+        log(
+            f"note: --data_dir {args.data_dir} changed since {resume}: added {sorted(now.keys() - was)}, removed "
             f"{sorted(was.keys() - now)}, resized {sorted(n for n in now.keys() & was if now[n] != was[n])}; its "
-            "validation episodes stay out of training")
+            "validation episodes stay out of training"
+        )
     if not epoch_batches(len(train_set), args, 0, world, 0):
-        sys.exit(f"error: {len(train_set)} training samples cannot fill one batch of --batch_size {args.batch_size} "
-                 f"on each of {world} ranks")
+        sys.exit(
+            f"error: {len(train_set)} training samples cannot fill one batch of --batch_size {args.batch_size} "
+            f"on each of {world} ranks"
+        )
     args.val_episode_files = val_paths  # saved in args.json so infer.py can be pointed at episodes never trained on
     args.frame_sizes = train_set.frame_sizes  # so deployment brings live frames to the training frames' size
     args.state_key = train_set.state_key  # what --state_key auto resolved to, for deployment
     global_batch = args.batch_size * args.grad_accum * world
     shown = {k: v for k, v in vars(args).items() if k != "data_files"}  # args.json holds it: one line per episode
     log(json.dumps(shown | {"world_size": world, "global_batch": global_batch}, indent=1))
-    log(f"train: {len(train_paths)} episodes, {len(train_set)} samples | val: {len(val_paths)} episodes | "
-        f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} accum x {world} ranks")
+    log(
+        f"train: {len(train_paths)} episodes, {len(train_set)} samples | val: {len(val_paths)} episodes | "
+        f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} accum x {world} ranks"
+    )
 
     # -------------------------------------------------------------------------------- model
-    vla = model.VLA.from_pretrained(args.vla_path, dtype=dtype, device=device, chunk=args.chunk,
-                                    action_dim=args.action_dim, proprio_dim=train_set.proprio_dim,
-                                    attention=args.attention, image_aug=args.image_aug, film=args.film)
+    vla = model.VLA.from_pretrained(
+        args.vla_path,
+        dtype=dtype,
+        device=device,
+        chunk=args.chunk,
+        action_dim=args.action_dim,
+        proprio_dim=train_set.proprio_dim,
+        attention=args.attention,
+        image_aug=args.image_aug,
+        film=args.film,
+    )
     model.add_lora(vla, rank=args.lora_rank)
     if args.grad_ckpt == "auto":  # measured, not estimated: the core does not import bench.py's memory model
         texts = [s for texts in train_set.instructions for s in texts]
@@ -485,8 +629,12 @@ def main(argv=None):
         for micro, (epoch, pos, batch) in enumerate(micro_batches):
             with train_vla.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext():
                 with autocast:
-                    pred = train_vla(batch["images"].to(device, non_blocking=True), batch["instruction"],
-                                     batch.get("state"), batch.get("aug"))
+                    pred = train_vla(
+                        batch["images"].to(device, non_blocking=True),
+                        batch["instruction"],
+                        batch.get("state"),
+                        batch.get("aug"),
+                    )
                 loss, curr, future = l1_terms(pred, batch["actions"].to(device, non_blocking=True))
                 (loss / args.grad_accum).backward()
             terms[:3] += torch.stack([loss, curr, future]).detach() / args.grad_accum
@@ -498,8 +646,10 @@ def main(argv=None):
             terms[:3] /= world
         loss, curr, future, stopping = terms.tolist()
         if not math.isfinite(loss):
-            sys.exit(f"error: loss is {loss} at step {step}; stopping without saving this state "
-                     f"(last good checkpoint, if any, is in {args.out_dir})")
+            sys.exit(
+                f"error: loss is {loss} at step {step}; stopping without saving this state "
+                f"(last good checkpoint, if any, is in {args.out_dir})"
+            )
         opt.step()
         opt.zero_grad(set_to_none=True)
         stream_state = (epoch, pos)
@@ -507,10 +657,12 @@ def main(argv=None):
         if step % args.log_interval == 0 or step == args.max_steps:
             dt = (time.time() - t_log) / steps_since_log
             eta = dt * (args.max_steps - step)
-            record({"step": step, "loss": loss, "curr_l1": curr, "future_l1": future, "lr": lr, "ms": dt * 1000},
-                   f"step {step}/{args.max_steps} | loss {loss:.4f} | curr l1 {curr:.4f} | future l1 {future:.4f} | "
-                   f"lr {lr:.2e} | {dt * 1000:.0f} ms | {global_batch / dt:.1f} samples/s | "
-                   f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m")
+            record(
+                {"step": step, "loss": loss, "curr_l1": curr, "future_l1": future, "lr": lr, "ms": dt * 1000},
+                f"step {step}/{args.max_steps} | loss {loss:.4f} | curr l1 {curr:.4f} | future l1 {future:.4f} | "
+                f"lr {lr:.2e} | {dt * 1000:.0f} ms | {global_batch / dt:.1f} samples/s | "
+                f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m",
+            )
             t_log, steps_since_log = time.time(), 0
         t_aside = time.time()  # evaluation and saving stay out of the step time and the eta
         if val_set is not None and (step % args.eval_interval == 0 or step == args.max_steps):
@@ -526,8 +678,11 @@ def main(argv=None):
     if ddp:  # no rank may tear gloo down while another's last collective is in flight: that aborts or hangs at exit
         dist.barrier()
     if stopping and step < args.max_steps:
-        log(f"stopped after step {step} ({stop.get('why', 'asked by another rank')}) and saved it: run the same "
-            f"command with --resume auto to continue", flush=True)
+        log(
+            f"stopped after step {step} ({stop.get('why', 'asked by another rank')}) and saved it: run the same "
+            f"command with --resume auto to continue",
+            flush=True,
+        )
         sys.exit(75)
 
 

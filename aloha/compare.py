@@ -10,6 +10,7 @@ often each side reached it, on how many seeds only one did, and the exact two-si
 a split at least that uneven if both were equally good. Seeds are paired because the cube's position decides much
 of an episode: two policies on the same 100 seeds differ far less by chance than two independent samples would.
 """
+
 import argparse
 import json
 import math
@@ -21,7 +22,7 @@ def mcnemar(only_a, only_b):
     n, k = only_a + only_b, min(only_a, only_b)
     if n == 0:
         return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def load(side, flag):
@@ -63,8 +64,10 @@ def main(argv=None):
     a, b = load(args.a, "A"), load(args.b, "B")
     if set(a) != set(b):
         diff = sorted(set(a) ^ set(b))
-        sys.exit(f"error: the two sides hold different seeds ({len(diff)} not on both, e.g. {diff[0]}): "
-                 f"a paired comparison needs the same ones")
+        sys.exit(
+            f"error: the two sides hold different seeds ({len(diff)} not on both, e.g. {diff[0]}): "
+            f"a paired comparison needs the same ones"
+        )
     n = len(a)
     print(f"{n} paired seeds ({min(a)}..{max(a)})")
     print(f"{'stage':>5} {'A':>9} {'B':>9} {'only A':>7} {'only B':>7} {'McNemar p':>10}")

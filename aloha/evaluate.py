@@ -15,6 +15,7 @@ scores.
 Writes OUT/report.json (settings, every episode, success rate with its 95% Wilson interval, the rate of reaching
 each reward stage) and OUT/rollout_N_seedS.gif for the first --gif episodes.
 """
+
 import argparse
 import glob
 import json
@@ -28,15 +29,25 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import record  # noqa: E402  (the same folder: sys.path[0] when run as a script)
 import data  # noqa: E402
 import infer  # noqa: E402
+import record  # noqa: E402  (the same folder: sys.path[0] when run as a script)
 
 IMAGE_PREFIX = "observations/images/"  # ACT's layout names a camera by its dataset path
-STAGES = {"transfer_cube": ["right gripper touches the cube", "cube lifted", "left gripper touches it",
-                            "handed over (success)"],
-          "insertion": ["both grippers touch their objects", "both lifted", "peg touches the socket",
-                        "peg touches the pin (success)"]}
+STAGES = {
+    "transfer_cube": [
+        "right gripper touches the cube",
+        "cube lifted",
+        "left gripper touches it",
+        "handed over (success)",
+    ],
+    "insertion": [
+        "both grippers touch their objects",
+        "both lifted",
+        "peg touches the socket",
+        "peg touches the pin (success)",
+    ],
+}
 
 
 def wilson(k, n, z=1.96):
@@ -52,9 +63,14 @@ def wilson(k, n, z=1.96):
 def summarize(episodes):
     n, stages = len(episodes), [e["max_reward"] for e in episodes]
     k = sum(e["success"] for e in episodes)
-    return {"success": k, "episodes": n, "success_rate": k / n, "success_ci95": wilson(k, n),
-            "stage_rates": {str(s): sum(r >= s for r in stages) / n for s in range(1, 5)},
-            "stage_histogram": {str(s): stages.count(s) for s in range(5)}}
+    return {
+        "success": k,
+        "episodes": n,
+        "success_rate": k / n,
+        "success_ci95": wilson(k, n),
+        "stage_rates": {str(s): sum(r >= s for r in stages) / n for s in range(1, 5)},
+        "stage_histogram": {str(s): stages.count(s) for s in range(5)},
+    }
 
 
 def sim_cameras(task):
@@ -69,14 +85,18 @@ def check_policy_inputs(train_args, ckpt, task):
     limit = (physics.model.vis.global_.offheight, physics.model.vis.global_.offwidth)
     sizes, out = train_args.get("frame_sizes") or {}, {}
     for cam in train_args["cameras"].split(","):
-        sim_name = cam[len(IMAGE_PREFIX):] if cam.startswith(IMAGE_PREFIX) else None
+        sim_name = cam[len(IMAGE_PREFIX) :] if cam.startswith(IMAGE_PREFIX) else None
         if sim_name not in names:
-            sys.exit(f"error: checkpoint {ckpt} needs camera {cam!r}, which the simulator does not render (it has "
-                     f"{', '.join(IMAGE_PREFIX + n for n in names)})")
+            sys.exit(
+                f"error: checkpoint {ckpt} needs camera {cam!r}, which the simulator does not render (it has "
+                f"{', '.join(IMAGE_PREFIX + n for n in names)})"
+            )
         size = tuple(sizes.get(cam) or (480, 640))  # older checkpoints record no size: ACT's
         if size[0] > limit[0] or size[1] > limit[1]:
-            sys.exit(f"error: checkpoint {ckpt} was trained on {cam} frames of {size[0]}x{size[1]}, larger than the "
-                     f"simulator renders ({limit[0]}x{limit[1]})")
+            sys.exit(
+                f"error: checkpoint {ckpt} was trained on {cam} frames of {size[0]}x{size[1]}, larger than the "
+                f"simulator renders ({limit[0]}x{limit[1]})"
+            )
         out[cam] = (sim_name, size)
     if train_args["action_dim"] != 14:
         sys.exit(f"error: checkpoint {ckpt} predicts {train_args['action_dim']} action dimensions; ALOHA takes 14")
@@ -100,8 +120,13 @@ def rollout(task, seed, act, cameras, steps, fast_render=True, gif=None, zoom=1.
     if gif is not None and cameras:  # the last frame shows how the episode ended
         name, size = next(iter(cameras.values()))
         gif.append(annotate(record.render(physics, size, name), f"seed {seed}  t {t + 1}  stage {best}"))
-    return {"seed": seed, "max_reward": int(best), "success": best == 4, "steps": t + 1,
-            "seconds": round(time.time() - t0, 2)}
+    return {
+        "seed": seed,
+        "max_reward": int(best),
+        "success": best == 4,
+        "steps": t + 1,
+        "seconds": round(time.time() - t0, 2),
+    }
 
 
 def annotate(frame, text):
@@ -158,9 +183,13 @@ def run(name, seeds, task, act, cameras, args, gif_count=0, on_start=None):
         if frames:
             write_gif(frames, os.path.join(args.out, f"rollout_{i}_seed{seed}.gif"))
         k = sum(e["success"] for e in results)
-        print(f"{name} | seed {seed} | stage {r['max_reward']} | {'success' if r['success'] else 'failure'} | "
-              f"{r['steps']} steps | " + (f"{r['ms_per_chunk']} ms per chunk | " if "ms_per_chunk" in r else "")
-              + f"{r['seconds']} s | {k}/{len(results)} so far", flush=True)
+        print(
+            f"{name} | seed {seed} | stage {r['max_reward']} | {'success' if r['success'] else 'failure'} | "
+            f"{r['steps']} steps | "
+            + (f"{r['ms_per_chunk']} ms per chunk | " if "ms_per_chunk" in r else "")
+            + f"{r['seconds']} s | {k}/{len(results)} so far",
+            flush=True,
+        )
     return results
 
 
@@ -168,8 +197,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a step_NNNNNN directory or a merged export")
     p.add_argument("--task", default="transfer_cube", help=" or ".join(record.TASKS))
-    p.add_argument("--episodes", type=int, default=100, help="seeds --seed, --seed+1, ... (50 alone mislead: one "
-                   "checkpoint scored 20%% on seeds 1000-1049 and 6%% on 1050-1099)")
+    p.add_argument(
+        "--episodes",
+        type=int,
+        default=100,
+        help="seeds --seed, --seed+1, ... (50 alone mislead: one "
+        "checkpoint scored 20%% on seeds 1000-1049 and 6%% on 1050-1099)",
+    )
     p.add_argument("--seed", type=int, default=1000, help="first seed (record.py starts at 0: these are unseen)")
     p.add_argument("--steps", type=int, default=record.EPISODE_LEN, help="control steps per episode at most")
     p.add_argument("--execute", type=int, default=8, help="actions executed per chunk before re-planning")
@@ -177,13 +211,22 @@ def main(argv=None):
     p.add_argument("--instruction", help="default: the one the checkpoint was trained with")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--vla_path", help="base model, overriding the one named in the checkpoint's args.json")
-    p.add_argument("--baseline", metavar="DEMOS_DIR", help="also replay these demonstrations' mean action "
-                   "trajectory open loop on the same seeds")
+    p.add_argument(
+        "--baseline",
+        metavar="DEMOS_DIR",
+        help="also replay these demonstrations' mean action trajectory open loop on the same seeds",
+    )
     p.add_argument("--gif", type=int, default=2, help="write an animated GIF of the first N policy episodes")
-    p.add_argument("--stock_render", action="store_true", help="render the stock scene (for checkpoints trained on "
-                   "record.py --stock_render demos)")
-    p.add_argument("--zoom", type=float, help="camera zoom (record.py --zoom); default: the one the checkpoint's "
-                   "training demos were recorded with")
+    p.add_argument(
+        "--stock_render",
+        action="store_true",
+        help="render the stock scene (for checkpoints trained on record.py --stock_render demos)",
+    )
+    p.add_argument(
+        "--zoom",
+        type=float,
+        help="camera zoom (record.py --zoom); default: the one the checkpoint's training demos were recorded with",
+    )
     p.add_argument("--out", default="out/aloha/eval")
     args = p.parse_args(argv)
     if args.task not in record.TASKS:
@@ -205,19 +248,24 @@ def main(argv=None):
             sys.exit(f"error: checkpoint {args.checkpoint} records no instruction: give --instruction")
         demo_seeds, zooms = training_demos(train_args)
         if args.zoom is None and len(zooms) > 1:
-            sys.exit(f"error: checkpoint {args.checkpoint}'s demos in {train_args['data_dir']} mix zooms "
-                     f"{sorted(zooms)}: give --zoom")
+            sys.exit(
+                f"error: checkpoint {args.checkpoint}'s demos in {train_args['data_dir']} mix zooms "
+                f"{sorted(zooms)}: give --zoom"
+            )
         if args.zoom is None:
             args.zoom = next(iter(zooms), 1.0)
             print(f"camera zoom {args.zoom} ({'as the training demos' if zooms else 'training demos not found'})")
         reused = sorted(demo_seeds & set(seeds))
         if reused:
-            print(f"warning: {len(reused)} of these seeds ({reused[0]}..{reused[-1]}) made the checkpoint's training "
-                  f"demos: not unseen")
+            print(
+                f"warning: {len(reused)} of these seeds ({reused[0]}..{reused[-1]}) made the checkpoint's training "
+                f"demos: not unseen"
+            )
     os.makedirs(args.out, exist_ok=True)
     if args.checkpoint:
-        policy = infer.Policy.from_checkpoint(args.checkpoint, device=args.device, vla_path=args.vla_path,
-                                              execute=args.execute, ensemble=args.ensemble)
+        policy = infer.Policy.from_checkpoint(
+            args.checkpoint, device=args.device, vla_path=args.vla_path, execute=args.execute, ensemble=args.ensemble
+        )
         proprio = bool(policy.vla.proprio_dim)
 
         def act(images, qpos, t):
@@ -229,10 +277,16 @@ def main(argv=None):
             return action
 
         act.latency = []
-        report["settings"] |= {"instruction": instruction, "cameras": {c: list(s) for c, (_, s) in cameras.items()},
-                               "proprio": proprio, "zoom": args.zoom, "train_args": train_args}
-        report["policy"] = summarize(episodes := run("policy", seeds, args.task, act, cameras, args, args.gif,
-                                                     policy.reset))
+        report["settings"] |= {
+            "instruction": instruction,
+            "cameras": {c: list(s) for c, (_, s) in cameras.items()},
+            "proprio": proprio,
+            "zoom": args.zoom,
+            "train_args": train_args,
+        }
+        report["policy"] = summarize(
+            episodes := run("policy", seeds, args.task, act, cameras, args, args.gif, policy.reset)
+        )
         report["policy"]["per_episode"] = episodes
     if baseline is not None:
         mean, n_demos = baseline
@@ -242,16 +296,20 @@ def main(argv=None):
 
         blind.latency = []
         report["baseline"] = summarize(episodes := run("baseline", seeds, args.task, blind, {}, args))
-        report["baseline"] |= {"per_episode": episodes, "what": f"mean action trajectory of {n_demos} demos in "
-                               f"{args.baseline}, open loop"}
+        report["baseline"] |= {
+            "per_episode": episodes,
+            "what": f"mean action trajectory of {n_demos} demos in {args.baseline}, open loop",
+        }
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     for name in ("policy", "baseline"):
         if name in report:
             s, (lo, hi) = report[name], report[name]["success_ci95"]
-            print(f"{name}: {s['success']}/{s['episodes']} = {100 * s['success_rate']:.0f}% success "
-                  f"(95% CI {100 * lo:.0f}-{100 * hi:.0f}%) | reached stage 1-4: "
-                  + " ".join(f"{100 * v:.0f}%" for v in s["stage_rates"].values()))
+            print(
+                f"{name}: {s['success']}/{s['episodes']} = {100 * s['success_rate']:.0f}% success "
+                f"(95% CI {100 * lo:.0f}-{100 * hi:.0f}%) | reached stage 1-4: "
+                + " ".join(f"{100 * v:.0f}%" for v in s["stage_rates"].values())
+            )
     print(f"report: {os.path.join(args.out, 'report.json')}")
 
 

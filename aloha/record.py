@@ -13,6 +13,7 @@ re-run skips finished episodes and redoes an interrupted one.
 Rendering is headless: MUJOCO_GL=egl (the default here; Mesa's libegl1 + libgl1-mesa-dri) or MUJOCO_GL=osmesa
 (libosmesa6). The fast settings (no multisampling, no shadows) render about 10x faster than the stock scene.
 """
+
 import argparse
 import glob
 import os
@@ -40,6 +41,7 @@ def make_sim(task, end_effector=False, fast_render=True, weld_fix=True, zoom=1.0
     from dm_control import mujoco
     from gym_aloha.constants import ASSETS_DIR
     from gym_aloha.tasks import sim, sim_end_effector
+
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use {', '.join(TASKS)}")
     xml = f"bimanual_viperx_{'end_effector_' if end_effector else ''}{task}.xml"
@@ -60,16 +62,18 @@ def make_sim(task, end_effector=False, fast_render=True, weld_fix=True, zoom=1.0
 def object_pose(task, seed):
     """The objects' initial pose(s) for a seed, exactly as gym-aloha's reset(seed=seed) draws them."""
     from gym_aloha.utils import sample_box_pose, sample_insertion_pose
+
     return sample_box_pose(seed) if task == "transfer_cube" else np.concatenate(sample_insertion_pose(seed))
 
 
 def reset(physics, task_obj, pose):
     """Start an episode with the objects at `pose` (the end-effector tasks draw theirs unseeded: overwrite it)."""
     from gym_aloha.tasks import sim
+
     sim.BOX_POSE[0] = pose  # the joint-space tasks read the pose from this module global
     with physics.reset_context():  # one context: a second would reset the arms, the mocap bodies and the controls
         task_obj.initialize_episode(physics)
-        physics.data.qpos[-len(pose):] = pose
+        physics.data.qpos[-len(pose) :] = pose
 
 
 def step(physics, task_obj, action, substeps=10):
@@ -87,8 +91,14 @@ def render(physics, size, camera="top"):
 def qmul(a, b):
     """Hamilton product of (w, x, y, z) quaternions."""
     (aw, ax, ay, az), (bw, bx, by, bz) = a, b
-    return np.array([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
-                     aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw])
+    return np.array(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ]
+    )
 
 
 def about(axis, degrees):
@@ -102,22 +112,47 @@ def waypoints(task, mocap_left, mocap_right, pose):
     if task == "transfer_cube":
         box, meet = pose[:3], np.array([0, 0.5, 0.25])
         pick, meet_left, level = qmul(mocap_right[3:], about([0, 1, 0], -60)), about([1, 0, 0], 90), [1, 0, 0, 0]
-        left = [(0, *left0), (100, meet + [-0.1, 0, -0.02], meet_left, 1), (260, meet + [0.02, 0, -0.02], meet_left, 1),
-                (310, meet + [0.02, 0, -0.02], meet_left, 0), (360, meet + [-0.1, 0, -0.02], level, 0),
-                (400, meet + [-0.1, 0, -0.02], level, 0)]
-        right = [(0, *right0), (90, box + [0, 0, 0.08], pick, 1), (130, box + [0, 0, -0.015], pick, 1),
-                 (170, box + [0, 0, -0.015], pick, 0), (200, meet + [0.05, 0, 0], pick, 0), (220, meet, pick, 0),
-                 (310, meet, pick, 1), (360, meet + [0.1, 0, 0], pick, 1), (400, meet + [0.1, 0, 0], pick, 1)]
+        left = [
+            (0, *left0),
+            (100, meet + [-0.1, 0, -0.02], meet_left, 1),
+            (260, meet + [0.02, 0, -0.02], meet_left, 1),
+            (310, meet + [0.02, 0, -0.02], meet_left, 0),
+            (360, meet + [-0.1, 0, -0.02], level, 0),
+            (400, meet + [-0.1, 0, -0.02], level, 0),
+        ]
+        right = [
+            (0, *right0),
+            (90, box + [0, 0, 0.08], pick, 1),
+            (130, box + [0, 0, -0.015], pick, 1),
+            (170, box + [0, 0, -0.015], pick, 0),
+            (200, meet + [0.05, 0, 0], pick, 0),
+            (220, meet, pick, 0),
+            (310, meet, pick, 1),
+            (360, meet + [0.1, 0, 0], pick, 1),
+            (400, meet + [0.1, 0, 0], pick, 1),
+        ]
         return left, right
     peg, socket, meet, lift = pose[:3], pose[7:10], np.array([0, 0.5, 0.15]), 0.00715
     # ACT turns both grippers from the right arm's initial orientation (identical to the left's)
     pick_r, pick_l = qmul(mocap_right[3:], about([0, 1, 0], -60)), qmul(mocap_right[3:], about([0, 1, 0], 60))
-    left = [(0, *left0), (120, socket + [0, 0, 0.08], pick_l, 1), (170, socket + [0, 0, -0.03], pick_l, 1),
-            (220, socket + [0, 0, -0.03], pick_l, 0), (285, meet + [-0.1, 0, 0], pick_l, 0),
-            (340, meet + [-0.05, 0, 0], pick_l, 0), (400, meet + [-0.05, 0, 0], pick_l, 0)]
-    right = [(0, *right0), (120, peg + [0, 0, 0.08], pick_r, 1), (170, peg + [0, 0, -0.03], pick_r, 1),
-             (220, peg + [0, 0, -0.03], pick_r, 0), (285, meet + [0.1, 0, lift], pick_r, 0),
-             (340, meet + [0.05, 0, lift], pick_r, 0), (400, meet + [0.05, 0, lift], pick_r, 0)]
+    left = [
+        (0, *left0),
+        (120, socket + [0, 0, 0.08], pick_l, 1),
+        (170, socket + [0, 0, -0.03], pick_l, 1),
+        (220, socket + [0, 0, -0.03], pick_l, 0),
+        (285, meet + [-0.1, 0, 0], pick_l, 0),
+        (340, meet + [-0.05, 0, 0], pick_l, 0),
+        (400, meet + [-0.05, 0, 0], pick_l, 0),
+    ]
+    right = [
+        (0, *right0),
+        (120, peg + [0, 0, 0.08], pick_r, 1),
+        (170, peg + [0, 0, -0.03], pick_r, 1),
+        (220, peg + [0, 0, -0.03], pick_r, 0),
+        (285, meet + [0.1, 0, lift], pick_r, 0),
+        (340, meet + [0.05, 0, lift], pick_r, 0),
+        (400, meet + [0.05, 0, lift], pick_r, 0),
+    ]
     return left, right
 
 
@@ -169,11 +204,13 @@ def replay(task, trajectory, pose, size, fast_render=True, cameras=CAMERAS, zoom
 def write_episode(path, task, seed, pose, obs, actions, fast_render, compression, zoom=1.0):
     tmp = path + ".tmp"
     with h5py.File(tmp, "w") as f:
-        f.attrs.update(sim=True, task=task, seed=seed, object_pose=pose, render="fast" if fast_render else "stock",
-                       zoom=zoom)
+        f.attrs.update(
+            sim=True, task=task, seed=seed, object_pose=pose, render="fast" if fast_render else "stock", zoom=zoom
+        )
         for c in CAMERAS:
-            f.create_dataset(f"observations/images/{c}", data=obs[c], chunks=(1, *obs[c].shape[1:]),
-                             compression=compression)
+            f.create_dataset(
+                f"observations/images/{c}", data=obs[c], chunks=(1, *obs[c].shape[1:]), compression=compression
+            )
         f["observations/qpos"] = obs["qpos"].astype(np.float32)
         f["observations/qvel"] = obs["qvel"].astype(np.float32)
         f["action"] = actions.astype(np.float32)
@@ -202,12 +239,24 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="the first seed tried; each try takes the next one")
     p.add_argument("--max_tries", type=int, default=0, help="give up after this many seeds (0: 2 x --episodes)")
     p.add_argument("--size", default="480x640", help="rendered frame size HEIGHTxWIDTH (ACT: 480x640)")
-    p.add_argument("--stock_render", action="store_true", help="the stock scene: shadows and 4x multisampling, "
-                   "about 10x slower to render")
-    p.add_argument("--zoom", type=float, default=1.0, help="narrow the camera's field of view so the centre 1/ZOOM "
-                   "of the stock frame fills it: the cube covers more pixels (1: ACT's view)")
-    p.add_argument("--compression", choices=["lzf", "gzip", "none"], default="lzf",
-                   help="frame compression (sim frames are mostly flat colour: lzf shrinks them ~30x)")
+    p.add_argument(
+        "--stock_render",
+        action="store_true",
+        help="the stock scene: shadows and 4x multisampling, about 10x slower to render",
+    )
+    p.add_argument(
+        "--zoom",
+        type=float,
+        default=1.0,
+        help="narrow the camera's field of view so the centre 1/ZOOM "
+        "of the stock frame fills it: the cube covers more pixels (1: ACT's view)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=["lzf", "gzip", "none"],
+        default="lzf",
+        help="frame compression (sim frames are mostly flat colour: lzf shrinks them ~30x)",
+    )
     args = p.parse_args(argv)
     if args.task not in TASKS:
         sys.exit(f"error: --task {args.task!r}: unknown task; use {', '.join(TASKS)}")
@@ -231,37 +280,55 @@ def main(argv=None):
             if f.attrs.get("task") != args.task:
                 sys.exit(f"error: {path} holds task {f.attrs.get('task')!r}, not {args.task!r}: use another OUT")
             if f.attrs.get("zoom", 1.0) != args.zoom:
-                sys.exit(f"error: {path} was recorded at --zoom {f.attrs.get('zoom', 1.0)}, not {args.zoom}: "
-                         f"use another OUT")
+                sys.exit(
+                    f"error: {path} was recorded at --zoom {f.attrs.get('zoom', 1.0)}, not {args.zoom}: use another OUT"
+                )
             seed, done = int(f.attrs["seed"]) + 1, n + 1
     if done:
         print(f"{args.out}: {done} episodes already recorded, resuming at seed {seed}")
     max_tries, tries, t_start = args.max_tries or 2 * args.episodes, seed - args.seed, time.time()
     while done < args.episodes:
         if tries >= max_tries:
-            sys.exit(f"error: only {done} of {args.episodes} replays reached reward 4 in {tries} seeds "
-                     f"({args.seed}..{seed - 1}); raise --max_tries or check the simulator pins")
+            sys.exit(
+                f"error: only {done} of {args.episodes} replays reached reward 4 in {tries} seeds "
+                f"({args.seed}..{seed - 1}); raise --max_tries or check the simulator pins"
+            )
         t0 = time.time()
         trajectory, ee_rewards, pose = scripted_rollout(args.task, seed)
         t1 = time.time()
         obs, rewards = replay(args.task, trajectory[:EPISODE_LEN], pose, size, not args.stock_render, zoom=args.zoom)
         t2 = time.time()
         tries += 1
-        line = (f"seed {seed} | scripted max reward {ee_rewards.max()} | replay max reward {rewards.max()} | "
-                f"scripted {t1 - t0:.1f} s, replay {t2 - t1:.1f} s")
+        line = (
+            f"seed {seed} | scripted max reward {ee_rewards.max()} | replay max reward {rewards.max()} | "
+            f"scripted {t1 - t0:.1f} s, replay {t2 - t1:.1f} s"
+        )
         if rewards.max() == 4:
             path = os.path.join(args.out, f"episode_{done}.hdf5")
-            write_episode(path, args.task, seed, pose, obs, trajectory[:EPISODE_LEN], not args.stock_render,
-                          compression, args.zoom)
+            write_episode(
+                path,
+                args.task,
+                seed,
+                pose,
+                obs,
+                trajectory[:EPISODE_LEN],
+                not args.stock_render,
+                compression,
+                args.zoom,
+            )
             done += 1
-            line = (f"episode {done}/{args.episodes} | {line} | reward 4 at step {int(np.argmax(rewards == 4)) + 1} | "
-                    f"{os.path.getsize(path) / 1e6:.1f} MB")
+            line = (
+                f"episode {done}/{args.episodes} | {line} | reward 4 at step {int(np.argmax(rewards == 4)) + 1} | "
+                f"{os.path.getsize(path) / 1e6:.1f} MB"
+            )
         else:
             line = f"dropped | {line}"
         print(line, flush=True)
         seed += 1
-    print(f"{args.out}: {done} episodes, {tries} seeds tried ({args.seed}..{seed - 1}), "
-          f"{time.time() - t_start:.0f} s this run")
+    print(
+        f"{args.out}: {done} episodes, {tries} seeds tried ({args.seed}..{seed - 1}), "
+        f"{time.time() - t_start:.0f} s this run"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Run from the repository root (needs aloha/requirements.txt; rendering uses EGL, 
 
     python -m pytest -q aloha/test_aloha.py
 """
+
 import glob
 import json
 import os
@@ -27,16 +28,23 @@ SIZE = (48, 64)  # small frames keep recording and rendering fast; the physics i
 
 
 def run(script, *args):
-    return subprocess.run([sys.executable, *script.split(), *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *script.split(), *map(str, args)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("task", record.TASKS)
 def test_sim_steps_exactly_as_gym_alohas_env(task):
     """make_sim/reset/step/render reproduce gym.make(...).reset(seed)/step bit for bit: pose, agent_pos, reward,
     the top camera's pixels (both with the fast settings; gym's env would otherwise render the stock scene)."""
-    import gymnasium as gym
     import gym_aloha  # noqa: F401  (registers the envs)
+    import gymnasium as gym
+
     name = {"transfer_cube": "AlohaTransferCube-v0", "insertion": "AlohaInsertion-v0"}[task]
     env = gym.make(f"gym_aloha/{name}", obs_type="pixels_agent_pos", max_episode_steps=400)
     gym_physics = env.unwrapped._env.physics
@@ -75,6 +83,7 @@ def test_quaternions():
 def test_zoom_magnifies_as_a_pinhole_camera():
     """--zoom 2 halves the field of view's tangent: the cube's distance from the frame's centre doubles and its image
     covers 4x the pixels, at the same frame size."""
+
     def cube(zoom):
         physics, task_obj = record.make_sim("transfer_cube", zoom=zoom)
         record.reset(physics, task_obj, record.object_pose("transfer_cube", 0))
@@ -136,32 +145,82 @@ def test_recorded_files_load_with_data_py(demos):
 def checkpoint(demos, tmp_path_factory):
     """The CPU recipe itself (train.sh, one process), cut to one step: its flags must still be train.py's."""
     from demo import make_tiny
+
     tiny, out = make_tiny(str(tmp_path_factory.mktemp("tiny"))), tmp_path_factory.mktemp("run")
-    flags = (demos, out, "--val_episodes", 0, "--batch_size", 2, "--lora_rank", 4, "--max_steps", 1,
-             "--save_interval", 1, "--eval_interval", 1, "--eval_batches", 1)
-    r = subprocess.run(["bash", "aloha/train.sh", *map(str, flags)], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(ENV, VLA_PATH=tiny, NPROC="1", PYTHON=sys.executable), timeout=300)
+    flags = (
+        demos,
+        out,
+        "--val_episodes",
+        0,
+        "--batch_size",
+        2,
+        "--lora_rank",
+        4,
+        "--max_steps",
+        1,
+        "--save_interval",
+        1,
+        "--eval_interval",
+        1,
+        "--eval_batches",
+        1,
+    )
+    r = subprocess.run(
+        ["bash", "aloha/train.sh", *map(str, flags)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(ENV, VLA_PATH=tiny, NPROC="1", PYTHON=sys.executable),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     args = json.loads((out / "step_000001" / "args.json").read_text())
     assert (args["cameras"], args["instruction"], args["attention"], args["image_aug"], args["proprio"]) == (
-        "observations/images/top", "transfer the cube", "full", False, False)
+        "observations/images/top",
+        "transfer the cube",
+        "full",
+        False,
+        False,
+    )
     assert (args["lr"], args["lr_decay_step"], args["vla_path"], args["world_size"]) == (2e-4, 8000, tiny, 1)
     return out / "step_000001"
 
 
 def test_evaluate_closed_loop_writes_report_and_gif(checkpoint, demos, tmp_path):
-    r = run("aloha/evaluate.py", "--checkpoint", checkpoint, "--episodes", 2, "--seed", 1000, "--steps", 12,
-            "--execute", 4, "--gif", 1, "--baseline", demos, "--out", tmp_path)
+    r = run(
+        "aloha/evaluate.py",
+        "--checkpoint",
+        checkpoint,
+        "--episodes",
+        2,
+        "--seed",
+        1000,
+        "--steps",
+        12,
+        "--execute",
+        4,
+        "--gif",
+        1,
+        "--baseline",
+        demos,
+        "--out",
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert [ln.split(" | ")[:2] for ln in lines if ln.startswith(("policy |", "baseline |"))] == [
-        ["policy", "seed 1000"], ["policy", "seed 1001"], ["baseline", "seed 1000"], ["baseline", "seed 1001"]]
+        ["policy", "seed 1000"],
+        ["policy", "seed 1001"],
+        ["baseline", "seed 1000"],
+        ["baseline", "seed 1001"],
+    ]
     assert any(ln.startswith("policy: 0/2 = 0% success (95% CI 0-66%)") for ln in lines)
     assert "camera zoom 1.0 (as the training demos)" in lines
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["settings"]["zoom"] == 1.0
     assert report["settings"]["seeds"] == [1000, 1001] and report["settings"]["cameras"] == {
-        "observations/images/top": list(SIZE)}
+        "observations/images/top": list(SIZE)
+    }
     for name in ("policy", "baseline"):
         eps = report[name]["per_episode"]
         assert [e["seed"] for e in eps] == [1000, 1001] and all(e["steps"] == 12 for e in eps)
@@ -185,24 +244,31 @@ def test_bad_input_gets_one_line(checkpoint, tmp_path):
             evaluate.main(list(map(str, argv)))
         return str(e.value)
 
-    assert error("--checkpoint", checkpoint, "--task", "stack_cups") == \
-        "error: --task 'stack_cups': unknown task; use transfer_cube, insertion"
-    assert error("--checkpoint", checkpoint, "--zoom", 0) == \
-        "error: --zoom 0.0: expected 1 (the stock view) to 10"
+    assert (
+        error("--checkpoint", checkpoint, "--task", "stack_cups")
+        == "error: --task 'stack_cups': unknown task; use transfer_cube, insertion"
+    )
+    assert error("--checkpoint", checkpoint, "--zoom", 0) == "error: --zoom 0.0: expected 1 (the stock view) to 10"
     missing = tmp_path / "nope"
     assert error("--checkpoint", missing) == f"error: --checkpoint {missing}: not a directory"
     assert error("--baseline", missing) == f"error: --baseline {missing}: no such file or directory"
     args = json.loads((checkpoint / "args.json").read_text())  # what main() checks next, before loading the model
     with pytest.raises(SystemExit) as e:
-        evaluate.check_policy_inputs(args | {"cameras": "observations/images/top,observations/images/low"}, "CKPT",
-                                     "transfer_cube")
-    assert str(e.value).startswith("error: checkpoint CKPT needs camera 'observations/images/low', which the "
-                                   "simulator does not render (it has observations/images/left_pillar, ")
+        evaluate.check_policy_inputs(
+            args | {"cameras": "observations/images/top,observations/images/low"}, "CKPT", "transfer_cube"
+        )
+    assert str(e.value).startswith(
+        "error: checkpoint CKPT needs camera 'observations/images/low', which the "
+        "simulator does not render (it has observations/images/left_pillar, "
+    )
     with pytest.raises(SystemExit) as e:
-        evaluate.check_policy_inputs(args | {"frame_sizes": {"observations/images/top": [720, 1280]}}, "CKPT",
-                                     "transfer_cube")
-    assert str(e.value) == ("error: checkpoint CKPT was trained on observations/images/top frames of 720x1280, larger "
-                            "than the simulator renders (480x640)")
+        evaluate.check_policy_inputs(
+            args | {"frame_sizes": {"observations/images/top": [720, 1280]}}, "CKPT", "transfer_cube"
+        )
+    assert str(e.value) == (
+        "error: checkpoint CKPT was trained on observations/images/top frames of 720x1280, larger "
+        "than the simulator renders (480x640)"
+    )
     assert evaluate.check_policy_inputs(args, "CKPT", "insertion") == {"observations/images/top": ("top", SIZE)}
     mixed = tmp_path / "mixed"  # demos recorded at two zooms: no single right way to render them
     mixed.mkdir()
@@ -214,8 +280,9 @@ def test_bad_input_gets_one_line(checkpoint, tmp_path):
     edited = tmp_path / "ckpt"
     shutil.copytree(checkpoint, edited)
     (edited / "args.json").write_text(json.dumps(args | {"data_dir": str(mixed)}))
-    assert error("--checkpoint", edited) == (f"error: checkpoint {edited}'s demos in {mixed} mix zooms [1.0, 1.6]: "
-                                             f"give --zoom")
+    assert error("--checkpoint", edited) == (
+        f"error: checkpoint {edited}'s demos in {mixed} mix zooms [1.0, 1.6]: give --zoom"
+    )
     r = run("aloha/record.py", tmp_path / "x", "--task", "stack_cups")
     assert r.returncode != 0
     assert r.stderr.strip() == "error: --task 'stack_cups': unknown task; use transfer_cube, insertion"
@@ -225,13 +292,16 @@ def test_bad_input_gets_one_line(checkpoint, tmp_path):
 def test_record_refuses_to_resume_at_another_zoom(demos):
     r = run("aloha/record.py", demos, "--episodes", 2, "--seed", 5, "--size", "x".join(map(str, SIZE)), "--zoom", 2)
     assert r.returncode != 0 and os.listdir(demos) == ["episode_0.hdf5"]
-    assert r.stderr.strip() == (f"error: {demos / 'episode_0.hdf5'} was recorded at --zoom 1.0, not 2.0: "
-                                f"use another OUT")
+    assert r.stderr.strip() == (
+        f"error: {demos / 'episode_0.hdf5'} was recorded at --zoom 1.0, not 2.0: use another OUT"
+    )
 
 
 def test_mcnemar_is_the_exact_binomial_test():
     from scipy.stats import binomtest  # dm_control's dependency: an independent implementation
+
     import compare
+
     for only_a, only_b in [(13, 10), (16, 2), (0, 5), (7, 7), (45, 18), (1, 0)]:
         expected = binomtest(only_a, only_a + only_b, 0.5).pvalue
         assert compare.mcnemar(only_a, only_b) == pytest.approx(expected, rel=1e-9)
@@ -254,8 +324,9 @@ def test_compare_pairs_reports_by_seed(tmp_path):
     assert rows[0] == ["1", "4/5", "4/5", "1", "1", "1"]
     assert rows[3] == ["4", "2/5", "2/5", "1", "1", "1"] and rows[1] == ["2", "3/5", "2/5", "1", "0", "1"]
     r = run("aloha/compare.py", a1, f"{b}:baseline")
-    assert r.returncode != 0 and r.stderr.strip() == ("error: the two sides hold different seeds (1 not on both, "
-                                                      "e.g. 4): a paired comparison needs the same ones")
+    assert r.returncode != 0 and r.stderr.strip() == (
+        "error: the two sides hold different seeds (1 not on both, e.g. 4): a paired comparison needs the same ones"
+    )
     r = run("aloha/compare.py", a1, b)
     assert r.stderr.strip() == f"error: B {b}: holds no policy episodes (it has settings, baseline)"
     r = run("aloha/compare.py", a1, str(tmp_path / "nope.json"))

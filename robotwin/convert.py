@@ -13,6 +13,7 @@ relative_action, seen and unseen (layout B: seen only). A file is written under 
 whole, so a re-run skips finished episodes and redoes an interrupted one. Broken raw episodes are named, one line
 per problem, and the rest are still converted.
 """
+
 import argparse
 import io
 import json
@@ -30,13 +31,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 
 # nanoOFT's camera: (layout A's dataset, layout B's dataset)
-CAMERAS = dict(zip(data.ALL_CAMERAS, [("observation/head_camera/rgb", "vision/cam_head/colors"),
-                                      ("observation/left_camera/rgb", "vision/cam_left_wrist/colors"),
-                                      ("observation/right_camera/rgb", "vision/cam_right_wrist/colors"),
-                                      ("observation/front_camera/rgb", "vision/cam_third_view/colors")]))
-JOINTS = {"A": ["joint_action/vector"],  # [left arm 6, left gripper, right arm 6, right gripper]
-          "B": [f"state/{k}" for k in ("left_arm_joint_states", "left_ee_joint_states", "right_arm_joint_states",
-                                       "right_ee_joint_states")]}
+CAMERAS = dict(
+    zip(
+        data.ALL_CAMERAS,
+        [
+            ("observation/head_camera/rgb", "vision/cam_head/colors"),
+            ("observation/left_camera/rgb", "vision/cam_left_wrist/colors"),
+            ("observation/right_camera/rgb", "vision/cam_right_wrist/colors"),
+            ("observation/front_camera/rgb", "vision/cam_third_view/colors"),
+        ],
+    )
+)
+JOINTS = {
+    "A": ["joint_action/vector"],  # [left arm 6, left gripper, right arm 6, right gripper]
+    "B": [
+        f"state/{k}"
+        for k in ("left_arm_joint_states", "left_ee_joint_states", "right_arm_joint_states", "right_ee_joint_states")
+    ],
+}
 NAMES = {"A": re.compile(r"episode(\d+)\.hdf5"), "B": re.compile(r"episode_(\d+)\.hdf5")}
 
 
@@ -51,8 +63,10 @@ def find_episodes(src):
                     raise data.DataError(f"{folder}: episode {n} is there twice: {found[n][1]}, {name}")
                 found[n] = (layout, os.path.join(folder, name))
     if not found:
-        raise data.DataError(f"{src}: no raw RoboTwin episodes: expected data/episode{{N}}.hdf5 (with "
-                             "instructions/episode{N}.json) or data/episode_{N:07d}.hdf5 in it")
+        raise data.DataError(
+            f"{src}: no raw RoboTwin episodes: expected data/episode{{N}}.hdf5 (with "
+            "instructions/episode{N}.json) or data/episode_{N:07d}.hdf5 in it"
+        )
     return [(n, *found[n]) for n in sorted(found)]
 
 
@@ -101,8 +115,11 @@ def read_episode(path, layout, instructions, size):
             parts = [f[k][()] for k in JOINTS[layout]]
             lengths = {k: len(p) for k, p in zip(JOINTS[layout], parts)} | {k: len(f[k]) for k in sources.values()}
             if len(set(lengths.values())) > 1:
-                return [*problems, f"{path}: cameras and joints differ in length: "
-                        + ", ".join(f"{k} {n}" for k, n in lengths.items())]
+                return [
+                    *problems,
+                    f"{path}: cameras and joints differ in length: "
+                    + ", ".join(f"{k} {n}" for k, n in lengths.items()),
+                ]
             joints = np.concatenate([p[:, None] if p.ndim == 1 else p for p in parts], 1).astype(np.float64)
             if joints.shape[1] != len(data.ACTION_NAMES) or len(joints) < 2:
                 return [*problems, f"{path}: joints have shape {joints.shape}, expected (T >= 2, 14)"]
@@ -137,8 +154,9 @@ def convert_episode(job):
         data.check_episodes([tmp], data.ALL_CAMERAS, 1, len(data.ACTION_NAMES))
     except data.DataError as e:
         os.remove(tmp)
-        return f"{path}: failed", [f"{path}: its conversion fails data.py's check: {line.split(': ', 1)[-1]}"
-                                   for line in str(e).splitlines()]
+        return f"{path}: failed", [
+            f"{path}: its conversion fails data.py's check: {line.split(': ', 1)[-1]}" for line in str(e).splitlines()
+        ]
     os.replace(tmp, target)
     counts = ", ".join(f"{len(items)} {key}" for key, items in texts.items())
     return f"{path} -> {target}: {len(joints)} frames, {counts} instructions ({time.time() - t0:.1f}s)", []
@@ -148,10 +166,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="a RoboTwin task/config directory, e.g. RoboTwin/data/place_shoe/demo_clean")
     parser.add_argument("out", help="directory for the episode_{N}.hdf5 files (created when missing)")
-    parser.add_argument("--size", type=int, default=256, help="frames are squashed to size x size, as RoboTwin's "
-                        "OpenVLA-OFT converter does (256)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="worker processes, one episode each at a time (about 0.2 GB of memory each)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=256,
+        help="frames are squashed to size x size, as RoboTwin's OpenVLA-OFT converter does (256)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="worker processes, one episode each at a time (about 0.2 GB of memory each)",
+    )
     args = parser.parse_args(argv)
     if args.size < 1 or args.workers < 1:
         parser.error(f"--size and --workers must be at least 1, got {args.size} and {args.workers}")

@@ -7,6 +7,7 @@ nanoOFT as a RoboTwin 2.0 policy. From a RoboTwin checkout's root:
 RoboTwin imports policy/nanooft as a package, calls get_model(deploy_policy.yml + overrides) once, reset_model at the
 start of every episode and eval(TASK_ENV, model, observation) until success or the step limit.
 """
+
 import importlib
 import os
 import sys
@@ -14,8 +15,12 @@ import sys
 __all__ = ["get_model", "eval", "reset_model"]
 
 # RoboTwin's camera -> the episode file's dataset (robotwin/convert.py and RoboTwin's OFT conversion agree)
-CAMERAS = {"head_camera": "head_camera_image", "left_camera": "left_wrist_image", "right_camera": "right_wrist_image",
-           "front_camera": "low_cam_image"}
+CAMERAS = {
+    "head_camera": "head_camera_image",
+    "left_camera": "left_wrist_image",
+    "right_camera": "right_wrist_image",
+    "front_camera": "low_cam_image",
+}
 
 
 def import_nanooft(root):
@@ -23,8 +28,10 @@ def import_nanooft(root):
     comes first on sys.path and RoboTwin may have imported a `data` already."""
     root = os.path.realpath(root)
     if not os.path.isfile(os.path.join(root, "infer.py")):
-        raise FileNotFoundError(f"nanooft_path {root}: no infer.py there; set nanooft_path in deploy_policy.yml to "
-                                "the nanoOFT checkout (needed when this folder was copied instead of linked)")
+        raise FileNotFoundError(
+            f"nanooft_path {root}: no infer.py there; set nanooft_path in deploy_policy.yml to "
+            "the nanoOFT checkout (needed when this folder was copied instead of linked)"
+        )
     for name in ("data", "model", "infer"):
         module = sys.modules.get(name)
         if module is not None and os.path.dirname(os.path.realpath(getattr(module, "__file__", None) or "/")) != root:
@@ -45,14 +52,20 @@ def get_model(usr_args):
     chunk, execute = infer.check_checkpoint(checkpoint)["chunk"], usr_args.get("execute", 8)
     if type(execute) is not int or not 1 <= execute <= chunk:  # before the model loads; -1 or 0 would never act
         raise ValueError(f"deploy_policy.yml: execute must be 1..{chunk} (the chunk of {checkpoint}), got {execute!r}")
-    policy = infer.Policy.from_checkpoint(checkpoint, device=usr_args.get("device") or "cuda", execute=execute,
-                                          ensemble=bool(usr_args.get("ensemble")),
-                                          jpeg_quality=usr_args.get("jpeg_quality"))
+    policy = infer.Policy.from_checkpoint(
+        checkpoint,
+        device=usr_args.get("device") or "cuda",
+        execute=execute,
+        ensemble=bool(usr_args.get("ensemble")),
+        jpeg_quality=usr_args.get("jpeg_quality"),
+    )
     unknown = sorted(set(policy.cameras) - set(CAMERAS.values()))
     if unknown:
         raise ValueError(f"{checkpoint}: cameras {', '.join(unknown)} have no RoboTwin camera; known: {CAMERAS}")
-    print(f"nanoOFT: {checkpoint}, cameras {policy.cameras}, execute {policy.execute}, ensemble {policy.ensemble}, "
-          f"proprio {bool(policy.vla.proprio_dim)}")
+    print(
+        f"nanoOFT: {checkpoint}, cameras {policy.cameras}, execute {policy.execute}, ensemble {policy.ensemble}, "
+        f"proprio {bool(policy.vla.proprio_dim)}"
+    )
     return policy
 
 
@@ -65,8 +78,10 @@ def eval(TASK_ENV, model, observation):
     for _ in range(model.execute):
         present, wanted = observation["observation"], [ours[c] for c in model.cameras]
         if set(wanted) - set(present):  # a task config without that camera
-            raise ValueError(f"nanoOFT: the observation has no {', '.join(sorted(set(wanted) - set(present)))} (the "
-                             f"checkpoint reads {', '.join(wanted)}); it has {', '.join(present)}")
+            raise ValueError(
+                f"nanoOFT: the observation has no {', '.join(sorted(set(wanted) - set(present)))} (the "
+                f"checkpoint reads {', '.join(wanted)}); it has {', '.join(present)}"
+            )
         images = {c: present[ours[c]]["rgb"] for c in model.cameras}  # 240x320 RGB
         state = observation["joint_action"]["vector"] if model.vla.proprio_dim else None
         TASK_ENV.take_action(model.act(images, instruction, state), action_type="qpos")

@@ -4,6 +4,7 @@ the cv2 way), converted with robotwin/convert.py and checked against the raw fil
 
     python -m pytest -q test_smoke.py robotwin/test_robotwin.py
 """
+
 import io
 import json
 import os
@@ -32,7 +33,7 @@ def scene(t, camera):
     img = np.empty((24, 32, 3), np.uint8)
     img[:] = (40 * camera, 160, 60)
     img[:12, :16], img[12:, 16:] = RED, BLUE
-    img[12:, t:t + 2] = 255
+    img[12:, t : t + 2] = 255
     return img
 
 
@@ -45,8 +46,10 @@ def jpeg_cv2_way(rgb):
 
 
 def texts(n):
-    return {"seen": [f"episode {n}: put the shoe on the mat with the left arm", f"episode {n}: place the shoe"],
-            "unseen": [f"episode {n}: set down the footwear"]}
+    return {
+        "seen": [f"episode {n}: put the shoe on the mat with the left arm", f"episode {n}: place the shoe"],
+        "unseen": [f"episode {n}: set down the footwear"],
+    }
 
 
 def write_raw_a(src, n, T, cameras=RAW_CAMERAS, frames=None, broken_frame=None, instructions=True):
@@ -74,8 +77,12 @@ def write_raw_b(src, n, T, instructions=True):
     """Layout B (XPolicyLab v1.0): state/* = frames 0..T-2, action/* = frames 1..T-1, T-1 JPEGs per camera."""
     os.makedirs(os.path.join(src, "data"), exist_ok=True)
     vector = np.random.default_rng(n).normal(size=(T, 14)).astype(np.float32)
-    parts = {"left_arm_joint_states": vector[:, :6], "left_ee_joint_states": vector[:, 6:7],
-             "right_arm_joint_states": vector[:, 7:13], "right_ee_joint_states": vector[:, 13:]}
+    parts = {
+        "left_arm_joint_states": vector[:, :6],
+        "left_ee_joint_states": vector[:, 6:7],
+        "right_arm_joint_states": vector[:, 7:13],
+        "right_ee_joint_states": vector[:, 13:],
+    }
     with h5py.File(os.path.join(src, "data", f"episode_{n:07d}.hdf5"), "w") as f:
         string = h5py.string_dtype("utf-8")
         f.create_dataset("data_format_version", data="v1.0", dtype=string)
@@ -93,9 +100,12 @@ def write_raw_b(src, n, T, instructions=True):
 
 def robotwin_frames(jpegs, size):
     """RoboTwin's OpenVLA-OFT converter's frames (PIL decode, bicubic squash): red and blue swapped."""
-    return np.stack([np.array(Image.open(io.BytesIO(j.tobytes())).convert("RGB").resize((size, size),
-                                                                                         Image.BICUBIC))
-                     for j in jpegs])
+    return np.stack(
+        [
+            np.array(Image.open(io.BytesIO(j.tobytes())).convert("RGB").resize((size, size), Image.BICUBIC))
+            for j in jpegs
+        ]
+    )
 
 
 @pytest.mark.parametrize("layout", ["A", "B"])
@@ -147,17 +157,33 @@ def test_broken_raw_inputs_are_named_one_line_each(tmp_path):
     shadow = tmp_path / "robotwin_root"
     (shadow / "data").mkdir(parents=True)
     (shadow / "data" / "__init__.py").write_text("raise ImportError('RoboTwin data/ imported instead of nanoOFT')\n")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "robotwin", "convert.py"), str(src), str(out),
-                        "--size", "16", "--workers", "2"], capture_output=True, text=True, cwd=shadow, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(shadow), "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "robotwin", "convert.py"),
+            str(src),
+            str(out),
+            "--size",
+            "16",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=shadow,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(shadow), "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    expected = {f"{src}/data/episode1.hdf5": "not a readable HDF5 file",
-                f"{src}/data/episode3.hdf5": "missing observation/front_camera/rgb",
-                f"{src}/data/episode4.hdf5": "observation/left_camera/rgb: frame 2 does not decode",
-                f"{src}/data/episode5.hdf5": "cameras and joints differ in length: joint_action/vector 9, "
-                                             "observation/head_camera/rgb 8",
-                f"{src}/instructions/episode6.json": f"missing (the instructions of {src}/data/episode6.hdf5)",
-                f"{src}/data/episode_0000007.hdf5": "missing instructions"}
+    expected = {
+        f"{src}/data/episode1.hdf5": "not a readable HDF5 file",
+        f"{src}/data/episode3.hdf5": "missing observation/front_camera/rgb",
+        f"{src}/data/episode4.hdf5": "observation/left_camera/rgb: frame 2 does not decode",
+        f"{src}/data/episode5.hdf5": "cameras and joints differ in length: joint_action/vector 9, "
+        "observation/head_camera/rgb 8",
+        f"{src}/instructions/episode6.json": f"missing (the instructions of {src}/data/episode6.hdf5)",
+        f"{src}/data/episode_0000007.hdf5": "missing instructions",
+    }
     lines = r.stderr.splitlines()
     assert len(lines) == len(expected) + 1 and lines[-1] == f"{out}: 1 converted, 0 already there, 6 failed"
     for file, problem in expected.items():
@@ -186,8 +212,9 @@ def test_interrupted_conversion_resumes(tmp_path, capsys, monkeypatch):
     os.remove(out / "episode_2.hdf5")  # convert episode 2 again, killed before its file is whole
     monkeypatch.setattr(convert.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        convert.convert_episode((2, "A", f"{src}/data/episode2.hdf5", f"{src}/instructions/episode2.json", str(out),
-                                 16))
+        convert.convert_episode(
+            (2, "A", f"{src}/data/episode2.hdf5", f"{src}/instructions/episode2.json", str(out), 16)
+        )
     monkeypatch.undo()
     (half,) = set(os.listdir(out)) - set(first)
     os.truncate(out / half, 5000)
@@ -197,8 +224,10 @@ def test_interrupted_conversion_resumes(tmp_path, capsys, monkeypatch):
     log = capsys.readouterr().out
     assert log.count("already converted, skipped") == 2 and log.count(" -> ") == 1 and "episode_2.hdf5" in log
     assert sorted(os.listdir(out)) == sorted(first)  # the temporary file is gone
-    assert (os.stat(out / "episode_0.hdf5").st_mtime_ns, os.stat(out / "episode_0.hdf5").st_ino) == \
-        (done.st_mtime_ns, done.st_ino)
+    assert (os.stat(out / "episode_0.hdf5").st_mtime_ns, os.stat(out / "episode_0.hdf5").st_ino) == (
+        done.st_mtime_ns,
+        done.st_ino,
+    )
     with h5py.File(out / "episode_2.hdf5", "r") as f, h5py.File(io.BytesIO(first["episode_2.hdf5"]), "r") as g:
         for key in [*data.ALL_CAMERAS, "action", "relative_action"]:
             assert np.array_equal(f[key][()], g[key][()])
@@ -261,11 +290,36 @@ def trained(tmp_path_factory):
         write_raw_a(str(here / "raw"), n, 30)
     convert.main([str(here / "raw"), str(here / "episodes"), "--size", "32", "--workers", "1"])
     demo.make_tiny(str(here / "tiny"))
-    flags = ["--vla_path", "tiny", "--data_dir", "episodes", "--out_dir", "run", "--val_episodes", "1",
-             "--batch_size", "2", "--num_workers", "0", "--lora_rank", "4", "--max_steps", "2", "--save_interval", "2",
-             "--eval_interval", "2", "--proprio", "--action_offset", "1", "--cameras", "head_camera_image,low_cam_image"]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=here, env=ENV,
-                       capture_output=True, text=True)
+    flags = [
+        "--vla_path",
+        "tiny",
+        "--data_dir",
+        "episodes",
+        "--out_dir",
+        "run",
+        "--val_episodes",
+        "1",
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--lora_rank",
+        "4",
+        "--max_steps",
+        "2",
+        "--save_interval",
+        "2",
+        "--eval_interval",
+        "2",
+        "--proprio",
+        "--action_offset",
+        "1",
+        "--cameras",
+        "head_camera_image,low_cam_image",
+    ]
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=here, env=ENV, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return here
 
@@ -275,6 +329,7 @@ def test_robotwin_loads_and_runs_the_policy_package(trained, tmp_path, monkeypat
     from RoboTwin's root as eval.sh does, on a checkpoint whose args.json names its base relative to where training
     ran (as every run did before absolute paths were recorded); infer.py uses it from another directory too."""
     import infer
+
     ckpt = str(tmp_path / "run" / "step_000002")  # copied beside the base, as out/demo sits beside out/tiny-openvla
     shutil.copytree(trained / "run" / "step_000002", ckpt)
     os.symlink(trained / "tiny", tmp_path / "tiny")
@@ -287,13 +342,21 @@ def test_robotwin_loads_and_runs_the_policy_package(trained, tmp_path, monkeypat
     (root / "data" / "__init__.py").write_text("ROBOTWIN = True\n")
     (root / "policy").mkdir()
     os.symlink(os.path.join(ROOT, "robotwin"), root / "policy" / "nanooft")
-    upscale = lambda f: np.asarray(Image.fromarray(f).resize((320, 240), Image.BICUBIC))
+
+    def upscale(f):
+        return np.asarray(Image.fromarray(f).resize((320, 240), Image.BICUBIC))
+
     frames = np.stack([[upscale(scene(t, c)) for c in range(4)] for t in range(12)])  # the simulator's 240x320
     states = np.random.default_rng(0).normal(size=(12, 14))
     np.savez(tmp_path / "obs.npz", frames=frames, states=states)
     (tmp_path / "fake_eval.py").write_text(FAKE_EVAL)
-    r = subprocess.run([sys.executable, str(tmp_path / "fake_eval.py"), str(root), ckpt, str(tmp_path / "obs.npz"),
-                        "10"], cwd=str(root), env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "fake_eval.py"), str(root), ckpt, str(tmp_path / "obs.npz"), "10"],
+        cwd=str(root),
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.splitlines()[-1])
     assert os.path.realpath(result["data"]) == os.path.join(ROOT, "data.py")  # ours, not RoboTwin's data/
@@ -331,13 +394,15 @@ class TaskEnv:
 def test_policy_package_refuses_bad_execute_nan_states_and_missing_cameras_in_one_line(trained, monkeypatch):
     import model
     from robotwin import deploy_policy
+
     ckpt = str(trained / "run" / "step_000002")
     args = dict(ckpt_setting=ckpt, checkpoint=None, ensemble=False, device="cpu", jpeg_quality=None)
     with monkeypatch.context() as m:
         m.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
         for execute in (-1, 0, 9, None):  # -1 made eval act never, so RoboTwin's loop never reached its step limit
-            with pytest.raises(ValueError, match=f"^deploy_policy.yml: execute must be 1..8 \\(the chunk of {ckpt}"
-                                                 f"\\), got {execute}$"):
+            with pytest.raises(
+                ValueError, match=f"^deploy_policy.yml: execute must be 1..8 \\(the chunk of {ckpt}\\), got {execute}$"
+            ):
                 deploy_policy.get_model(args | {"execute": execute})
     policy = deploy_policy.get_model(args | {"execute": 2})
     frame, state = np.zeros((240, 320, 3), np.uint8), np.zeros(14)
@@ -349,7 +414,10 @@ def test_policy_package_refuses_bad_execute_nan_states_and_missing_cameras_in_on
     with pytest.raises(ValueError, match=r"^predict: the state is NaN or inf at dims \[5\]$"):
         deploy_policy.eval(env, policy, env.obs)
     del cameras["front_camera"]
-    with pytest.raises(ValueError, match="^nanoOFT: the observation has no front_camera \\(the checkpoint reads "
-                                         "head_camera, front_camera\\); it has head_camera, left_camera, right_camera$"):
+    with pytest.raises(
+        ValueError,
+        match="^nanoOFT: the observation has no front_camera \\(the checkpoint reads "
+        "head_camera, front_camera\\); it has head_camera, left_camera, right_camera$",
+    ):
         deploy_policy.eval(env, policy, env.obs)
     assert len(env.actions) == 2
