@@ -179,7 +179,7 @@ def build(args, device, dtype):
     if args.vla_path and str(device) != "meta":
         return model.VLA.from_pretrained(args.vla_path, dtype, device, film=args.film)
     tok = demo.make_tokenizer()
-    config = model.openvla_7b_config() if args.model == "7b" else demo.tiny_config(tok)
+    config = demo.openvla_7b_config() if args.model == "7b" else demo.tiny_config(tok)
     return model.VLA.from_config(config, dtype, device, tokenizer=tok, film=args.film)
 
 
@@ -420,7 +420,7 @@ def film_parameters(config):
 
 def bench_memory(args, device):
     options = dict(image_aug=True, film=args.film)  # train.py's default: augmentation draws come with every batch
-    config, t0 = model.openvla_7b_config(), time.perf_counter()
+    config, t0 = demo.openvla_7b_config(), time.perf_counter()
     if args.film:
         n, towers = film_parameters(config)
         d = model.LlamaConfig(**config["text_config"]).hidden_size
@@ -459,7 +459,7 @@ def bench_memory(args, device):
     print(f"\n## fit table (estimate): 7B, {what}\n" + "\n".join(fit_lines(rows)))
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.measure:
-        tiny, width = demo.tiny_config(demo.make_tokenizer()), model.openvla_7b_config()
+        tiny, width = demo.tiny_config(demo.make_tokenizer()), demo.openvla_7b_config()
         width["text_config"] = {**width["text_config"], "num_hidden_layers": 2}
         checks = [
             ("tiny twin, float32", tiny, 8, torch.float32),

@@ -1,22 +1,26 @@
 """
-Robot episodes for nanoOFT: the chunked HDF5 dataset, action statistics and a data check.
+Robot episodes for nanoOFT: the chunked HDF5 dataset, action statistics and the checks that run before training.
 
 It reads RoboTwin's OFT conversion, ACT's sim and real ALOHA episodes (JPEG frames too) and robomimic/LIBERO files
-of many demos (each an episode FILE.hdf5:demo_N); `python data.py DIR` names the layout and the train.py flags.
-$ python data.py /path/to/place_shoe --cameras head_camera_image,left_wrist_image --chunk 8 --action_dim 14
-$ python data.py /path/to/place_shoe --vla_path openvla/openvla-7b --preview frame.png   # prompt lengths, colours
-$ python data.py /path/to/act_sim_transfer_cube --instruction "transfer the cube to the left arm"
+of many demos (each an episode FILE.hdf5:demo_N). Every episode is checked up front (check_episodes), so a broken
+file fails in one line naming it before a run starts, not hours into it.
+
+    import data
+    train = data.EpisodeDataset(data.list_episodes("out/demo_data"), cameras=["head_camera_image"], chunk=8)
+    sample = train[0]   # images uint8 (cameras, 3, H, W), instruction, actions (8, 14) in [-1, 1]
+
+The data check, which prints the layout and the train.py flags that read a directory, is a leaf beside the core:
+    python check_data.py /path/to/place_shoe
 Synthetic episodes in RoboTwin's layout: python demo.py demo_data --episodes 48 --seed 0
 """
 
-import argparse
+import functools
 import glob
 import hashlib
 import io
 import json
 import os
 import re
-import shlex
 import sys
 from collections import OrderedDict
 
@@ -25,10 +29,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-ALL_CAMERAS = ["head_camera_image", "left_wrist_image", "right_wrist_image", "low_cam_image"]  # RoboTwin's
+# RoboTwin's
+ALL_CAMERAS = ["head_camera_image", "left_wrist_image", "right_wrist_image", "low_cam_image"]
 DEFAULT_CAMERAS = ["head_camera_image", "left_wrist_image"]
-STATE_KEYS = ["state", "observations/qpos", "obs/joint_states,obs/gripper_states"]  # what --state_key auto tries
-MAX_OPEN = 64  # episode files a loader process keeps open: 10,000 episodes must not hit `ulimit -n` (often 1024)
+# what --state_key auto tries
+STATE_KEYS = ["state", "observations/qpos", "obs/joint_states,obs/gripper_states"]
+# episode files a loader process keeps open: 10,000 episodes must not hit `ulimit -n` (often 1024)
+MAX_OPEN = 64
 ACTION_NAMES = [f"{arm}_{j}" for arm in ("left", "right") for j in ("j1", "j2", "j3", "j4", "j5", "j6", "gripper")]
 ACTION_OFFSET_HELP = (
     "the target of frame t is action[t+o : t+o+chunk]. RoboTwin's action[t] is the joint target "
@@ -55,40 +62,67 @@ def split_ref(ref):
     return (m[1], m[2]) if m else (str(ref), None)
 
 
+def action_names(dim):
+    """Names of the action dimensions: RoboTwin's and ALOHA's 14 joints, else dim_0, dim_1, ..."""
+    if dim == len(ACTION_NAMES):
+        return ACTION_NAMES
+    return [f"dim_{i}" for i in range(dim)]
+
+
+# -----------------------------------------------------------------------------
+# finding and opening episodes
+
+
 def open_episode(ref):
     """The open file and the group that holds the episode's datasets: the root, or data/demo_N."""
     path, demo = split_ref(ref)
     f = h5py.File(path, "r")
-    if demo is not None and not isinstance(f.get(f"data/{demo}"), h5py.Group):
+    if demo is None:
+        return f, f
+    if not isinstance(f.get(f"data/{demo}"), h5py.Group):
         f.close()
         raise DataError(f"{ref}: {path} has no group data/{demo}")
-    return f, f[f"data/{demo}"] if demo else f
+    return f, f[f"data/{demo}"]
 
 
-def _demos(path):  # robomimic/LIBERO's data/demo_N groups; a broken file has none here (check_episodes names it)
+def _demos(path):
+    """FILE.hdf5:demo_N for each of a robomimic/LIBERO file's data/demo_N groups; [path] itself for any other file
+    (a broken one too: check_episodes names it), and for a data/ group without demos, which check_episodes then
+    refuses by name rather than let it pass as another layout."""
     try:
         with h5py.File(path, "r") as f:
-            return [f"{path}:{k}" for k, v in f["data"].items() if isinstance(v, h5py.Group)] if "data" in f else []
+            group = f.get("data")
+            if isinstance(group, h5py.Group):
+                demos = [f"{path}:{k}" for k, v in group.items() if isinstance(v, h5py.Group)]
+                if demos:
+                    return demos
     except (OSError, AttributeError):
-        return []
+        pass
+    return [path]
 
 
 def list_episodes(data_dir_or_paths):
     """The episodes of directories (their episode_*.hdf5, else every *.hdf5) or files, a multi-demo file giving one
     FILE.hdf5:demo_N per demo, in natural order (episode_2 before episode_10)."""
-    items = [data_dir_or_paths] if isinstance(data_dir_or_paths, (str, os.PathLike)) else list(data_dir_or_paths)
+    if isinstance(data_dir_or_paths, (str, os.PathLike)):
+        items = [data_dir_or_paths]
+    else:
+        items = list(data_dir_or_paths)
     refs = []
     for item in map(str, items):
-        if not os.path.exists(split_ref(item)[0]):
+        path, demo = split_ref(item)
+        if not os.path.exists(path):
             raise DataError(f"{item}: no such file or directory")
+        if demo is not None:
+            refs.append(item)
+            continue
         files = [item]
         if os.path.isdir(item):
             files = glob.glob(os.path.join(item, "episode_*.hdf5")) or glob.glob(os.path.join(item, "*.hdf5"))
-        refs += [r for p in files for r in (split_ref(p)[1] is None and _demos(p) or [p])]
+        refs += [ref for p in files for ref in _demos(p)]
     if not refs:
-        raise DataError(
-            f"{', '.join(map(str, items)) or '(no path given)'}: no episode_*.hdf5 (or other .hdf5) files found"
-        )
+        given = ", ".join(map(str, items)) or "(no path given)"
+        raise DataError(f"{given}: no episode_*.hdf5 (or other .hdf5) files found")
     return sorted(refs, key=_natural)
 
 
@@ -100,26 +134,70 @@ def detect_layout(f, g):
     if g is not f:
         return "robomimic/LIBERO", [f"obs/{k}" for k in g.get("obs", {}) if k.endswith(("rgb", "image"))], "actions"
     cameras = [c for c in DEFAULT_CAMERAS if c in g] or [c for c in ALL_CAMERAS if c in g]
-    return ("RoboTwin (flat)", cameras, "action") if cameras else None
+    if not cameras:
+        return None
+    return "RoboTwin (flat)", cameras, "action"
+
+
+# -----------------------------------------------------------------------------
+# real ALOHA's JPEG frames
+
+# bytes at the start of a frame that hold its JPEG header up to the frame size (SOF): libjpeg writes SOF before the
+# Huffman tables, within the first ~200 bytes
+JPEG_HEADER = 1024
+# the start-of-frame markers (baseline, progressive, ...) that carry the image size; C4, C8 and CC are other segments
+JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(header):
+    """(height, width) from a JPEG's first bytes, read off its start-of-frame segment; None if they are no JPEG
+    header."""
+    b = bytes(header)
+    if b[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(b) and b[i] == 0xFF:
+        marker, length = b[i + 1], int.from_bytes(b[i + 2 : i + 4], "big")
+        if marker in JPEG_SOF:
+            return int.from_bytes(b[i + 5 : i + 7], "big"), int.from_bytes(b[i + 7 : i + 9], "big")
+        i += 2 + length
+    return None
 
 
 def _jpeg_lengths(f, d, name):
     """compress_len's rows follow the recorder's camera order, which HDF5 does not keep: this camera's row is the one
     whose lengths end its padded frames where their JPEGs end (FF D9, then zeros)."""
     rows = f["compress_len"][()] if "compress_len" in f else np.zeros((0, 0))
+    if rows.ndim != 2 or rows.shape[1] != len(d):
+        rows = np.zeros((0, len(d)))
     ts = sorted({0, len(d) // 2, len(d) - 1})
     frames = d[ts]
-    for row in rows.astype(int) if rows.ndim == 2 and rows.shape[1] == len(d) else []:
-        if (
-            2 <= row.min()
-            and row.max() <= d.shape[1]
-            and all(x[n - 2 : n].tobytes() == b"\xff\xd9" and not x[n:].any() for x, n in zip(frames, row[ts]))
-        ):
+    for row in rows.astype(int):
+        if row.min() < 2 or row.max() > d.shape[1]:
+            continue
+        if all(x[n - 2 : n].tobytes() == b"\xff\xd9" and not x[n:].any() for x, n in zip(frames, row[ts])):
             return row
     raise DataError(
         f"{name}: no row of compress_len {rows.shape} gives the lengths of its JPEG frames (missing, "
         f"longer than the {d.shape[1]} bytes stored per frame, or the frames are not JPEG)"
     )
+
+
+def check_jpeg_frames(d, lengths, name):
+    """Every padded JPEG frame of a camera, checked without decoding (markers and size: cheap): it starts with a
+    JPEG header of the first frame's size and ends at its compress_len with the end marker FF D9. Decoding only
+    the first and last frames would let a broken frame in the middle fail hours into training. -> (H, W, 3)."""
+    headers = d[:, : min(JPEG_HEADER, d.shape[1])]
+    first = jpeg_size(headers[0])
+    for t, (header, n) in enumerate(zip(headers, lengths)):
+        size = jpeg_size(header)
+        if size is None:
+            raise DataError(f"{name}: frame {t} is not a JPEG (no JPEG header)")
+        if size != first:
+            raise DataError(f"{name}: frame {t} is {size[0]}x{size[1]}, frame 0 {first[0]}x{first[1]}")
+        if d[t, n - 2 : n].tobytes() != b"\xff\xd9":
+            raise DataError(f"{name}: frame {t} does not end at its compress_len {n} (cut off, or a wrong length)")
+    return (*first, 3)
 
 
 def camera_reader(f, g, camera, ref):
@@ -129,13 +207,24 @@ def camera_reader(f, g, camera, ref):
     if not (f.attrs.get("compress", False) and d.ndim == 2):
         return d.__getitem__
     lengths = _jpeg_lengths(f, d, f"{ref}: {camera}")
-    return lambda t: np.asarray(Image.open(io.BytesIO(d[t][: lengths[t]].tobytes())).convert("RGB"))[..., ::-1]
+
+    def read(t):
+        jpeg = io.BytesIO(d[t][: lengths[t]].tobytes())
+        return np.asarray(Image.open(jpeg).convert("RGB"))[..., ::-1]
+
+    read.lengths = lengths
+    return read
 
 
 def _filters(d):
+    """The HDF5 filters a dataset needs that this h5py lacks (a plugin such as blosc or bitshuffle)."""
     plist = d.id.get_create_plist()
     found = [plist.get_filter(i) for i in range(plist.get_nfilters())]
     return [f"{name.decode() or 'unnamed'} (id {fid})" for fid, _, _, name in found if not h5py.h5z.filter_avail(fid)]
+
+
+# -----------------------------------------------------------------------------
+# instructions and states
 
 
 def read_instructions(f, g, key="seen", instruction=None):
@@ -145,32 +234,37 @@ def read_instructions(f, g, key="seen", instruction=None):
         d = g[key]
         if d.dtype.kind not in "SOU" or d.ndim > 1:
             raise DataError(f"{key} holds {d.dtype} {d.shape}, not text (one string or a 1-D array of strings)")
+        values = [d[()]] if d.ndim == 0 else d[()]
         try:
-            items = [x.decode() if isinstance(x, bytes) else x for x in ([d[()]] if d.ndim == 0 else d[()])]
+            items = [x.decode() if isinstance(x, bytes) else x for x in values]
         except UnicodeDecodeError as e:
             raise DataError(f"{key} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         return [s for s in items if isinstance(s, str) and s.strip()]
-    try:
-        info = f["data"].attrs.get("problem_info") if g is not f and key == "seen" else None
-        return (
-            [s for s in [json.loads(info)["language_instruction"]] if s.strip()]
-            if info is not None
-            else [instruction] * bool(instruction and key == "seen")
-        )
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise DataError("data.attrs['problem_info'] is not JSON with a language_instruction string") from None
+    if key != "seen":
+        return []
+    if g is not f and "problem_info" in f["data"].attrs:
+        try:
+            text = json.loads(f["data"].attrs["problem_info"])["language_instruction"]
+            return [text] if text.strip() else []
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise DataError("data.attrs['problem_info'] is not JSON with a language_instruction string") from None
+    if instruction:
+        return [instruction]
+    return []
 
 
 def state_key_of(g, state_key=None, action_key="action"):
     """--state_key, else the first of STATE_KEYS the episode holds, else the action (RoboTwin's action[t] is the joint
     target recorded at frame t; its ACT/DP converters use it as the state); None: the episode lacks --state_key."""
-    for key in [state_key] if state_key else STATE_KEYS + [action_key]:
+    candidates = [state_key] if state_key else STATE_KEYS + [action_key]
+    for key in candidates:
         if all(k in g for k in key.split(",")):
             return key
     return None
 
 
 def read_state(g, key):
+    """The state datasets of `key` (comma-separated: side by side) as one (T, D) array."""
     return np.concatenate([g[k][()].reshape(len(g[k]), -1) for k in key.split(",")], 1)
 
 
@@ -181,79 +275,128 @@ def _numbers(g, key, length):
         raise DataError(f"{key} holds {', '.join(str(d.dtype) for d in sets)}, not numbers")
     if any(d.ndim != 2 or len(d) != length for d in sets):
         raise DataError(f"{key} has shape {' + '.join(str(d.shape) for d in sets)}, expected (T={length}, D)")
-    if not np.isfinite(values := read_state(g, key)).all():
+    values = read_state(g, key)
+    if not np.isfinite(values).all():
         raise DataError(f"{key} holds NaN or inf")
     return values
 
 
-def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction):
-    """Length, frame shape and a fingerprint of the actions of one episode; a DataError says what is wrong."""
-    f, g = open_episode(ref)
-    with f:
-        missing, layout = [k for k in [action_key, *cameras] if k not in g], detect_layout(f, g)
-        if missing and layout is None:
-            sets = [k for k in g if isinstance(g.get(k), h5py.Dataset)]
-            raise DataError(
-                f"no known episode layout (RoboTwin's flat datasets, ALOHA's observations/images, "
-                f"robomimic's data/demo_N): it holds datasets {', '.join(sets) or 'none'} and groups "
-                f"{', '.join(k for k in g if k not in sets) or 'none'}"
-            )
-        if missing:
-            raise DataError(
-                f"missing {', '.join(missing)} (a {layout[0]} episode: `python data.py DIR` prints the "
-                "flags that read it)"
-            )
-        action, videos = g[action_key], [g[c] for c in cameras]
-        if action.ndim == 2 and action.dtype.kind in "iuf" and action.shape[1] != action_dim:
-            raise DataError(f"{action_key} has shape {action.shape}, expected (T, {action_dim}) (--action_dim)")
-        values = _numbers(g, action_key, len(action))
-        if any(
-            v.dtype != np.uint8 or not (v.ndim == 4 and v.shape[3] == 3 or v.ndim == 2 and f.attrs.get("compress"))
-            for v in videos
-        ):
+def episode_attrs(f):
+    """The episode file's scalar root attributes (a simulator's task, seed, scene settings, ...)."""
+    out = {}
+    for k, v in f.attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode(errors="replace")
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, (str, bool, int, float)):
+            out[k] = v
+    return out
+
+
+# -----------------------------------------------------------------------------
+# checking episodes before a run
+
+
+def _check_keys(f, g, keys):
+    """The datasets a run reads (action, cameras) must be there: otherwise say which layout the file is in."""
+    missing = [k for k in keys if k not in g]
+    layout = detect_layout(f, g)
+    if missing and layout is None and isinstance(g.get("data"), h5py.Group):
+        raise DataError("a robomimic/LIBERO file whose data/ group holds no demo_N groups")
+    if missing and layout is None:
+        sets = [k for k in g if isinstance(g.get(k), h5py.Dataset)]
+        groups = [k for k in g if k not in sets]
+        raise DataError(
+            f"no known episode layout (RoboTwin's flat datasets, ALOHA's observations/images, "
+            f"robomimic's data/demo_N): it holds datasets {', '.join(sets) or 'none'} and groups "
+            f"{', '.join(groups) or 'none'}"
+        )
+    if missing:
+        raise DataError(
+            f"missing {', '.join(missing)} (a {layout[0]} episode: `python check_data.py DIR` prints the flags "
+            "that read it)"
+        )
+    groups = [k for k in keys if not isinstance(g[k], h5py.Dataset)]
+    if groups:
+        inside = ", ".join(f"{groups[0]}/{k}" for k in list(g[groups[0]])[:3])
+        raise DataError(f"{groups[0]} is a group, not a dataset: name the datasets inside it (e.g. {inside})")
+
+
+def _check_frames_format(f, cameras, videos):
+    """uint8 (T, H, W, 3) frames, or padded JPEGs (T, bytes) in a file that says it holds them (compress)."""
+    for v in videos:
+        plain = v.ndim == 4 and v.shape[3] == 3
+        jpeg = v.ndim == 2 and bool(f.attrs.get("compress", False))
+        if v.dtype != np.uint8 or not (plain or jpeg):
             found = ", ".join(f"{c} {v.dtype} {v.shape}" for c, v in zip(cameras, videos))
             raise DataError(
                 f"camera frames must be uint8 (T, H, W, 3), or padded JPEGs (T, bytes) in a file with "
                 f"compress set; found {found}"
             )
+
+
+def _frame_shapes(f, g, cameras, ref):
+    """The frame shapes of every camera (all must agree, in every episode). Plain frames: the last one must read
+    (cut-off data, a missing compression filter); JPEG frames: every frame's header and end marker."""
+    shapes = set()
+    for c in cameras:
+        read, v = camera_reader(f, g, c, ref), g[c]
+        try:
+            if v.ndim == 2:
+                shapes.add(check_jpeg_frames(v, read.lengths, c))
+                shapes.add(read(len(v) - 1).shape)
+            else:
+                shapes.add(read(-1).shape)
+        except DataError:
+            raise
+        except (OSError, ValueError) as e:
+            why = str(e).splitlines()[0]
+            if _filters(v):
+                why = f"stored with HDF5 filter {', '.join(_filters(v))}, not installed here"
+            raise DataError(f"{c}: its frames do not read ({why})") from None
+    return shapes
+
+
+def _check_texts(f, g, instruction):
+    if not read_instructions(f, g, "seen", instruction):
+        if "seen" in g:
+            raise DataError("seen instructions missing, empty or all blank")
+        raise DataError(
+            'no instructions (no seen dataset or LIBERO problem_info): pass --instruction "what the robot should do"'
+        )
+    if "unseen" in g and not read_instructions(f, g, "unseen"):
+        raise DataError("unseen instructions missing, empty or all blank")
+
+
+def _check_episode(ref, cameras, action_dim, action_key, state_key, instruction):
+    """Length, frame shapes and a fingerprint of the actions of one episode; a DataError says what is wrong."""
+    f, g = open_episode(ref)
+    with f:
+        _check_keys(f, g, [action_key, *cameras])
+        action, videos = g[action_key], [g[c] for c in cameras]
+        if action.ndim == 2 and action.dtype.kind in "iuf" and action.shape[1] != action_dim:
+            raise DataError(f"{action_key} has shape {action.shape}, expected (T, {action_dim}) (--action_dim)")
+        values = _numbers(g, action_key, len(action))
+        _check_frames_format(f, cameras, videos)
         if {len(v) for v in videos} != {len(action)}:
-            raise DataError(
-                f"cameras and action differ in length: {action_key} {len(action)}, "
-                + ", ".join(f"{c} {len(v)}" for c, v in zip(cameras, videos))
-            )
+            lengths = ", ".join(f"{c} {len(v)}" for c, v in zip(cameras, videos))
+            raise DataError(f"cameras and action differ in length: {action_key} {len(action)}, {lengths}")
         key = state_key_of(g, state_key, action_key)
         if key is None:
             raise DataError(f"missing {state_key} (--state_key)")
         if key != action_key:
             _numbers(g, key, len(action))
-        if not read_instructions(f, g, "seen", instruction):
-            raise DataError(
-                "seen instructions missing, empty or all blank"
-                if "seen" in g
-                else "no instructions (no "
-                'seen dataset or LIBERO problem_info): pass --instruction "what the robot should do"'
-            )
-        if "unseen" in g and not read_instructions(f, g, "unseen"):
-            raise DataError("unseen instructions missing, empty or all blank")
-        shapes = set()  # of every camera's first and last frames: all of them, in every episode, must agree
-        for c, v in zip(cameras, videos):
-            read = camera_reader(f, g, c, ref)
-            try:  # the last frame must decode: catches cut-off data, missing compression filters, broken JPEGs
-                shapes |= {read(-1).shape, read(0).shape} if v.ndim == 2 else {read(-1).shape}
-            except (OSError, ValueError) as e:
-                why = (
-                    f"stored with HDF5 filter {', '.join(_filters(v))}, not installed here"
-                    if _filters(v)
-                    else str(e).splitlines()[0]
-                )
-                raise DataError(f"{c}: its frames do not read ({why})") from None
+        _check_texts(f, g, instruction)
+        shapes = _frame_shapes(f, g, cameras, ref)
         return len(action), shapes, hashlib.sha1(np.ascontiguousarray(values)).hexdigest()
 
 
 def check_episodes(
     paths, cameras, chunk, action_dim, action_offset=0, action_key="action", state_key=None, instruction=None
 ):
-    """Validate every episode up front (so a broken one fails now, not hours into training); return the usable ones."""
+    """Validate every episode up front (so a broken one fails now, not hours into training); return the usable ones.
+    Every problem is one line naming its file, all of them in one DataError."""
     if not cameras or not all(cameras):
         raise DataError(f"--cameras {','.join(cameras)}: give the camera datasets, comma-separated")
     if chunk < 1 or action_offset < 0 or action_dim < 1:
@@ -267,7 +410,8 @@ def check_episodes(
             if not os.path.isfile(path):
                 raise DataError("no such file or directory")
             length, shapes, digest = _check_episode(p, cameras, action_dim, action_key, state_key, instruction)
-            if twin := seen.get((os.path.realpath(path), demo)) or seen.get(digest):
+            twin = seen.get((os.path.realpath(path), demo)) or seen.get(digest)
+            if twin:
                 raise DataError(f"the same episode as {twin} (same file or same actions): remove one")
             if len(shapes | frame_shapes) > 1:
                 raise DataError(
@@ -279,7 +423,8 @@ def check_episodes(
         except (OSError, ValueError) as e:
             problems.append(f"{p}: not a readable HDF5 file or truncated ({str(e).splitlines()[0]})")
             continue
-        seen[(os.path.realpath(path), demo)] = seen[digest] = p
+        seen[(os.path.realpath(path), demo)] = p
+        seen[digest] = p
         frame_shapes = shapes
         if length >= chunk + action_offset:
             usable.append(p)
@@ -297,8 +442,9 @@ def check_episodes(
 
 def check_prompts(paths, texts, vla_path, cameras, proprio, chunk):
     """Every instruction (texts: one list per file) must fit the LLM of vla_path with the image, state and query
-    tokens; one line per file that does not. Returns the longest sequence."""
-    import model  # here only: the rest of data.py needs no model code, and importing it is slow
+    tokens; one line per file that does not. Returns the longest sequence and the LLM's limit."""
+    # here only: the rest of data.py needs no model code, and importing it is slow
+    import model
 
     try:
         config, tokenizer = model.load_tokenizer(vla_path)
@@ -307,10 +453,9 @@ def check_prompts(paths, texts, vla_path, cameras, proprio, chunk):
     problems, longest = [], 0
     for p, ts in zip(paths, texts):
         try:
-            longest = max(
-                [longest]
-                + [model.check_sequence_length(config, tokenizer, s, cameras, proprio, chunk) for s in set(ts)]
-            )
+            for s in set(ts):
+                n = model.check_sequence_length(config, tokenizer, s, cameras, proprio, chunk)
+                longest = max(longest, n)
         except ValueError as e:
             problems.append(f"{p}: {e}")
     if problems:
@@ -325,6 +470,10 @@ def split_episodes(paths, val_episodes, seed):
         raise DataError(f"--val_episodes {val_episodes}: need 0 <= N < {len(paths)} (the number of episodes)")
     val = set(np.random.default_rng(seed).permutation(len(paths))[:val_episodes].tolist())
     return [p for i, p in enumerate(paths) if i not in val], [p for i, p in enumerate(paths) if i in val]
+
+
+# -----------------------------------------------------------------------------
+# statistics and normalization
 
 
 def compute_stats(arrays):
@@ -346,12 +495,12 @@ def save_stats(
 ):
     """dataset_statistics.json in OpenVLA's norm_stats layout, so deployment finds the training normalization.
     The counts are informational (nothing reads them back); they are written when given."""
-    counts = {"num_transitions": num_transitions, "num_trajectories": num_trajectories}
-    entry = {
-        "action": action_stats,
-        **({"proprio": proprio_stats} if proprio_stats else {}),
-        **{k: int(v) for k, v in counts.items() if v is not None},
-    }
+    entry = {"action": action_stats}
+    if proprio_stats:
+        entry["proprio"] = proprio_stats
+    for name, value in (("num_transitions", num_transitions), ("num_trajectories", num_trajectories)):
+        if value is not None:
+            entry[name] = int(value)
     with open(path, "w") as f:
         json.dump({dataset_name: entry}, f, indent=2)
 
@@ -363,59 +512,66 @@ def load_stats(path, dataset_name=None, key="action", dim=None):
         stats = json.load(f)
     if dataset_name is None and len(stats) == 1:
         dataset_name = next(iter(stats))
-    entry = stats.get(dataset_name) if isinstance(stats.get(dataset_name), dict) else {}
-    block = entry.get(key, {})
+    entry = stats.get(dataset_name)
+    block = entry.get(key, {}) if isinstance(entry, dict) else {}
     missing = {"min", "max", "q01", "q99"} - set(block)
     if missing:
         raise DataError(
             f"{path}: expected OpenVLA norm_stats {{name: {{'{key}': {{'min', 'max', 'q01', 'q99'}}}}}} "
             f"with one dataset, or a dataset_name; found {list(stats)[:5]}, missing {sorted(missing)}"
         )
-    n, v = dim or np.size(block["min"]), {k: np.array(block[k], dtype=float) for k in ("min", "max", "q01", "q99")}
-    bad = [k for k, x in v.items() if x.shape != (n,) or not np.isfinite(x).all()] or [
-        f"{lo} > {hi}" for lo, hi in (("min", "max"), ("q01", "q99")) if (v[lo] > v[hi]).any()
-    ]
-    if bad:  # min > max would make every action a constant, NaN every action NaN
+    n = dim or np.size(block["min"])
+    values = {k: np.array(block[k], dtype=float) for k in ("min", "max", "q01", "q99")}
+    bad = [k for k, x in values.items() if x.shape != (n,) or not np.isfinite(x).all()]
+    if not bad:
+        # min > max would make every action a constant, NaN every action NaN
+        bad = [f"{lo} > {hi}" for lo, hi in (("min", "max"), ("q01", "q99")) if (values[lo] > values[hi]).any()]
+    if bad:
         raise DataError(f"{path}: {key} {', '.join(bad)}: expected {n} finite values each, min <= max, q01 <= q99")
     return block
 
 
-def _prepare(actions, stats, mode):
+def _affine(stats, mode, inverse=False):
+    """Per-dimension (scale, shift, clippable) of normalizing, y = scale * x + shift, or (inverse) of undoing it:
+    [low, high] maps to [-1, 1], low and high being min and max (bounds) or q01 and q99. A dimension with one value
+    in all the data maps to 0 (and back to that value); OpenVLA's mask False passes a dimension through untouched."""
     if mode not in ("bounds", "q99"):
         raise ValueError(f"unknown normalization {mode!r}: use bounds or q99")
-    lo, hi = (stats["min"], stats["max"]) if mode == "bounds" else (stats["q01"], stats["q99"])
-    if torch.is_tensor(actions):
-        dtype = torch.float64 if actions.dtype == torch.float64 else torch.float32
-        out = actions.dtype if actions.is_floating_point() else torch.float32
-
-        def cast(v):
-            return torch.as_tensor(v, dtype=dtype, device=actions.device)
-
-        back, where = lambda y: y.to(out), torch.where
+    keys = ("min", "max") if mode == "bounds" else ("q01", "q99")
+    lo, hi = (np.asarray(stats[k], np.float64) for k in keys)
+    span = hi - lo
+    flat = span < 1e-8
+    raw = ~np.asarray(stats.get("mask", [True] * len(lo)), bool)
+    if inverse:
+        half = np.where(flat, 0.0, span / 2)
+        scale, shift = half, lo + half
     else:
-        out = np.result_type(np.asarray(actions).dtype, np.float32)
+        safe = np.where(flat, 1.0, span)
+        scale, shift = np.where(flat, 0.0, 2 / safe), np.where(flat, 0.0, -2 * lo / safe - 1)
+    return np.where(raw, 1.0, scale), np.where(raw, 0.0, shift), ~raw & ~flat
 
-        def cast(v):
-            return np.asarray(v, dtype=np.float64)
 
-        back, where = lambda y: y.astype(out), np.where
-    lo, hi = cast(lo), cast(hi)
-    raw = cast(stats.get("mask", [True] * len(lo))) == 0  # OpenVLA's mask: False dims pass through untouched
-    return cast(actions), lo, hi - lo, (hi - lo) < 1e-8, raw, where, back
+def _apply(x, scale, shift, clip=None):
+    """scale * x + shift per dimension, computed in float64, the result float32 (float64 if x is); clip: the
+    dimensions clipped to [-1, 1]."""
+    x = np.asarray(x)
+    y = x * scale + shift
+    if clip is not None:
+        y = np.where(clip, y.clip(-1, 1), y)
+    return y.astype(np.result_type(x.dtype, np.float32))
 
 
 def normalize(actions, stats, mode="bounds"):
-    """Actions to [-1, 1]: bounds maps min/max (absolute joints are never clipped); q99 maps q01/q99 and clips."""
-    x, lo, span, flat, raw, where, back = _prepare(actions, stats, mode)
-    y = 2 * (x - lo) / where(flat, 1.0, span) - 1
-    if mode == "q99":
-        y = y.clip(-1, 1)
-    return back(where(raw, x, where(flat, 0.0, y)))
+    """Actions (numpy, (..., D)) to [-1, 1]: bounds maps min/max (absolute joints are never clipped); q99 maps
+    q01/q99 and clips."""
+    scale, shift, clippable = _affine(stats, mode)
+    return _apply(actions, scale, shift, clippable if mode == "q99" else None)
 
 
 def unnormalize(actions, stats, mode="bounds"):
-    y, lo, span, flat, raw, where, back = _prepare(actions, stats, mode)
-    return back(where(raw, y, where(flat, lo, (y + 1) / 2 * span + lo)))
+    """normalize's inverse (within the clipped range for q99)."""
+    scale, shift, _ = _affine(stats, mode, inverse=True)
+    return _apply(actions, scale, shift)
 
 
 def normalize_state(state, stats):
@@ -423,9 +579,16 @@ def normalize_state(state, stats):
     return normalize(state, stats, "bounds").clip(-1, 1)
 
 
+# -----------------------------------------------------------------------------
+# episodes as samples
+
+
 def _frames(readers, t, swap_red_blue=False):
+    """Frame t of every camera -> uint8 (N, 3, H, W)."""
     x = np.stack([read(t) for read in readers])
-    return torch.from_numpy((x[..., ::-1] if swap_red_blue else x).transpose(0, 3, 1, 2).copy())
+    if swap_red_blue:
+        x = x[..., ::-1]
+    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
 
 def read_episode(
@@ -440,14 +603,15 @@ def read_episode(
         "states": read_state(g, state_key_of(g, state_key, action_key) or action_key),
         "seen": read_instructions(f, g, "seen", instruction),
         "unseen": read_instructions(f, g, "unseen"),
-        "frames": lambda t: _frames(readers, t, swap_red_blue),
+        "frames": functools.partial(_frames, readers, swap_red_blue=swap_red_blue),
         "close": f.close,
     }
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
     """One sample per frame t: its camera frames, an instruction, actions[t+o : t+o+chunk], the normalized state
-    with proprio, uniform draws (cameras, 6) with image_aug; draws seeded per sample, for any resume or worker count."""
+    with proprio, uniform draws (cameras, 6) with image_aug; draws seeded per sample, for any resume or worker count.
+    Actions, states and instructions are read once and kept (they are small); frames stay on disk."""
 
     def __init__(
         self,
@@ -475,43 +639,59 @@ class EpisodeDataset(torch.utils.data.Dataset):
         self.cameras, self.chunk, self.action_offset, self.norm = list(cameras), chunk, action_offset, norm
         self.instruction_variant, self.seed, self.epoch = instruction_variant, seed, 0
         self.image_aug, self.swap_red_blue = image_aug, swap_red_blue
-        actions, states, keys, self.instructions = [], [], [], []
-        for p in self.paths:  # actions, states and texts are small: keep them; frames stay on disk
-            f, g = open_episode(p)
-            with f:
-                actions.append(g[action_key][()])
-                keys.append(state_key_of(g, state_key, action_key))
-                states += [read_state(g, keys[-1])] if proprio else []
-                self.instructions.append(read_instructions(f, g, instructions, instruction))
-                if p == self.paths[0]:  # the same in every file (checked)
-                    self.frame_sizes = {c: list(camera_reader(f, g, c, p)(0).shape[:2]) for c in cameras}
-        problems = [
-            f"{p}: no '{instructions}' instructions" for p, texts in zip(self.paths, self.instructions) if not texts
-        ]
-        kinds = [(k, s.shape[1]) for k, s in zip(keys, states)]  # a state in milli-units beside one in radians, say
-        if len(set(kinds)) > 1:
-            problems.append(
-                f"--proprio: {self.paths[0]} reads its state from {keys[0]} ({kinds[0][1]} wide), but "
-                + ", ".join(f"{p} from {k} ({w} wide)" for p, (k, w) in zip(self.paths, kinds) if (k, w) != kinds[0])[
-                    :400
-                ]
-                + ": pass --state_key"
-            )
-        if problems:
-            raise DataError("\n".join(problems))
+        actions, states, keys = self._read(action_key, state_key, proprio, instructions, instruction)
+        self._check_read(instructions, keys, states)
         self.state_key = keys[0] if proprio else None
         self.stats = stats if stats is not None else compute_stats(actions)
         if len(self.stats["min"]) != action_dim:
             raise DataError(f"the statistics have {len(self.stats['min'])} action dimensions, not {action_dim}")
-        self.proprio_stats = (proprio_stats or compute_stats(states)) if proprio else None
         self.actions = [normalize(a, self.stats, norm).astype(np.float32) for a in actions]
-        self.states = [normalize_state(s, self.proprio_stats).astype(np.float32) for s in states] if proprio else None
-        self.proprio_dim = states[0].shape[1] if proprio else 0
+        self.proprio_stats, self.states, self.proprio_dim = None, None, 0
+        if proprio:
+            self.proprio_stats = proprio_stats or compute_stats(states)
+            self.states = [normalize_state(s, self.proprio_stats).astype(np.float32) for s in states]
+            self.proprio_dim = states[0].shape[1]
         self.lengths = [len(a) for a in actions]
         self.index = [(e, t) for e, n in enumerate(self.lengths) for t in range(n - chunk - action_offset + 1)]
         self._files, self._pid = OrderedDict(), None
 
-    def __getstate__(self):  # spawned workers get no h5py handles (they cannot be pickled); they open their own
+    def _read(self, action_key, state_key, proprio, instructions, instruction):
+        """Every episode's actions, states (with proprio) and the key they came from; sets the instructions, the
+        frame sizes (the same in every file: checked) and the attributes all files share, or the distinct values
+        of those that differ (seeds, say)."""
+        actions, states, keys, self.instructions, attrs = [], [], [], [], []
+        for p in self.paths:
+            f, g = open_episode(p)
+            with f:
+                actions.append(g[action_key][()])
+                keys.append(state_key_of(g, state_key, action_key))
+                if proprio:
+                    states.append(read_state(g, keys[-1]))
+                self.instructions.append(read_instructions(f, g, instructions, instruction))
+                attrs.append(episode_attrs(f))
+                if p == self.paths[0]:
+                    self.frame_sizes = {c: list(camera_reader(f, g, c, p)(0).shape[:2]) for c in self.cameras}
+        self.attrs = {}
+        for k in set().union(*attrs):
+            values = sorted({a[k] for a in attrs if k in a}, key=_natural)
+            self.attrs[k] = values[0] if len(values) == 1 else values
+        return actions, states, keys
+
+    def _check_read(self, instructions, keys, states):
+        problems = [f"{p}: no '{instructions}' instructions" for p, t in zip(self.paths, self.instructions) if not t]
+        # a state in milli-units beside one in radians, say
+        kinds = [(k, s.shape[1]) for k, s in zip(keys, states)]
+        if len(set(kinds)) > 1:
+            others = [f"{p} from {k} ({w} wide)" for p, (k, w) in zip(self.paths, kinds) if (k, w) != kinds[0]]
+            problems.append(
+                f"--proprio: {self.paths[0]} reads its state from {keys[0]} ({kinds[0][1]} wide), but "
+                f"{', '.join(others)[:400]}: pass --state_key"
+            )
+        if problems:
+            raise DataError("\n".join(problems))
+
+    def __getstate__(self):
+        """Spawned workers get no h5py handles (they cannot be pickled): they open their own."""
         return {**self.__dict__, "_files": OrderedDict(), "_pid": None}
 
     def set_epoch(self, epoch):
@@ -523,7 +703,8 @@ class EpisodeDataset(torch.utils.data.Dataset):
 
     def _readers(self, e):
         """The episode's camera readers; each process keeps the MAX_OPEN files it used last open."""
-        if self._pid != os.getpid():  # h5py handles must not cross a fork: each worker opens its own
+        # h5py handles must not cross a fork: each worker opens its own
+        if self._pid != os.getpid():
             self._files, self._pid = OrderedDict(), os.getpid()
         if e not in self._files:
             if len(self._files) >= MAX_OPEN:
@@ -534,15 +715,20 @@ class EpisodeDataset(torch.utils.data.Dataset):
         return self._files[e][1]
 
     def __getitem__(self, i):
-        i = range(len(self.index))[i]  # negative indices too: i seeds the instruction draw
+        # negative indices too: i seeds the instruction draw
+        i = range(len(self.index))[i]
         e, t = self.index[i]
         try:
             images = _frames(self._readers(e), t, self.swap_red_blue)
-        except (OSError, ValueError, KeyError) as err:  # deleted, truncated or rewritten while training
+        # deleted, truncated or rewritten while training
+        except (OSError, ValueError, KeyError) as err:
             self._files.pop(e, None)
             raise DataError(f"{self.paths[e]}: frame {t} no longer reads ({str(err).splitlines()[0]})") from None
         texts, rng = self.instructions[e], np.random.default_rng([self.seed, self.epoch, i])
-        k = rng.integers(len(texts)) if self.instruction_variant is None else self.instruction_variant % len(texts)
+        if self.instruction_variant is None:
+            k = rng.integers(len(texts))
+        else:
+            k = self.instruction_variant % len(texts)
         start = t + self.action_offset
         sample = {
             "images": images,
@@ -556,177 +742,3 @@ class EpisodeDataset(torch.utils.data.Dataset):
         if self.image_aug:
             sample["aug"] = torch.from_numpy(rng.random((len(self.cameras), 6)))
         return sample
-
-
-ARM_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-
-
-def named_arm(instructions):
-    """'left' or 'right' by majority of the instructions that name exactly one arm; None if none does, or a tie."""
-    said = [
-        words.pop() for words in ({w.lower() for w in ARM_WORDS.findall(s)} for s in instructions) if len(words) == 1
-    ]
-    return None if said.count("left") == said.count("right") else max(("left", "right"), key=said.count)
-
-
-def moving_arm(action):
-    """The arm whose six joints travel at least twice as far as the other's in a (T, 14) episode, else None (a
-    handover moves both, and its instructions may name the receiving arm)."""
-    travel = np.abs(np.diff(action, axis=0)).sum(0)
-    left, right = travel[:6].sum(), travel[7:13].sum()
-    return "left" if left > 2 * right else "right" if right > 2 * left else None
-
-
-def check_arms(paths, actions, instructions):
-    """Instructions that name the arm which does not move belong to another episode: RoboTwin's OFT conversion
-    looked them up by shuffled position. Prints what it finds; returns the disagreeing files."""
-    named = [
-        (p, said, moved)
-        for p, a, s in zip(paths, actions, instructions)
-        if (said := named_arm(s)) and (moved := moving_arm(a))
-    ]
-    wrong = [os.path.basename(p) for p, said, moved in named if said != moved]
-    if named and not wrong:
-        print(f"arms: all {len(named)} episodes whose instructions name an arm move that arm most")
-    elif wrong:
-        print(
-            f"arms: in {len(wrong)} of {len(named)} episodes the instructions name one arm and the other arm moves "
-            "most: " + ", ".join(wrong)
-        )
-    if 2 * len(wrong) > len(named):
-        print(
-            "arms: most disagree, so these files look like RoboTwin's OFT conversion (instructions looked up by "
-            "shuffled position; it also swapped red and blue); reconvert the raw episodes with "
-            "python robotwin/convert.py RoboTwin/data/<task>/<config> OUT_DIR"
-        )
-    return wrong
-
-
-def summarize(
-    data_dir,
-    cameras=None,
-    chunk=8,
-    action_dim=None,
-    action_offset=0,
-    swap_red_blue=False,
-    preview=None,
-    vla_path=None,
-    proprio=False,
-    action_key=None,
-    state_key=None,
-    instruction=None,
-):
-    """Print what the episodes hold and the train.py flags that read them; every problem is a DataError."""
-    refs, layout, width, texts_inside = list_episodes(data_dir), None, None, True
-    try:  # the first episode tells the layout; check_episodes names it when it is broken
-        f, g = open_episode(refs[0])
-        with f:
-            layout = detect_layout(f, g)
-            key = action_key or (layout[2] if layout else "action")
-            width = g[key].shape[-1] if key in g and g[key].ndim == 2 else None
-            texts_inside = "seen" in g or g is not f and "problem_info" in f["data"].attrs
-    except (OSError, DataError):
-        pass
-    cameras = cameras or (layout[1] if layout and layout[1] else DEFAULT_CAMERAS)
-    action_key, action_dim = action_key or (layout[2] if layout else "action"), action_dim or width or 14
-    text = instruction or (None if texts_inside else "TEXT")  # TEXT stands for the instruction the files lack
-    paths = check_episodes(refs, cameras, chunk, action_dim, action_offset, action_key, state_key, text)
-    actions, texts, keys = [], {"seen": [], "unseen": []}, []
-    for p in paths:
-        f, g = open_episode(p)
-        with f:
-            actions.append(g[action_key][()])
-            keys.append(state_key_of(g, state_key, action_key))
-            for key in texts:
-                texts[key].append(read_instructions(f, g, key, text))
-    fits = vla_path and check_prompts(
-        paths, [s + u for s, u in zip(*texts.values())], vla_path, len(cameras), proprio, chunk
-    )
-    stats, lengths = compute_stats(actions), [len(a) for a in actions]
-    samples = sum(n - chunk - action_offset + 1 for n in lengths)
-    files = len({split_ref(p)[0] for p in paths})
-    demos = f", {len(paths)} demos in {files} files" if files < len(paths) else ""
-    print(f"layout: {layout[0] if layout else 'unknown'}{demos}")
-    print(
-        f"{len(paths)} episodes, {sum(lengths)} frames (length {min(lengths)}-{max(lengths)}, "
-        f"mean {np.mean(lengths):.0f}), {samples} samples (chunk {chunk}, action offset {action_offset})"
-    )
-    episode = read_episode(paths[0], cameras, swap_red_blue, action_key)
-    shape = episode["frames"](0).shape[2:]
-    print(f"cameras: {', '.join(cameras)} at {shape[0]}x{shape[1]}" + " (red and blue swapped on read)" * swap_red_blue)
-    print("state for --proprio: " + ", ".join(f"{k} in {keys.count(k)} episodes" for k in dict.fromkeys(keys)))
-    print(f"{action_key:<16}{'min':>9}{'max':>9}{'mean':>9}{'std':>9}")
-    names = ACTION_NAMES if action_dim == len(ACTION_NAMES) else [f"dim_{i}" for i in range(action_dim)]
-    for i, name in enumerate(names):
-        print(f"{name:<16}" + "".join(f"{stats[k][i]:9.3f}" for k in ("min", "max", "mean", "std")))
-    for key, per_episode in texts.items():
-        counts, examples = [len(t) for t in per_episode], [s for t in per_episode for s in t][:2]
-        print(
-            f"{key}: {min(counts)}-{max(counts)} variants per episode, e.g. " + " | ".join(examples)
-            if max(counts)
-            else f"{key}: none"
-        )
-    if fits:
-        print(f"prompts: the longest instruction fills {fits[0]} of the LLM's {fits[1]} positions")
-    if action_dim == len(ACTION_NAMES):
-        check_arms(paths, actions, texts["seen"])
-    if preview:  # the first frame of every camera as training will read it: check the colours by eye
-        Image.fromarray(np.concatenate(episode["frames"](0).permute(0, 2, 3, 1).numpy(), 1)).save(preview)
-        print(f"wrote {preview}: frame 0 of {paths[0]}, cameras left to right")
-    episode["close"]()
-    flags = (
-        [("--cameras", ",".join(cameras))]
-        + [("--action_key", action_key)] * (action_key != "action")
-        + [("--action_dim", str(action_dim))] * (action_dim != 14)
-        + [("--state_key", state_key)] * bool(state_key)
-        + [("--instruction", text)] * bool(text)
-    )
-    print(
-        "flags: " + " ".join(f"{k} {shlex.quote(v)}" for k, v in flags) + "   # the files hold no instructions: "
-        "put what the robot should do in place of TEXT" * (text == "TEXT")
-    )
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_dir", nargs="?", help="directory of episodes (episode_*.hdf5, or multi-demo .hdf5 files)")
-    parser.add_argument("--cameras", help="comma-separated camera datasets, in order; default: the layout's")
-    parser.add_argument("--action_key", help="the action dataset; default: the layout's (action, or actions)")
-    parser.add_argument("--state_key", help=STATE_KEY_HELP)
-    parser.add_argument("--instruction", help="the instruction of episodes that carry none (ACT, teleoperation data)")
-    parser.add_argument("--chunk", type=int, default=8, help="actions per sample")
-    parser.add_argument("--action_dim", type=int, help="action width every file must have; default: the first file's")
-    parser.add_argument("--action_offset", type=int, default=0, help=ACTION_OFFSET_HELP)
-    parser.add_argument(
-        "--swap_red_blue",
-        action="store_true",
-        help="read frames with red and blue reversed, as "
-        "train.py --swap_red_blue does (files known to hold them swapped)",
-    )
-    parser.add_argument("--preview", metavar="PNG", help="also write frame 0 of every camera, as training sees it")
-    parser.add_argument(
-        "--vla_path",
-        help="also check that every instruction fits this model's LLM with the image and "
-        "query tokens (reads its config.json and tokenizer only)",
-    )
-    parser.add_argument("--proprio", action="store_true", help="count the state token too, as train.py --proprio")
-    args = parser.parse_args()
-    if not args.data_dir:
-        parser.error("give a directory to check (demo episodes: python demo.py DIR)")
-    try:
-        summarize(
-            args.data_dir,
-            args.cameras and args.cameras.split(","),
-            args.chunk,
-            args.action_dim,
-            args.action_offset,
-            args.swap_red_blue,
-            args.preview,
-            args.vla_path,
-            args.proprio,
-            args.action_key,
-            args.state_key,
-            args.instruction,
-        )
-    except DataError as e:
-        sys.exit(str(e))

@@ -23,12 +23,54 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+import model
 from data import ALL_CAMERAS, DataError
 from merge import save_pretrained
-from model import TOWERS, VIT, VLA, add_lora, openvla_7b_config, param_report
+from model import TOWERS, VIT, VLA, add_lora
 
 # -----------------------------------------------------------------------------
-# the tiny twin
+# the 7B model's config and the tiny twin
+
+
+def openvla_7b_config():
+    """The config.json fields of openvla/openvla-7b that matter (text_config is a diff from LlamaConfig())."""
+    return dict(
+        model_type="openvla",
+        architectures=["OpenVLAForActionPrediction"],
+        use_fused_vision_backbone=True,
+        vision_backbone_id="dinosiglip-vit-so-224px",
+        llm_backbone_id="llama2-7b-pure",
+        arch_specifier="no-align+fused-gelu-mlp",
+        image_resize_strategy="resize-naive",
+        image_sizes=[224, 224],
+        timm_model_ids=["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
+        timm_override_act_layers=[None, None],
+        pad_token_id=32000,
+        pad_to_multiple_of=64,
+        n_action_bins=256,
+        text_config=dict(model_type="llama", vocab_size=32064, pad_token_id=32000),
+        llm_max_length=2048,
+        norm_stats={},
+    )
+
+
+def param_report(vla):
+    """Total and trainable parameters by part of the model, as a table."""
+    parts = {
+        "vision towers": ("vision_backbone.",),
+        "projector": ("projector.",),
+        "llm": ("language_model.",),
+        "action head+queries": model.HEAD[:-1],
+        "FiLM": model.HEAD[-1:],
+        "total": ("",),
+    }
+    lines = [f"{'part':20s} {'total':>15s} {'trainable':>15s}"]
+    for part, prefixes in parts.items():
+        ps = [p for n, p in vla.named_parameters() if n.startswith(prefixes)]
+        lines.append(
+            f"{part:20s} {sum(p.numel() for p in ps):15,d} {sum(p.numel() for p in ps if p.requires_grad):15,d}"
+        )
+    return "\n".join(lines)
 
 
 def tiny_config(tokenizer):

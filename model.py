@@ -4,7 +4,8 @@ loaded straight from the published safetensors (no remote code, no timm), plus K
 final hidden states feed an L1 regression head: one forward pass gives a normalized (chunk, action_dim) action chunk.
 
     import torch
-    from model import VLA, add_lora, openvla_7b_config, save_trained
+    from model import VLA, add_lora, save_trained
+    from demo import openvla_7b_config                 # the 7B config (demo.py: fixtures beside the core)
     vla = VLA.from_pretrained("openvla/openvla-7b", dtype=torch.bfloat16, device="cuda")  # or a local directory
     add_lora(vla, rank=32)                              # in place: LoRA on every linear, head + queries train fully
     chunk = vla(images, ["pick up the shoe"])           # images uint8 (B, N cameras, 3, H, W) -> (B, 8, 14) float32
@@ -38,11 +39,14 @@ from tokenizers import Tokenizer
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import data
+
 # -----------------------------------------------------------------------------
 # configuration
 
 PATCH = 14
-TOWERS = ("featurizer", "fused_featurizer")  # DINOv2 first, then SigLIP: the order of the fused channels
+# DINOv2 first, then SigLIP: the order of the fused channels
+TOWERS = ("featurizer", "fused_featurizer")
 # the checkpoint's timm_model_ids -> tower settings; the tiny twin's towers run through the same code
 VIT = {
     "vit_large_patch14_reg4_dinov2.lvd142m": dict(
@@ -63,30 +67,9 @@ NORMALIZE = [
     dict(mean=[0.484375, 0.455078125, 0.40625], std=[0.228515625, 0.2236328125, 0.224609375]),
     dict(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
 ]
-HEAD = ("action_head.", "action_queries", "proprio_projector.", "film_layers.")  # what trains fully
+# what trains fully
+HEAD = ("action_head.", "action_queries", "proprio_projector.", "film_layers.")
 ATTENTION = ("causal", "queries", "full")
-
-
-def openvla_7b_config():
-    """The config.json fields of openvla/openvla-7b that matter (text_config is a diff from LlamaConfig())."""
-    return dict(
-        model_type="openvla",
-        architectures=["OpenVLAForActionPrediction"],
-        use_fused_vision_backbone=True,
-        vision_backbone_id="dinosiglip-vit-so-224px",
-        llm_backbone_id="llama2-7b-pure",
-        arch_specifier="no-align+fused-gelu-mlp",
-        image_resize_strategy="resize-naive",
-        image_sizes=[224, 224],
-        timm_model_ids=["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
-        timm_override_act_layers=[None, None],
-        pad_token_id=32000,
-        pad_to_multiple_of=64,
-        n_action_bins=256,
-        text_config=dict(model_type="llama", vocab_size=32064, pad_token_id=32000),
-        llm_max_length=2048,
-        norm_stats={},
-    )
 
 
 def default_preprocessor(config):
@@ -118,7 +101,8 @@ def skipped_prefixes(config):
 class LayerScale(nn.Module):
     def __init__(self, d):
         super().__init__()
-        self.scale_factor = nn.Parameter(torch.ones(d))  # timm's `gamma`; OpenVLA renamed it so HF would not mangle it
+        # timm's `gamma`; OpenVLA renamed it so HF would not mangle it
+        self.scale_factor = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
         return x * self.scale_factor
@@ -140,7 +124,8 @@ class Block(nn.Module):
         q, k, v = self.attn.qkv(self.norm1(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, d)
         x = x + self.ls1(self.attn.proj(a))
-        if gamma is not None:  # FiLM (OFT+): the same scale and shift for every token; the identity at 0
+        # FiLM (OFT+): the same scale and shift for every token; the identity at 0
+        if gamma is not None:
             x = x * (1 + gamma[:, None]) + beta[:, None]
         return x + self.ls2(self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)))))
 
@@ -161,7 +146,8 @@ class ViT(nn.Module):
 
     def forward(self, x, film=None):
         """film: (gamma, beta) per block, each (B, width), or None."""
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # pos_embed covers patches only
+        # pos_embed covers patches only
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         prefix = [t.expand(len(x), -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         x = torch.cat(prefix + [x], 1)
         for block, f in zip(self.blocks, film or [()] * len(self.blocks)):
@@ -183,7 +169,8 @@ def init_weights(named_parameters):
     for name, p in named_parameters:
         if name.endswith("bias"):
             p.zero_()
-        elif p.ndim == 1:  # norm weights and layer scales
+        # norm weights and layer scales
+        elif p.ndim == 1:
             p.fill_(1.0)
         else:
             p.normal_(0.0, 0.02)
@@ -192,19 +179,25 @@ def init_weights(named_parameters):
 # -----------------------------------------------------------------------------
 # frames -> pixels
 
-CROP_AREA = 0.9  # OpenVLA-OFT: a square crop of 90% of the area, random in training, centred at evaluation
-JITTER = (0.2, 0.2, 0.2, 0.05)  # OFT: brightness +-0.2, contrast and saturation 0.8-1.2, hue +-0.05
+# OpenVLA-OFT: a square crop of 90% of the area, random in training, centred at evaluation
+CROP_AREA = 0.9
+# OFT: brightness +-0.2, contrast and saturation 0.8-1.2, hue +-0.05
+JITTER = (0.2, 0.2, 0.2, 0.05)
 
 
 def pil_weights(n, lo, hi, size):
     """Pillow's bicubic resampling of n samples over the boxes [lo, hi) (M,) to `size` outputs, as (M, size, n)
     fixed-point weights: the filter, window and 22-bit rounding of its precompute_coeffs / normalize_coeffs_8bpc."""
-    lo, span = lo.float().double(), (hi.float() - lo.float()).double()  # PIL takes the box as C floats
+    # PIL takes the box as C floats
+    lo, span = lo.float().double(), (hi.float() - lo.float()).double()
     scale = (span / size)[:, None]
-    fs = scale.clamp(min=1)  # downscaling widens the filter: antialiasing
+    # downscaling widens the filter: antialiasing
+    fs = scale.clamp(min=1)
     center = lo[:, None] + (torch.arange(size, device=lo.device, dtype=torch.float64) + 0.5) * scale
-    first, end = (center - 2 * fs + 0.5).trunc(), (center + 2 * fs + 0.5).trunc()  # PIL's (int) casts
-    taps = int(4 * max(n / size, 1)) + 2  # per output at most, for boxes inside the frame (no data-dependent sync)
+    # PIL's (int) casts
+    first, end = (center - 2 * fs + 0.5).trunc(), (center + 2 * fs + 0.5).trunc()
+    # per output at most, for boxes inside the frame (no data-dependent sync)
+    taps = int(4 * max(n / size, 1)) + 2
     i = first[..., None] + torch.arange(taps, device=lo.device)
     t = ((i - center[..., None] + 0.5) / fs[..., None]).abs()
     w = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, torch.where(t < 2, ((t - 5) * t + 8) * t * -0.5 + 2, 0.0))
@@ -225,7 +218,8 @@ def resize_like_pil(frames, size, boxes=None):
         boxes = torch.tensor([0.0, 0, W, H], dtype=torch.float64, device=frames.device).expand(M, 4)
 
     def level(v):
-        return ((v + 2**21) / 2**22).floor().clamp(0, 255)  # PIL's clip8 of the rounded sum
+        # PIL's clip8 of the rounded sum
+        return ((v + 2**21) / 2**22).floor().clamp(0, 255)
 
     x = level(frames.double() @ pil_weights(W, boxes[:, 0], boxes[:, 2], size).transpose(1, 2)[:, None])
     return level(pil_weights(H, boxes[:, 1], boxes[:, 3], size)[:, None] @ x).float()
@@ -250,7 +244,8 @@ def jitter(x, u):
     dd = d.clamp(min=1e-12)
     hue = torch.where(v == r, (g - bl) / dd, torch.where(v == g, (bl - r) / dd + 2, (r - g) / dd + 4)) / 6
     sat = (d / v.clamp(min=1e-12) * (1 + s)).clamp(0, 1)
-    k = (x.new_tensor([5.0, 3.0, 1.0]).view(3, 1, 1) + 6 * (hue + h)) % 6  # HSV -> RGB, channel by channel
+    # HSV -> RGB, channel by channel
+    k = (x.new_tensor([5.0, 3.0, 1.0]).view(3, 1, 1) + 6 * (hue + h)) % 6
     return v - v * sat * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -263,7 +258,8 @@ def prompt_ids(tokenizer, instruction):
     prompt = f"In: What action should the robot take to {instruction.lower()}?\nOut:"
     ids = [tokenizer.token_to_id("<s>")] + tokenizer.encode(prompt, add_special_tokens=False).ids
     space = tokenizer.token_to_id("▁")
-    return ids + [space] * (ids[-1] != space)  # OpenVLA's action prediction appends the bare "▁"
+    # OpenVLA's action prediction appends the bare "▁"
+    return ids + [space] * (ids[-1] != space)
 
 
 def check_sequence_length(config, tokenizer, instruction, cameras, proprio=False, chunk=8):
@@ -281,7 +277,8 @@ def check_sequence_length(config, tokenizer, instruction, cameras, proprio=False
 
 
 def max_positions(config):
-    return LlamaConfig(**config["text_config"]).max_position_embeddings  # text_config is a diff from LlamaConfig()
+    # text_config is a diff from LlamaConfig()
+    return LlamaConfig(**config["text_config"]).max_position_embeddings
 
 
 def load_tokenizer(path):
@@ -317,7 +314,8 @@ class VLA(nn.Module):
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         self.config, self.tokenizer = config, tokenizer
         self.preprocessor = preprocessor or default_preprocessor(config)
-        self.attention, self.image_aug = attention, image_aug  # image_aug: trained on crops, so centre-crop in eval
+        # image_aug: trained on crops, so centre-crop in eval
+        self.attention, self.image_aug = attention, image_aug
         self.image_size = config["image_sizes"][0]
         specs = [VIT[tid] for tid in config["timm_model_ids"]]
         self.vision_backbone = nn.ModuleDict({n: ViT(s, self.image_size) for n, s in zip(TOWERS, specs)})
@@ -350,7 +348,8 @@ class VLA(nn.Module):
             )
 
             def film_block(w):
-                return nn.ModuleDict(dict(scale=nn.Linear(d, w), shift=nn.Linear(d, w)))  # init as OFT
+                # init as OFT
+                return nn.ModuleDict(dict(scale=nn.Linear(d, w), shift=nn.Linear(d, w)))
 
             self.film_layers = (
                 nn.ModuleDict(
@@ -402,22 +401,27 @@ class VLA(nn.Module):
     def tokenize(self, instructions):
         return [prompt_ids(self.tokenizer, s) for s in instructions]
 
+    def language_vector(self, emb, n):
+        """FiLM's input (OFT+): the mean input embedding of what OFT averages, every token of its LLM input that is
+        not an action token: BOS, the prompt, the trailing "▁" and the stop token </s> (one fixed token in OFT's
+        training and deployment alike), never padding. emb (B, T, d) holds n (B,) real tokens -> (B, d) float32."""
+        real = (torch.arange(emb.shape[1], device=emb.device) < n[:, None])[..., None]
+        stop = self.llm.model.embed_tokens.weight[self.tokenizer.token_to_id("</s>")].float()
+        return ((emb.float() * real).sum(1) + stop) / (n[:, None] + 1)
+
     def forward(self, images, instructions, state=None, aug=None):
         """-> normalized action chunks (B, chunk, action_dim). state: normalized proprioception (B, proprio_dim)."""
         ids = self.tokenize(instructions)
         B, K, dev = len(ids), self.chunk, self.device
-        n = torch.tensor([len(t) for t in ids], device=dev)  # BOS + prompt tokens
+        # BOS + prompt tokens
+        n = torch.tensor([len(t) for t in ids], device=dev)
         T = max(len(t) for t in ids)
         tokens = torch.tensor([t + [self.config["pad_token_id"]] * (T - len(t)) for t in ids], device=dev)
         emb = self.llm.model.embed_tokens(tokens)
-        # FiLM's language vector (OFT+): the mean input embedding of the sample's own prompt tokens, never padding
-        lang = (
-            (emb.float() * (torch.arange(T, device=dev) < n[:, None])[..., None]).sum(1) / n[:, None]
-            if self.film
-            else None
-        )
+        lang = self.language_vector(emb, n) if self.film else None
         patches = self.embed_images(images, aug, lang)
-        if self.proprio_dim:  # OFT: one state token right after the image patches
+        # OFT: one state token right after the image patches
+        if self.proprio_dim:
             if state is None:
                 raise ValueError(f"the model was trained with proprioception: pass state (B, {self.proprio_dim})")
             p = self.proprio_projector
@@ -431,17 +435,21 @@ class VLA(nn.Module):
         q_pos = P + n[:, None] + torch.arange(K, device=dev)
         x = x.index_put((rows, q_pos), self.action_queries.to(x.dtype).expand(B, K, -1))
         mask, pos, real_end = None, torch.arange(x.shape[1], device=dev), (P + n + K)[:, None]
-        if self.attention == "full":  # OFT: every real token sees every real token, never a pad
+        # OFT: every real token sees every real token, never a pad
+        if self.attention == "full":
             mask = (pos < real_end)[:, None, None, :].expand(B, 1, len(pos), -1)
-        elif self.attention == "queries":  # causal, plus each sample's K queries see each other
+        # causal, plus each sample's K queries see each other
+        elif self.attention == "queries":
             query = (pos >= (P + n)[:, None]) & (pos < real_end)
             mask = ((pos[:, None] >= pos[None, :]) | (query[:, :, None] & query[:, None, :]))[:, None]
-        h = self.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state  # no lm_head
+        # no lm_head
+        h = self.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
         return self.action_head(h[rows, q_pos].float())
 
     @classmethod
     def _meta(cls, config, dtype, tokenizer, preprocessor, options):
-        with torch.device("meta"):  # no memory: shapes only, weights arrive later
+        # no memory: shapes only, weights arrive later
+        with torch.device("meta"):
             vla = cls(config, tokenizer, preprocessor, **options)
         return vla.to(dtype)
 
@@ -505,9 +513,11 @@ def resolve(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     from huggingface_hub import snapshot_download
 
-    try:  # weights, config and tokenizer only: the repo's .py remote code is never fetched
+    # weights, config and tokenizer only: the repo's .py remote code is never fetched
+    try:
         return snapshot_download(path, allow_patterns=HUB_FILES)
-    except Exception as e:  # offline, unknown repo, gated...: one line that says what to do
+    # offline, unknown repo, gated...: one line that says what to do
+    except Exception as e:
         raise RuntimeError(
             f"cannot download {path} from the Hugging Face Hub ({type(e).__name__}; offline?): "
             f"fetch it where there is internet (hf download {path} --local-dir DIR) "
@@ -572,10 +582,12 @@ def load_weights(vla, path, dtype, device):
             )
 
 
-HEAD_OPTIONS = ("chunk", "action_dim", "proprio_dim", "attention", "image_aug", "film")  # saved with the head's weights
+# saved with the head's weights
+HEAD_OPTIONS = ("chunk", "action_dim", "proprio_dim", "attention", "image_aug", "film")
 
 
-def fingerprint(config):  # what a checkpoint records of its base: config.json, which fixes every shape
+def fingerprint(config):
+    """What a checkpoint records of its base: a hash of config.json, which fixes every shape."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -593,11 +605,7 @@ def head_options(path):
         meta = f.metadata() or {}
     try:
         meta = {k: json.loads(v) for k, v in meta.items()}
-        # heads saved before proprioception, augmentation, FiLM, --attention (which replaced --bidirectional), the base
-        old = dict(
-            proprio_dim=0, image_aug=False, film=False, attention="queries" if meta.get("bidirectional") else "causal"
-        )
-        return {k: (old | meta)[k] for k in HEAD_OPTIONS + ("hidden",)} | {"base": meta.get("base")}
+        return {k: meta[k] for k in HEAD_OPTIONS + ("hidden", "base")}
     except (KeyError, ValueError):
         raise ValueError(f"{path}: no action-head config in its metadata (not written by save_trained?)") from None
 
@@ -628,7 +636,8 @@ def _inject(vla, lora_config):
     for name, p in vla.named_parameters():
         p.requires_grad = "lora_" in name or name.startswith(HEAD)
         if p.requires_grad:
-            p.data = p.data.float()  # peft would cast adapters to a bf16 base's dtype; keep what trains in fp32
+            # peft would cast adapters to a bf16 base's dtype; keep what trains in fp32
+            p.data = p.data.float()
 
 
 def add_lora(vla, rank=32):
@@ -654,24 +663,6 @@ def enable_grad_ckpt(vla):
         tower.grad_ckpt = True
 
 
-def param_report(vla):
-    parts = {
-        "vision towers": ("vision_backbone.",),
-        "projector": ("projector.",),
-        "llm": ("language_model.",),
-        "action head+queries": HEAD[:-1],
-        "FiLM": HEAD[-1:],
-        "total": ("",),
-    }
-    lines = [f"{'part':20s} {'total':>15s} {'trainable':>15s}"]
-    for part, prefixes in parts.items():
-        ps = [p for n, p in vla.named_parameters() if n.startswith(prefixes)]
-        lines.append(
-            f"{part:20s} {sum(p.numel() for p in ps):15,d} {sum(p.numel() for p in ps if p.requires_grad):15,d}"
-        )
-    return "\n".join(lines)
-
-
 def merge_lora(vla):
     """Fold LoRA into the base weights in place and drop the adapter modules (for deployment / export)."""
     for name, m in list(vla.named_modules()):
@@ -684,13 +675,30 @@ def merge_lora(vla):
 
 
 # -----------------------------------------------------------------------------
-# saving
+# checkpoints: the one home of their format
+#
+# A training checkpoint, step_NNNNNN/, holds what training changed and what deployment needs:
+#   adapter_model.safetensors, adapter_config.json   LoRA, in peft's format (peft's own tools read it)
+#   action_head.safetensors                          head, queries, state projector, FiLM, and the options they need
+#   dataset_statistics.json                          OpenVLA's norm_stats: how actions (and states) were normalized
+#   args.json                                        the run record: the flags as typed and what the run resolved
+#   trainer_state.pt                                 step, optimizer, data position, RNG states: resuming only
+# A merged export (merge.py) holds the base's files (config.json, model*.safetensors, tokenizer) with LoRA folded in
+# instead of the adapter, and no trainer state.
+
+ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json"]
+POLICY_FILES = ["action_head.safetensors", "dataset_statistics.json", "args.json"]
+TRAINER_STATE = "trainer_state.pt"
+CHECKPOINT_FILES = ADAPTER_FILES + POLICY_FILES + [TRAINER_STATE]
+# what args.json must hold for a policy to run
+POLICY_ARGS = ["vla_path", "cameras", "chunk", "action_dim", "action_offset", "norm", "frame_sizes"]
 
 
 def save_trained(vla, ckpt_dir):
     """What training changed: the LoRA adapter in peft's format and the head + queries with their config."""
     os.makedirs(ckpt_dir, exist_ok=True)
-    sd = get_peft_model_state_dict(vla)  # peft's own key names, with PeftModel's prefix so peft tools read it
+    # peft's own key names, with PeftModel's prefix so that peft's tools read it
+    sd = get_peft_model_state_dict(vla)
     save_file(
         {f"base_model.model.{k}": v.detach().contiguous() for k, v in sd.items()},
         os.path.join(ckpt_dir, "adapter_model.safetensors"),
@@ -700,19 +708,75 @@ def save_trained(vla, ckpt_dir):
     save_head(vla, os.path.join(ckpt_dir, "action_head.safetensors"))
 
 
+def write_checkpoint(ckpt_dir, vla, stats, run, trainer_state=None):
+    """Every file of a training checkpoint. stats: data.save_stats's arguments; run: the run record (args.json)."""
+    save_trained(vla, ckpt_dir)
+    data.save_stats(os.path.join(ckpt_dir, "dataset_statistics.json"), **stats)
+    with open(os.path.join(ckpt_dir, "args.json"), "w") as f:
+        json.dump(run, f, indent=1)
+    if trainer_state is not None:
+        torch.save(trainer_state, os.path.join(ckpt_dir, TRAINER_STATE))
+
+
+def is_export(ckpt_dir):
+    """A merged export (merge.py) rather than a training checkpoint: it holds a whole model's config.json."""
+    return os.path.isfile(os.path.join(ckpt_dir, "config.json"))
+
+
+def check_checkpoint(ckpt_dir):
+    """Every file a policy needs, opened and checked against the others before any weight loads: the adapter's
+    config against its tensors, args.json against the options the head records, the statistics' widths. Raises
+    an OSError or ValueError naming the file. -> the run record (args.json)."""
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir}: not a directory")
+    wanted = POLICY_FILES if is_export(ckpt_dir) else ADAPTER_FILES + POLICY_FILES
+    missing = [f for f in wanted if not os.path.isfile(os.path.join(ckpt_dir, f))]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {ckpt_dir} is missing {', '.join(missing)}")
+    if not is_export(ckpt_dir):
+        check_adapter(ckpt_dir)
+    where = os.path.join(ckpt_dir, "args.json")
+    run = read_json(where)
+    head = head_options(os.path.join(ckpt_dir, "action_head.safetensors"))
+    absent = [k for k in POLICY_ARGS if k not in run]
+    if absent:
+        raise ValueError(f"{where}: no {', '.join(absent)}")
+    # what the weights were trained for, as the head records it, and the cameras in the order frame_sizes has them
+    trained = {k: head[k] for k in ("chunk", "action_dim", "attention", "image_aug", "film")}
+    trained |= {"proprio": bool(head["proprio_dim"]), "cameras": ",".join(run["frame_sizes"])}
+    for k, value in trained.items():
+        if k in run and run[k] != value:
+            raise ValueError(f"{where}: {k} {run[k]!r}, but the checkpoint was trained with {value!r}")
+    stats = os.path.join(ckpt_dir, "dataset_statistics.json")
+    data.load_stats(stats, key="action", dim=head["action_dim"])
+    if head["proprio_dim"]:
+        data.load_stats(stats, key="proprio", dim=head["proprio_dim"])
+    return run
+
+
+def read_trainer_state(ckpt_dir):
+    """trainer_state.pt, for resuming; a ValueError naming it when it is missing, empty or cut off."""
+    path = os.path.join(ckpt_dir, TRAINER_STATE)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    # an OSError, EOFError, a zip or an unpickling error
+    except Exception as e:
+        raise ValueError(f"unreadable {path}: {e}") from None
+
+
 def check_adapter(ckpt_dir):
     """adapter_config.json's rank and target_modules against the tensors in adapter_model.safetensors (headers)."""
     config = read_json(os.path.join(ckpt_dir, "adapter_config.json"))
-    with open_safetensors(os.path.join(ckpt_dir, "adapter_model.safetensors")) as f:  # <module>.lora_A.weight: (r, in)
+    # each <module>.lora_A.weight is (rank, in_features)
+    with open_safetensors(os.path.join(ckpt_dir, "adapter_model.safetensors")) as f:
         ranks = {
             k.removeprefix("base_model.model.").split(".lora_A.")[0]: f.get_slice(k).get_shape()[0]
             for k in f.keys()
             if ".lora_A." in k
         }
-    targets, hit = config.get("target_modules") or [], lambda m, t: m == t or m.endswith(f".{t}")  # peft's rule
-    odd = [t for t in targets if not any(hit(m, t) for m in ranks)] + [
-        m for m in ranks if not any(hit(m, t) for t in targets)
-    ]
+    targets = config.get("target_modules") or []
+    odd = [t for t in targets if not any(peft_matches(m, t) for m in ranks)]
+    odd += [m for m in ranks if not any(peft_matches(m, t) for t in targets)]
     if set(ranks.values()) != {config.get("r")} or odd:
         raise ValueError(
             f"{ckpt_dir}: adapter_config.json (r {config.get('r')}) does not match the tensors in "
@@ -720,45 +784,38 @@ def check_adapter(ckpt_dir):
         )
 
 
+def peft_matches(module, target):
+    """peft's rule for a target_modules entry: the module's name, or its last dotted parts."""
+    return module == target or module.endswith(f".{target}")
+
+
 def check_base(ckpt_dir, base):
-    """Refuses, before it loads, another base than ckpt_dir trained on: by the config fingerprint its head records
-    (older heads record only the LLM's width), and its adapter against its config. -> the base's directory."""
-    check_adapter(ckpt_dir)
-    path, head = resolve(base), head_options(os.path.join(ckpt_dir, "action_head.safetensors"))
-    config, what = read_json(os.path.join(path, "config.json")), "LLM width" if not head["base"] else "config.json"
-    trained, found = (
-        (head["base"], fingerprint(config))
-        if head["base"]
-        else (head["hidden"], LlamaConfig(**config["text_config"]).hidden_size)
-    )
+    """Refuses, before it loads, another base than ckpt_dir trained on (by the fingerprint of config.json that its
+    head records: LoRA and a head of another base would load without a complaint). -> the base's directory."""
+    path = resolve(base)
+    trained = head_options(os.path.join(ckpt_dir, "action_head.safetensors"))["base"]
+    found = fingerprint(read_json(os.path.join(path, "config.json")))
     if found != trained:
         raise ValueError(
-            f"{ckpt_dir} was trained on another base than {base} ({what} {trained}; {base}'s: {found}): "
+            f"{ckpt_dir} was trained on another base than {base} (config.json {trained}; {base}'s: {found}): "
             "pass the base it was trained on"
         )
-    if not head["base"] and os.environ.get("RANK", "0") == "0":  # once per run, not once per DDP rank
-        print(f"note: {ckpt_dir} records no base fingerprint (saved before nanoOFT did): checked {base}'s LLM width")
     return path
 
 
-def trained_base(ckpt_dir, train_args):
-    """args.json's vla_path. Runs before absolute paths were recorded kept a relative one: looked for from here, then
-    from the directory the run started in, where its relative out_dir leads to ckpt_dir."""
-    path, out = os.path.expanduser(train_args["vla_path"]), os.path.normpath(train_args.get("out_dir") or "/")
-    run = os.path.dirname(os.path.abspath(ckpt_dir))
-    started = os.path.join(run[: -len(out)], path) if run.endswith(os.sep + out) else path
-    if os.path.isdir(path) or is_hub_id(path) and not os.path.isdir(started):  # as given: here, or a hub id
+def trained_base(ckpt_dir, run):
+    """The base a checkpoint trained on: args.json's vla_path, a hub id or an absolute path as train.py records it;
+    a relative one (a policy shipped inside a repository) is relative to the checkpoint's own directory."""
+    path = os.path.expanduser(run["vla_path"])
+    if os.path.isabs(path) or is_hub_id(path):
         return path
-    if not os.path.isdir(started):
-        raise FileNotFoundError(
-            f"{ckpt_dir}: its args.json's vla_path {path} is not found from here: pass the base "
-            "(--vla_path; --base for merge.py)"
-        )
-    return started
+    return os.path.normpath(os.path.join(ckpt_dir, path))
 
 
 def load_trained(vla, ckpt_dir):
-    check_adapter(ckpt_dir)  # a clear error if missing or corrupt, or if its config does not fit its tensors
+    """A training checkpoint's LoRA and head into vla (LoRA injected first if it has none)."""
+    # a clear error if missing or corrupt, or if its config does not fit its tensors
+    check_adapter(ckpt_dir)
     if not hasattr(vla, "peft_config"):
         _inject(vla, LoraConfig.from_pretrained(ckpt_dir))
     path = os.path.join(ckpt_dir, "adapter_model.safetensors")
@@ -773,7 +830,3 @@ def load_trained(vla, ckpt_dir):
         )
     load_head(vla, os.path.join(ckpt_dir, "action_head.safetensors"))
     return vla
-
-
-if __name__ == "__main__":
-    raise SystemExit("error: merging moved to merge.py: python merge.py CKPT_DIR --out DIR [--base BASE] (see --help)")

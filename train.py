@@ -7,12 +7,22 @@ All GPUs of this machine (launch.sh wraps torchrun):
     torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe
 Continue the newest checkpoint exactly where it stopped:
     torchrun --nproc_per_node=4 train.py --data_dir /data/place_shoe --out_dir out/shoe --resume auto
-SIGTERM/SIGUSR1 (--preempt_signals): save after the step, exit 75 (at once in start-up); a data file failing: 65.
+
+Exit codes: 0 done (or nothing left to do); 1 an error, said in one line; 65 a data file failed mid-run (the last
+finished step is saved); 75 stopped by SIGTERM/SIGUSR1 (--preempt_signals: the step is finished and saved, or at
+once in start-up); 130 Ctrl-C.
+
+main() reads as a table of contents: the flags, the checkpoint to resume, the out_dir lock, the process group, the
+data (checked whole before any weight loads), the model, the optimizer and the resumed state, the run record
+(args.json), then the loop: lr, micro-batches, forward/backward, the ranks' agreement on loss and stopping, the
+optimizer step, logging, evaluation, saving. Everything that keeps a long run safe (signals, a data file failing,
+one run per out_dir, ranks exiting together) is a named function below it.
 """
 
 import argparse
 import datetime
 import fcntl
+import functools
 import glob
 import json
 import math
@@ -21,8 +31,10 @@ import shutil
 import signal
 import sys
 import time
+from collections import namedtuple
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -30,9 +42,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import model
 
+# -----------------------------------------------------------------------------
+# flags
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def add_data_flags(p):
     p.add_argument("--vla_path", default="openvla/openvla-7b", help="hub id or local OpenVLA checkpoint directory")
     p.add_argument("--data_dir", required=True, help="directory of episode_*.hdf5 files")
     p.add_argument("--val_data_dir", help="held-out episodes; default: --val_episodes taken out of --data_dir")
@@ -41,8 +55,8 @@ def get_args(argv=None):
     p.add_argument(
         "--cameras",
         default=",".join(data.DEFAULT_CAMERAS),
-        help="camera datasets, comma-separated, in "
-        "model order (e.g. observations/images/top; `python data.py DIR` prints the flags for its layout)",
+        help="camera datasets, comma-separated, in model order (e.g. observations/images/top; "
+        "`python check_data.py DIR` prints the flags for its layout)",
     )
     p.add_argument("--action_key", default="action", help="the action dataset (LIBERO's: actions)")
     p.add_argument("--state_key", help=data.STATE_KEY_HELP)
@@ -55,19 +69,15 @@ def get_args(argv=None):
     p.add_argument("--action_dim", type=int, default=14)
     p.add_argument("--action_offset", type=int, default=0, help=data.ACTION_OFFSET_HELP)
     p.add_argument("--norm", choices=["bounds", "q99"], default="bounds", help="bounds: min/max, never clips joints")
-    p.add_argument("--batch_size", type=int, default=8, help="per GPU / process")
-    p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--lr_decay_step", type=int, default=40000, help="the lr is multiplied by --lr_decay_factor here")
-    p.add_argument("--lr_decay_factor", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=0)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--max_steps", type=int, default=50000)
-    p.add_argument("--save_interval", type=int, default=5000)
-    p.add_argument("--keep_last", type=int, default=0, help="keep only the newest N checkpoints (0: keep all)")
-    p.add_argument("--eval_interval", type=int, default=1000)
-    p.add_argument("--eval_batches", type=int, default=8, help="validation batches per evaluation (fixed samples)")
-    p.add_argument("--log_interval", type=int, default=10)
+    p.add_argument(
+        "--swap_red_blue",
+        action="store_true",
+        help="reverse the channels of every frame read (RoboTwin's OFT-converted files hold BGR)",
+    )
+    p.add_argument("--num_workers", type=int, default=4, help="data loader processes per rank")
+
+
+def add_model_flags(p):
     p.add_argument("--lora_rank", type=int, default=32)
     p.add_argument(
         "--attention",
@@ -79,14 +89,14 @@ def get_args(argv=None):
     p.add_argument(
         "--proprio",
         action="store_true",
-        help="feed the state at frame t (the file's `state`, else "
-        "action[t]) as one token after the image patches, as OFT; pair with --action_offset 1 on RoboTwin",
+        help="feed the state at frame t (the file's `state`, else action[t]) as one token after the image "
+        "patches, as OFT; pair with --action_offset 1 on RoboTwin",
     )
     p.add_argument(
         "--film",
         action="store_true",
-        help="OFT+'s FiLM: the mean embedding of the prompt scales and "
-        "shifts the features in every block of both vision towers (new layers, trained fully)",
+        help="OFT+'s FiLM: the mean embedding of the prompt scales and shifts the features in every block of "
+        "both vision towers (new layers, trained fully)",
     )
     p.add_argument(
         "--image_aug",
@@ -95,68 +105,78 @@ def get_args(argv=None):
         help="OFT's random crop and colour jitter in training, its centre crop in evaluation/deployment",
     )
     p.add_argument(
-        "--swap_red_blue",
-        action="store_true",
-        help="reverse the channels of every frame read (RoboTwin's OFT-converted files hold BGR)",
-    )
-    p.add_argument(
         "--grad_ckpt",
         nargs="?",
         const="on",
         default="off",
-        choices=["on", "off", "auto"],
-        help="recompute LLM and ViT activations in backward: less memory, ~30%% slower; auto: on when "
-        "a step of the longest prompt runs out of GPU memory without it (off on CPU)",
+        choices=["on", "off"],
+        help="recompute LLM and ViT activations in backward: less memory, ~30%% slower (whether a GPU needs it: "
+        "python bench.py --what memory)",
     )
     p.add_argument("--no-grad_ckpt", dest="grad_ckpt", action="store_const", const="off")
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--num_workers", type=int, default=4, help="data loader processes per rank")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
         help="frozen base weights and autocast; auto: bfloat16 on CUDA, float32 on CPU",
     )
+
+
+def add_optimizer_flags(p):
+    p.add_argument("--batch_size", type=int, default=8, help="per GPU / process")
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr_decay_step", type=int, default=40000, help="the lr is multiplied by --lr_decay_factor here")
+    p.add_argument("--lr_decay_factor", type=float, default=0.1)
+    p.add_argument("--warmup_steps", type=int, default=0)
+    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--max_steps", type=int, default=50000)
+    p.add_argument("--seed", type=int, default=7)
+
+
+def add_run_flags(p):
+    p.add_argument("--save_interval", type=int, default=5000)
+    p.add_argument("--keep_last", type=int, default=0, help="keep only the newest N checkpoints (0: keep all)")
+    p.add_argument("--eval_interval", type=int, default=1000)
+    p.add_argument("--eval_batches", type=int, default=8, help="validation batches per evaluation (fixed samples)")
+    p.add_argument("--log_interval", type=int, default=10)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the newest one in --out_dir")
     p.add_argument("--dist_timeout", type=float, default=10, help="minutes a rank waits for the others (gloo: 30)")
     p.add_argument(
         "--preempt_signals",
         default="SIGTERM,SIGUSR1",
-        help="on these, finish the step, save and exit "
-        "with code 75 (SLURM sends SIGTERM before it preempts or requeues a job); '' to disable",
+        help="on these, finish the step, save and exit with code 75 (SLURM sends SIGTERM before it preempts or "
+        "requeues a job); '' to disable",
     )
+
+
+# flags that must be positive, and flags that may also be 0
+POSITIVE = ["chunk", "action_dim", "batch_size", "grad_accum", "max_steps", "save_interval", "eval_interval"]
+POSITIVE += ["eval_batches", "log_interval", "lora_rank", "dist_timeout"]
+NOT_NEGATIVE = ["action_offset", "val_episodes", "warmup_steps", "keep_last", "num_workers"]
+
+
+def get_args(argv=None):
+    """The flags as typed, checked; nothing here is rewritten later (args.json adds what the run resolved)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_flags(p.add_argument_group("data"))
+    add_model_flags(p.add_argument_group("model"))
+    add_optimizer_flags(p.add_argument_group("optimization"))
+    add_run_flags(p.add_argument_group("run"))
     args = p.parse_args(argv)
-    positive = [
-        "chunk",
-        "action_dim",
-        "batch_size",
-        "grad_accum",
-        "max_steps",
-        "save_interval",
-        "eval_interval",
-        "eval_batches",
-        "log_interval",
-        "lora_rank",
-        "dist_timeout",
-    ]
-    for name in positive + ["action_offset", "val_episodes", "warmup_steps", "keep_last", "num_workers"]:
-        if getattr(args, name) < 0 or getattr(args, name) == 0 and name in positive:
-            p.error(f"--{name} must be {'positive' if name in positive else '>= 0'}, got {getattr(args, name)}")
+    for name in POSITIVE + NOT_NEGATIVE:
+        value = getattr(args, name)
+        if name in POSITIVE and value <= 0:
+            p.error(f"--{name} must be positive, got {value}")
+        if value < 0:
+            p.error(f"--{name} must be >= 0, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a finite positive number, got {args.lr}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is visible to torch {torch.__version__}")
-    path = os.path.expanduser(args.vla_path)
-    if os.path.isdir(path):  # a hub id is only resolved when the model loads
-        if missing := [
-            f for f in ("config.json", "tokenizer.json", "model*.safetensors") if not glob.glob(os.path.join(path, f))
-        ]:
-            p.error(f"--vla_path {path}: no {', '.join(missing)} there (expected an OpenVLA checkpoint directory)")
-        args.vla_path = os.path.abspath(path)  # args.json must name it from any working directory
-    elif not model.is_hub_id(path):
-        p.error(f"--vla_path {path}: no such directory, and not a Hugging Face Hub id")
-    for name in filter(None, args.preempt_signals.split(",")):
+    check_vla_path(p, args.vla_path)
+    for name in preempt_signals(args):
         if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
             p.error(f"--preempt_signals: {name} is not a signal a process can catch (e.g. SIGTERM,SIGUSR1)")
     if args.instruction is not None and not args.instruction.strip():
@@ -164,126 +184,417 @@ def get_args(argv=None):
     return args
 
 
-CHECKPOINT_FILES = [
-    "adapter_model.safetensors",
-    "adapter_config.json",
-    "action_head.safetensors",
-    "dataset_statistics.json",
-    "args.json",
-    "trainer_state.pt",
-]
+def check_vla_path(p, vla_path):
+    """A local directory must hold a checkpoint; a hub id is only resolved when the model loads."""
+    path = os.path.expanduser(vla_path)
+    if os.path.isdir(path):
+        wanted = ("config.json", "tokenizer.json", "model*.safetensors")
+        missing = [f for f in wanted if not glob.glob(os.path.join(path, f))]
+        if missing:
+            p.error(f"--vla_path {path}: no {', '.join(missing)} there (expected an OpenVLA checkpoint directory)")
+    elif not model.is_hub_id(path):
+        p.error(f"--vla_path {path}: no such directory, and not a Hugging Face Hub id")
+
+
+def preempt_signals(args):
+    return [name for name in args.preempt_signals.split(",") if name]
+
+
+def log(*args, **kwargs):
+    """print on rank 0 only (the one process without torchrun): a message once per job, not once per rank."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# the checkpoint to resume
+
 # they change shapes or the data: a resumed run keeps the checkpoint's
-SAME_ON_RESUME = [
-    "chunk",
-    "action_dim",
-    "lora_rank",
-    "cameras",
-    "proprio",
-    "attention",
-    "action_offset",
-    "norm",
-    "swap_red_blue",
-    "image_aug",
-    "action_key",
-    "state_key",
-    "instruction",
-    "film",
-]
+SAME_ON_RESUME = ["chunk", "action_dim", "lora_rank", "cameras", "proprio", "attention", "action_offset", "norm"]
+SAME_ON_RESUME += ["swap_red_blue", "image_aug", "action_key", "state_key", "instruction", "film"]
+# they may change, with a note saying what that does
+NOTED_ON_RESUME = {
+    "batch_size": "the data order will differ",
+    "grad_accum": "the global batch changes",
+    "seed": "its validation split is kept",
+    "val_episodes": "its validation split is kept",
+    "val_data_dir": "its validation split is kept",
+}
+# dir: the checkpoint; state: its trainer_state.pt; args: its args.json
+Resume = namedtuple("Resume", "dir state args")
 
 
-def read_checkpoint(ckpt):
-    """Its args.json and trainer state, once every file has been opened (safetensors headers, JSON, the state):
-    a bad checkpoint fails before the model loads, with an OSError or ValueError naming the file."""
-    read = {}
-    for f in CHECKPOINT_FILES[:-1]:  # in order: an empty directory is missing the adapter first
-        path = os.path.join(ckpt, f)
-        read[f] = model.read_json(path) if f.endswith(".json") else model.open_safetensors(path).keys()
-    data.load_stats(os.path.join(ckpt, "dataset_statistics.json"))  # and it holds OpenVLA's norm_stats
-    path = os.path.join(ckpt, CHECKPOINT_FILES[-1])
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, empty or truncated: an OSError, EOFError, a zip or an unpickling error
-        raise ValueError(f"unreadable {path}: {e}") from None
-    return read["args.json"], state
-
-
-def checkpoints(out_dir):  # (step, dir) oldest first by number; a copy step_000004_v2 or a step_000005.tmp is none
+def checkpoints(out_dir):
+    """(step, dir) of out_dir's checkpoints, oldest first by number; a copy step_000004_v2 or a step_000005.tmp is
+    none."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    return sorted((int(d[5:]), os.path.join(out_dir, d)) for d in names if d[:5] == "step_" and d[5:].isdecimal())
+    steps = [(int(d[5:]), os.path.join(out_dir, d)) for d in names if d[:5] == "step_" and d[5:].isdecimal()]
+    return sorted(steps)
 
 
 def find_resume(args):
-    """The checkpoint to resume from and its trainer state, checked whole ((None, None) for a fresh run). Refuses to
-    write over checkpoints: an earlier run's, or newer ones than the checkpoint resumed."""
-    note = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    """The checkpoint to resume from, checked whole (None for a fresh run). Refuses to write over checkpoints: an
+    earlier run's, or newer ones than the checkpoint resumed."""
     done = checkpoints(args.out_dir)
     if args.resume is None and done:
         sys.exit(f"error: --out_dir {args.out_dir} already holds checkpoints: pass --resume auto, or a new --out_dir")
-    if args.resume is None or args.resume == "auto" and not done:
-        return None, None
-    for ckpt in [d for _, d in reversed(done)] if args.resume == "auto" else [args.resume]:
-        try:
-            saved, state = read_checkpoint(ckpt)
-            model.check_base(ckpt, args.vla_path)  # LoRA and head of another base would load without a complaint
-            break
-        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a hub base that does not download
-            if args.resume != "auto":
-                sys.exit(f"error: --resume {ckpt}: {e}")
-            note(f"note: --resume auto skips {ckpt}: {e}")
-    else:
-        sys.exit(f"error: --resume auto: no usable checkpoint in --out_dir {args.out_dir} (see the notes above)")
-    newer = [d for step, d in done if step > state["step"]]
-    if newer and args.resume != "auto":  # auto passed over broken ones only: those may be written over
+    if args.resume is None or (args.resume == "auto" and not done):
+        return None
+    resume = first_usable_checkpoint(args, done)
+    newer = [d for step, d in done if step > resume.state["step"]]
+    # auto passed over broken ones only: those may be written over
+    if newer and args.resume != "auto":
         sys.exit(
-            f"error: --resume {ckpt} would write over the newer {', '.join(map(os.path.basename, newer))} in "
+            f"error: --resume {resume.dir} would write over the newer {', '.join(map(os.path.basename, newer))} in "
             f"--out_dir {args.out_dir}: pass a new --out_dir"
         )
-    saved.setdefault("attention", "queries" if saved.get("bidirectional") else "causal")  # before --attention
-    args.state_key = args.state_key or saved.get("state_key")  # the run recorded what auto resolved to
-    why = {"batch_size": "the data order will differ", "grad_accum": "the global batch changes"}
-    for name in SAME_ON_RESUME + ["batch_size", "grad_accum", "seed", "val_episodes", "val_data_dir"]:
-        if saved.get(name, getattr(args, name)) != getattr(args, name):
-            was = f"{ckpt} was trained with --{name} {saved[name]}, not {getattr(args, name)}: "
-            if name in SAME_ON_RESUME:
-                sys.exit(f"error: {was}resume with the same --{name}, or train anew in a new --out_dir")
-            note(f"note: {was}{why.get(name, 'its validation split is kept')}")
-    args.val_episodes, args.val_data_dir = (saved.get(k, getattr(args, k)) for k in ("val_episodes", "val_data_dir"))
-    if state["step"] >= args.max_steps:
-        note(f"{ckpt} is at step {state['step']} of --max_steps {args.max_steps}: the run is finished, nothing to do")
+    check_resumed_flags(args, resume)
+    if resume.state["step"] >= args.max_steps:
+        step = resume.state["step"]
+        log(f"{resume.dir} is at step {step} of --max_steps {args.max_steps}: the run is finished, nothing to do")
         sys.exit(0)
-    return ckpt, state | {"args": saved}
+    return resume
 
 
-def get_lr(step, args):
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    return args.lr * (args.lr_decay_factor if step >= args.lr_decay_step else 1.0)
+def first_usable_checkpoint(args, done):
+    """--resume DIR, or with auto the newest checkpoint that reads whole (a note for each one passed over)."""
+    candidates = [d for _, d in reversed(done)] if args.resume == "auto" else [args.resume]
+    for ckpt in candidates:
+        try:
+            saved = model.check_checkpoint(ckpt)
+            state = model.read_trainer_state(ckpt)
+            # LoRA and head of another base would load without a complaint
+            model.check_base(ckpt, args.vla_path)
+            return Resume(ckpt, state, saved)
+        # RuntimeError: a hub base that does not download
+        except (OSError, ValueError, RuntimeError) as e:
+            if args.resume != "auto":
+                sys.exit(f"error: --resume {ckpt}: {e}")
+            log(f"note: --resume auto skips {ckpt}: {e}")
+    sys.exit(f"error: --resume auto: no usable checkpoint in --out_dir {args.out_dir} (see the notes above)")
+
+
+def check_resumed_flags(args, resume):
+    """Flags that change shapes or the data must be the checkpoint's; others may change, with a note."""
+    for name in SAME_ON_RESUME + list(NOTED_ON_RESUME):
+        typed = getattr(args, name)
+        if name == "state_key" and typed is None:
+            # the checkpoint records what the default resolved to
+            continue
+        saved = resume.args.get(name, typed)
+        if saved == typed:
+            continue
+        was = f"{resume.dir} was trained with --{name} {saved}, not {typed}: "
+        if name in SAME_ON_RESUME:
+            sys.exit(f"error: {was}resume with the same --{name}, or train anew in a new --out_dir")
+        log(f"note: {was}{NOTED_ON_RESUME[name]}")
+
+
+# -----------------------------------------------------------------------------
+# the process in the job
+
+
+class Process:
+    """Where this process runs: its rank among `world` ranks (1 without torchrun), its device, the dtype of the
+    frozen weights with the autocast that goes with it, and the launcher that must outlive it."""
+
+    def __init__(self, args):
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        self.use_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        self.rank, self.local_rank, self.world = 0, 0, 1
+        if self.ddp:
+            backend = "nccl" if self.use_cuda else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=args.dist_timeout))
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.master = self.rank == 0
+        self.device = torch.device(f"cuda:{self.local_rank}" if self.use_cuda else "cpu")
+        if self.use_cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+        torch.manual_seed(args.seed + self.rank)
+        bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and self.use_cuda)
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if bf16 else nullcontext()
+        # torchrun's process: if it dies, nothing supervises or restarts this rank
+        self.launcher = os.getppid()
+
+
+def lock_out_dir(args):
+    """One run per --out_dir (a second would write over the first's saves), and a run that cannot save fails now.
+    Returns the open lock file: the lock lasts as long as it stays open, and the kernel drops it when the process
+    ends, killed or not."""
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        lock = open(os.path.join(args.out_dir, ".lock"), "a")
+        if os.environ.get("RANK", "0") == "0":
+            # held by another process: EAGAIN on Linux, over NFS too
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(
+            f"error: --out_dir {args.out_dir} is in use by another run (it holds {lock.name}): wait for it "
+            "to end, or pass another --out_dir"
+        )
+    except OSError as e:
+        sys.exit(f"error: --out_dir {args.out_dir} is not writable: {e}")
+    return lock
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_data(args, resume, proc):
+    """The training and validation sets, every episode checked before the model loads; a resumed run keeps its
+    checkpoint's split and statistics. -> (train_set, val_set or None, {file name: size})."""
+    cameras = args.cameras.split(",")
+    state_key = args.state_key or (resume.args.get("state_key") if resume else None)
+    keys = dict(action_key=args.action_key, state_key=state_key, instruction=args.instruction)
+    try:
+        # only episodes that give samples may be held out: a too-short validation episode would leave none
+        paths = data.check_episodes(
+            data.list_episodes(args.data_dir), cameras, args.chunk, args.action_dim, args.action_offset, **keys
+        )
+        train_paths, val_paths = split_episodes(args, paths, resume)
+        common = dict(
+            cameras=cameras,
+            chunk=args.chunk,
+            action_dim=args.action_dim,
+            norm=args.norm,
+            action_offset=args.action_offset,
+            proprio=args.proprio,
+            swap_red_blue=args.swap_red_blue,
+            **keys,
+        )
+        stats = resumed_stats(resume, args.proprio)
+        train_set = data.EpisodeDataset(train_paths, seed=args.seed, image_aug=args.image_aug, **stats, **common)
+        stats = dict(stats=train_set.stats, proprio_stats=train_set.proprio_stats)
+        val_set = None
+        if val_paths:
+            val_set = data.EpisodeDataset(val_paths, instruction_variant=0, **stats, **common)
+        # every prompt must fit the LLM: its tokenizer tells, no weights needed
+        sets = [s for s in (train_set, val_set) if s is not None]
+        paths_of_sets = [p for s in sets for p in s.paths]
+        texts = [t for s in sets for t in s.instructions]
+        data.check_prompts(paths_of_sets, texts, args.vla_path, len(cameras), args.proprio, args.chunk)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    # what this run trains on, so that a resume can say what changed
+    files = {os.path.basename(p): os.path.getsize(data.split_ref(p)[0]) for p in paths}
+    check_ranks_read_the_same_files(args, files, proc)
+    note_changed_files(args, files, resume)
+    if not epoch_batches(len(train_set), args, 0, proc.world, 0):
+        sys.exit(
+            f"error: {len(train_set)} training samples cannot fill one batch of --batch_size {args.batch_size} "
+            f"on each of {proc.world} ranks"
+        )
+    return train_set, val_set, files
+
+
+def split_episodes(args, paths, resume):
+    """(training, validation) episodes: --val_data_dir's, else the checkpoint's split when resuming (its validation
+    episodes never train, whichever files came or went), else --val_episodes held out by --seed."""
+    val_data_dir = resume.args.get("val_data_dir") if resume else args.val_data_dir
+    if val_data_dir:
+        val_paths = data.list_episodes(val_data_dir)
+        shared = set(map(os.path.realpath, paths)) & set(map(os.path.realpath, val_paths))
+        if shared:
+            raise data.DataError(
+                f"--val_data_dir {val_data_dir} holds {len(shared)} of --data_dir's files "
+                f"(e.g. {min(shared)}): it would validate on training data"
+            )
+        return paths, val_paths
+    if resume:
+        held = {os.path.basename(p) for p in resume.args.get("val_episode_files", [])}
+        train = [p for p in paths if os.path.basename(p) not in held]
+        return train, [p for p in paths if os.path.basename(p) in held]
+    return data.split_episodes(paths, args.val_episodes, args.seed)
+
+
+def resumed_stats(resume, proprio):
+    """The checkpoint's normalization statistics (None: a fresh run computes them from its training episodes)."""
+    if resume is None:
+        return dict(stats=None, proprio_stats=None)
+    path = os.path.join(resume.dir, "dataset_statistics.json")
+    proprio_stats = data.load_stats(path, key="proprio") if proprio else None
+    return dict(stats=data.load_stats(path), proprio_stats=proprio_stats)
+
+
+def check_ranks_read_the_same_files(args, files, proc):
+    """Node-local copies that differ would give each rank its own split, statistics and data order."""
+    if not proc.ddp:
+        return
+    everyone = [None] * proc.world
+    dist.all_gather_object(everyone, files)
+    differ = [r for r, f in enumerate(everyone) if f != everyone[0]]
+    if differ and proc.master:
+        sys.exit(f"error: --data_dir {args.data_dir}: ranks {differ} hold other files than rank 0")
+    if differ:
+        sys.exit(1)
+
+
+def note_changed_files(args, now, resume):
+    """The split was kept; the saved data position now points into another set of files: say so."""
+    was = resume.args.get("data_files", now) if resume else now
+    if was == now:
+        return
+    resized = sorted(n for n in now.keys() & was if now[n] != was[n])
+    log(
+        f"note: --data_dir {args.data_dir} changed since {resume.dir}: added {sorted(now.keys() - was)}, removed "
+        f"{sorted(was.keys() - now)}, resized {resized}; its validation episodes stay out of training"
+    )
 
 
 def epoch_batches(n, args, rank, world, epoch):
     """This rank's batches for one epoch: one seeded shuffle shared by all ranks, each rank taking its own slice."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
-    per_rank = n // world // args.batch_size * args.batch_size  # equal step counts keep the ranks in lockstep
+    # equal step counts keep the ranks in lockstep
+    per_rank = n // world // args.batch_size * args.batch_size
     mine = order[rank * per_rank : (rank + 1) * per_rank]
     return [mine[i : i + args.batch_size] for i in range(0, per_rank, args.batch_size)]
 
 
-def ignore_sigterm(worker_id):  # a cluster signals data workers too: torch's handler would kill them, and the rank
+def ignore_sigterm(worker_id):
+    """A cluster signals data workers too: torch's handler would kill them, and the rank with them."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def batch_stream(dataset, args, rank, world, epoch, pos, pin):
+def batch_stream(dataset, args, proc, epoch, pos):
     """Endless micro-batches with their (epoch, position) so a resumed run continues with the next unseen one."""
     while True:
         dataset.set_epoch(epoch)
-        batches = epoch_batches(len(dataset), args, rank, world, epoch)[pos:]
+        batches = epoch_batches(len(dataset), args, proc.rank, proc.world, epoch)[pos:]
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=args.num_workers, pin_memory=pin, worker_init_fn=ignore_sigterm
+            dataset,
+            batch_sampler=batches,
+            num_workers=args.num_workers,
+            pin_memory=proc.use_cuda,
+            worker_init_fn=ignore_sigterm,
         )
         for batch in loader:
             pos += 1
             yield epoch, pos, batch
         epoch, pos = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# the model, its optimizer and the run record
+
+
+def build_model(args, train_set, proc):
+    """The base with LoRA and a fresh head, in the dtype of the process."""
+    vla = model.VLA.from_pretrained(
+        args.vla_path,
+        dtype=proc.dtype,
+        device=proc.device,
+        chunk=args.chunk,
+        action_dim=args.action_dim,
+        proprio_dim=train_set.proprio_dim,
+        attention=args.attention,
+        image_aug=args.image_aug,
+        film=args.film,
+    )
+    model.add_lora(vla, rank=args.lora_rank)
+    if args.grad_ckpt == "on":
+        model.enable_grad_ckpt(vla)
+    trainable = sum(p.numel() for p in vla.parameters() if p.requires_grad)
+    log(f"parameters: {sum(p.numel() for p in vla.parameters()):,}, of which {trainable:,} train")
+    return vla
+
+
+def restore(vla, opt, resume, proc):
+    """Loads the checkpoint's weights in place (the optimizer holds the same parameters), its optimizer state and
+    this rank's RNG. -> (step, epoch, position in the epoch) to continue from; zeros for a fresh run."""
+    if resume is None:
+        return 0, 0, 0
+    state = resume.state
+    model.load_trained(vla, resume.dir)
+    opt.load_state_dict(state["optimizer"])
+    # the global position in the epoch is kept when the world size changes
+    pos = state["pos"] * state["world_size"] // proc.world
+    if state["world_size"] == proc.world:
+        torch.set_rng_state(state["rng"][proc.rank]["cpu"])
+        if proc.use_cuda and state["rng"][proc.rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"][proc.rank]["cuda"])
+    else:
+        log(f"note: resuming on {proc.world} ranks a run saved on {state['world_size']}: data order will differ")
+    log(f"resumed from {resume.dir} at step {state['step']}")
+    return state["step"], state["epoch"], pos
+
+
+def run_record(args, resume, train_set, val_set, files, proc):
+    """args.json, written once into every checkpoint: the flags as typed, then what the run resolved from them."""
+    record = vars(args) | {
+        # by an absolute path, so that args.json names the base from any working directory
+        "vla_path": os.path.abspath(args.vla_path) if os.path.isdir(args.vla_path) else args.vla_path,
+        # what --state_key's default resolved to, for deployment
+        "state_key": train_set.state_key,
+        "data_files": files,
+        # so that infer.py can be pointed at episodes never trained on
+        "val_episode_files": val_set.paths if val_set else [],
+        # so that deployment brings live frames to the training frames' size
+        "frame_sizes": train_set.frame_sizes,
+        # what the episodes' files say about how they were made (a simulator's scene, the seeds)
+        "episode_attrs": train_set.attrs,
+        "world_size": proc.world,
+    }
+    if resume:
+        # the checkpoint's split is kept
+        record |= {k: resume.args.get(k) for k in ("val_episodes", "val_data_dir")}
+    return record
+
+
+def show_run(record, train_set, val_set, args, proc):
+    global_batch = args.batch_size * args.grad_accum * proc.world
+    # data_files is one line per episode: args.json holds it
+    shown = {k: v for k, v in record.items() if k != "data_files"}
+    log(json.dumps(shown | {"global_batch": global_batch}, indent=1))
+    val = len(val_set.paths) if val_set else 0
+    log(
+        f"train: {len(train_set.paths)} episodes, {len(train_set)} samples | val: {val} episodes | "
+        f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} accum x {proc.world} ranks"
+    )
+    return global_batch
+
+
+def wrap_ddp(vla, proc):
+    """The module the loop calls: vla itself, or under torchrun DDP syncing only what trains."""
+    if not proc.ddp:
+        return vla
+    frozen = [n for n, p in vla.named_parameters() if not p.requires_grad] + [n for n, _ in vla.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(vla, frozen)
+    return DDP(vla, device_ids=[proc.local_rank] if proc.use_cuda else None)
+
+
+# -----------------------------------------------------------------------------
+# the training step
+
+
+def get_lr(step, args):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if step >= args.lr_decay_step:
+        return args.lr * args.lr_decay_factor
+    return args.lr
+
+
+def next_micro_batches(stream, args, proc):
+    """The step's micro-batches, or None on every rank when a data file failed on any: each rank reads all of its
+    micro-batches first, so that a rank whose file fails never leaves the others waiting in DDP's backward."""
+    try:
+        batches = [next(stream) for _ in range(args.grad_accum)]
+        failed = torch.zeros((), device=proc.device)
+    except data.DataError as e:
+        print(f"error: {data_error_line(e)}", file=sys.stderr, flush=True)
+        batches, failed = None, torch.ones((), device=proc.device)
+    if proc.ddp:
+        dist.all_reduce(failed)
+    return None if failed.item() else batches
+
+
+def data_error_line(e):
+    """A DataError's own line: from a loader worker, torch wraps it in a traceback that ends with it."""
+    return str(e).strip().splitlines()[-1].split("DataError: ")[-1]
 
 
 def l1_terms(pred, target):
@@ -292,37 +603,68 @@ def l1_terms(pred, target):
     return err.mean(), err[:, 0].mean(), err[:, 1:].mean()
 
 
+def forward_backward(train_vla, micro_batches, args, proc):
+    """Gradients of the step's micro-batches (DDP syncs on the last one only). -> (terms, the data position after
+    them): terms holds the loss, current and future L1 averaged over micro-batches, and a 0 for the stop vote."""
+    terms = torch.zeros(4, device=proc.device)
+    for micro, (epoch, pos, batch) in enumerate(micro_batches):
+        last = micro == args.grad_accum - 1
+        sync = train_vla.no_sync() if proc.ddp and not last else nullcontext()
+        with sync:
+            with proc.autocast:
+                # images (B, cameras, 3, H, W) uint8 -> pred (B, chunk, action_dim)
+                pred = train_vla(
+                    batch["images"].to(proc.device, non_blocking=True),
+                    batch["instruction"],
+                    batch.get("state"),
+                    batch.get("aug"),
+                )
+            loss, curr, future = l1_terms(pred, batch["actions"].to(proc.device, non_blocking=True))
+            (loss / args.grad_accum).backward()
+        terms[:3] += torch.stack([loss, curr, future]).detach() / args.grad_accum
+    return terms, (epoch, pos)
+
+
+def agree_on_step(terms, stop, proc):
+    """One all-reduce gives every rank the mean loss terms and whether any rank must stop after this step, so all
+    stop after the same one. -> (loss, curr, future, stopping)."""
+    if proc.ddp and os.getppid() != proc.launcher:
+        stop.setdefault("why", "the launcher exited")
+    terms[3] = float(bool(stop))
+    if proc.ddp:
+        dist.all_reduce(terms)
+        terms[:3] /= proc.world
+    loss, curr, future, stopping = terms.tolist()
+    return loss, curr, future, stopping > 0
+
+
 @torch.no_grad()
-def evaluate(vla, val_set, stats, args, device, autocast, rank, world):
+def evaluate(vla, val_set, stats, args, proc):
     """L1 on a fixed, evenly spaced set of validation samples, sharded over ranks, against a mean-action baseline."""
     vla.eval()
     n = min(len(val_set), args.eval_batches * args.batch_size)
-    picks = torch.linspace(0, len(val_set) - 1, n).round().long().tolist()[rank::world]
+    picks = torch.linspace(0, len(val_set) - 1, n).round().long().tolist()[proc.rank :: proc.world]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(val_set, picks),
         batch_size=args.batch_size,
         num_workers=min(args.num_workers, 2),
         worker_init_fn=ignore_sigterm,
     )
-    mean = data.normalize(torch.tensor(stats["mean"]), stats, args.norm).to(device)
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # curr, future, raw, baseline, count
+    mean = torch.tensor(data.normalize(stats["mean"], stats, args.norm), dtype=torch.float32, device=proc.device)
+    # sums of: curr, future, raw, baseline, count
+    sums = torch.zeros(5, dtype=torch.float64, device=proc.device)
     for batch in loader:
-        with autocast:
-            pred = vla(batch["images"].to(device), batch["instruction"], batch.get("state")).float()
-        target = batch["actions"].to(device)
+        with proc.autocast:
+            pred = vla(batch["images"].to(proc.device), batch["instruction"], batch.get("state")).float()
+        target = batch["actions"].to(proc.device)
         err = (pred - target).abs()
-        raw = (data.unnormalize(pred, stats, args.norm) - data.unnormalize(target, stats, args.norm)).abs()
+        # in the data's own units
+        raw = [data.unnormalize(x.cpu().numpy(), stats, args.norm) for x in (pred, target)]
+        raw = torch.tensor(np.abs(raw[0] - raw[1]).mean(), device=proc.device)
         b = len(target)
-        sums += torch.stack(
-            [
-                err[:, 0].mean() * b,
-                err[:, 1:].mean() * b,
-                raw.mean() * b,
-                (mean - target).abs().mean() * b,
-                torch.tensor(b, device=device),
-            ]
-        ).double()
-    if world > 1:
+        row = [err[:, 0].mean(), err[:, 1:].mean(), raw, (mean - target).abs().mean()]
+        sums += torch.stack([x * b for x in row] + [torch.tensor(b, device=proc.device)]).double()
+    if proc.world > 1:
         dist.all_reduce(sums)
     curr, future, raw, baseline = (sums[:4] / sums[4]).tolist()
     vla.train()
@@ -335,64 +677,6 @@ def evaluate(vla, val_set, stats, args, device, autocast, rank, world):
     }
 
 
-def save_checkpoint(vla, opt, step, stream_state, stats, args, world):
-    """Rank 0 writes step_NNNNNN.tmp and renames it once whole, so a crash never leaves a checkpoint that looks done."""
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [rng] * world
-    if world > 1:
-        dist.all_gather_object(rngs, rng)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    final = os.path.join(args.out_dir, f"step_{step:06d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        model.save_trained(vla, tmp)
-        data.save_stats(os.path.join(tmp, "dataset_statistics.json"), **stats)
-        with open(os.path.join(tmp, "args.json"), "w") as f:
-            json.dump(vars(args) | {"world_size": world}, f, indent=1)
-        torch.save(
-            {
-                "step": step,
-                "optimizer": opt.state_dict(),
-                "epoch": stream_state[0],
-                "pos": stream_state[1],
-                "world_size": world,
-                "rng": rngs,
-            },
-            os.path.join(tmp, "trainer_state.pt"),
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except Exception as e:  # a full disk: OSError, safetensors' SafetensorError, a RuntimeError from torch.save
-        shutil.rmtree(tmp, ignore_errors=True)
-        sys.exit(
-            f"error: could not save {final} ({type(e).__name__}: {e}; disk full?); removed {tmp}, the earlier "
-            "checkpoints are untouched"
-        )
-    if args.keep_last:  # never this one; newer ones are broken ones --resume auto passed over: this run rewrites them
-        older = [d for s, d in checkpoints(args.out_dir) if s < step]
-        for old in older[: max(0, len(older) + 1 - args.keep_last)]:
-            shutil.rmtree(old)
-    print(f"saved {final}", flush=True)
-
-
-def out_of_memory(vla, batch, autocast, device):  # a step without grad ckpt, AdamW's moments held as from step 2 on
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            moments = torch.empty(2 * sum(p.numel() for p in vla.parameters() if p.requires_grad), device=device)
-            with autocast:
-                pred = vla(batch["images"].to(device), batch["instruction"], batch.get("state"), batch.get("aug"))
-            l1_terms(pred, batch["actions"].to(device))[0].backward()
-            del moments
-            return False
-        except torch.cuda.OutOfMemoryError:
-            return True
-        finally:
-            vla.zero_grad(set_to_none=True)
-
-
 def check_ranks_agree(trainable, world):
     """DDP must keep every rank's trainable weights identical; a silent divergence would waste the whole run."""
     sums = torch.stack([p.detach().double().sum() for p in trainable]).cpu()
@@ -403,305 +687,268 @@ def check_ranks_agree(trainable, world):
     return f"trainable weights identical on all {world} ranks"
 
 
-def metrics_step(row):  # a kill -9 leaves a half-written last row (no "\n"); a garbage one must not stop a resume
+# -----------------------------------------------------------------------------
+# logging and saving
+
+
+class Metrics:
+    """metrics.jsonl, the record of a run's numbers, one JSON row per log line (rank 0 writes it). A resumed run
+    logs the steps after its checkpoint again: their old rows are dropped first, so each step appears once."""
+
+    def __init__(self, out_dir, resumed_step, proc):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.file = None
+        if not proc.master:
+            return
+        if resumed_step is not None and os.path.exists(self.path):
+            self.keep_until(resumed_step)
+        self.file = open(self.path, "a")
+
+    def keep_until(self, step):
+        with open(self.path) as f:
+            rows = [(row, metrics_step(row)) for row in f]
+        bad = [i + 1 for i, (_, s) in enumerate(rows) if s is None]
+        if bad:
+            log(f"note: {self.path}: dropping unreadable lines {bad}")
+        with open(self.path, "w") as f:
+            f.writelines(row for row, s in rows if s is not None and s <= step)
+
+    def write(self, row, line):
+        log(line, flush=True)
+        if self.file:
+            print(json.dumps(row), file=self.file, flush=True)
+
+
+def metrics_step(row):
+    """The step of a metrics.jsonl row; None for the half-written last row a kill -9 leaves (no newline) or a
+    garbage one, which must not stop a resume."""
+    if not row.endswith("\n"):
+        return None
     try:
-        return int(json.loads(row)["step"]) if row.endswith("\n") else None
+        return int(json.loads(row)["step"])
     except (ValueError, KeyError, TypeError):
         return None
 
 
-def exit_now(sig, frame):  # start-up: nothing to save, and a cluster's grace period would not wait for a first step
+class StepClock:
+    """Seconds a step since the last log line, with evaluation and saving left out (they would inflate the eta)."""
+
+    def __init__(self):
+        self.start, self.steps = time.time(), 0
+
+    def read(self):
+        dt = (time.time() - self.start) / self.steps
+        self.start, self.steps = time.time(), 0
+        return dt
+
+    def exclude(self, since):
+        self.start += time.time() - since
+
+
+def log_step(metrics, step, loss, curr, future, lr, dt, global_batch, args):
+    eta = dt * (args.max_steps - step)
+    metrics.write(
+        {"step": step, "loss": loss, "curr_l1": curr, "future_l1": future, "lr": lr, "ms": dt * 1000},
+        f"step {step}/{args.max_steps} | loss {loss:.4f} | curr l1 {curr:.4f} | future l1 {future:.4f} | "
+        f"lr {lr:.2e} | {dt * 1000:.0f} ms | {global_batch / dt:.1f} samples/s | "
+        f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m",
+    )
+
+
+def stats_record(train_set):
+    """What dataset_statistics.json holds: the normalization statistics and how much data made them."""
+    return dict(
+        action_stats=train_set.stats,
+        proprio_stats=train_set.proprio_stats,
+        num_transitions=sum(train_set.lengths),
+        num_trajectories=len(train_set.paths),
+    )
+
+
+def save_checkpoint(vla, opt, stats, run, proc, step, position):
+    """Rank 0 writes step_NNNNNN.tmp and renames it once whole, so a crash never leaves a checkpoint that looks
+    done; every rank's RNG state goes in, so that a resume on as many ranks continues exactly."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [rng] * proc.world
+    if proc.world > 1:
+        dist.all_gather_object(rngs, rng)
+    if not proc.master:
+        return
+    state = {"step": step, "optimizer": opt.state_dict(), "epoch": position[0], "pos": position[1]}
+    state |= {"world_size": proc.world, "rng": rngs}
+    final = os.path.join(run["out_dir"], f"step_{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.write_checkpoint(tmp, vla, stats, run, state)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    # a full disk: OSError, safetensors' SafetensorError, a RuntimeError from torch.save
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(
+            f"error: could not save {final} ({type(e).__name__}: {e}; disk full?); removed {tmp}, the earlier "
+            "checkpoints are untouched"
+        )
+    if run["keep_last"]:
+        # never this one; newer ones are broken ones --resume auto passed over: this run rewrites them
+        older = [d for s, d in checkpoints(run["out_dir"]) if s < step]
+        for old in older[: max(0, len(older) + 1 - run["keep_last"])]:
+            shutil.rmtree(old)
+    print(f"saved {final}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# stopping: signals, bad data, the end
+
+
+def exit_in_startup(sig, frame):
+    """Start-up has nothing to save, and a cluster's grace period would not wait for a first step."""
     print(f"stopped in start-up ({signal.Signals(sig).name}): run the same command to start again", file=sys.stderr)
     sys.exit(75)
 
 
+def on_preempt_signals(args, handler):
+    for name in preempt_signals(args):
+        signal.signal(signal.Signals[name], handler)
+
+
+def watch_for_preemption(args):
+    """From here on --preempt_signals only ask for a stop after the current step: -> the dict that says why."""
+    stop = {}
+
+    def ask_to_stop(sig, frame):
+        stop.setdefault("why", signal.Signals(sig).name)
+
+    on_preempt_signals(args, ask_to_stop)
+    return stop
+
+
+def stop_for_bad_data(save, position, step, start_step, args, proc):
+    """Exit 65 (EX_DATAERR) when a data file failed: the last finished step is saved first (unless it just was)."""
+    last = step - 1
+    if last > start_step and last % args.save_interval:
+        save(last, position)
+    # a rank that exits first gets the others killed, rank 0 perhaps while it saves
+    if proc.ddp:
+        dist.barrier()
+    log(f"stopped before step {step}: fix or remove the episode named above, then --resume auto", flush=True)
+    sys.exit(65)
+
+
+def check_finite(loss, step, args):
+    if not math.isfinite(loss):
+        sys.exit(
+            f"error: loss is {loss} at step {step}; stopping without saving this state "
+            f"(last good checkpoint, if any, is in {args.out_dir})"
+        )
+
+
+def finish(step, stopping, stop, args, proc):
+    """No rank may tear gloo down while another's last collective is in flight: that aborts or hangs at exit.
+    A run stopped before --max_steps exits 75, which tells a scheduler to requeue it."""
+    if proc.ddp:
+        dist.barrier()
+    if stopping and step < args.max_steps:
+        why = stop.get("why", "asked by another rank")
+        log(
+            f"stopped after step {step} ({why}) and saved it: run the same command with --resume auto to continue",
+            flush=True,
+        )
+        sys.exit(75)
+
+
+def end_process(end):
+    """Whatever way main() ended (end: None or the exception): data workers ignore SIGTERM, so exit's terminate-and-
+    join of the ones an error left alive would never end: kill them. Under torchrun, an exit on purpose (no
+    collective in flight) skips gloo's teardown, which holds the GIL waiting for gloo's thread while that thread
+    waits for the GIL (a rank hung in 1 run of 75); a traceback leaves gloo to the interpreter's exit."""
+    # torch's SIGCHLD handler would turn the workers' end into another error
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in torch.multiprocessing.active_children():
+        worker.kill()
+    if not dist.is_initialized() or not isinstance(end, (SystemExit, type(None))):
+        return
+    code = end.code if isinstance(end, SystemExit) else 0
+    if code is None:
+        code = 0
+    if not isinstance(code, int):
+        # sys.exit("error: ..."): print the message as Python would, exit 1
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    os._exit(code)
+
+
+# -----------------------------------------------------------------------------
+
+
 def main(argv=None):
     args = get_args(argv)
-    for name in filter(None, args.preempt_signals.split(",")):
-        signal.signal(signal.Signals[name], exit_now)
-    resume, state = find_resume(args)
-    try:  # a run that cannot save fails now, and one run per --out_dir: a second would write over the first's saves
-        os.makedirs(args.out_dir, exist_ok=True)
-        lock = open(os.path.join(args.out_dir, ".lock"), "a")
-        if os.environ.get("RANK", "0") == "0":  # the kernel drops the lock when the process ends, killed or not
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by another process: EAGAIN on Linux, NFS too
-    except BlockingIOError:
-        sys.exit(
-            f"error: --out_dir {args.out_dir} is in use by another run (it holds {lock.name}): wait for it "
-            "to end, or pass another --out_dir"
-        )
-    except OSError as e:
-        sys.exit(f"error: --out_dir {args.out_dir} is not writable: {e}")
-    stop = {}  # why this rank should save and stop at the end of the current step
-    launcher = os.getppid()
-    # -------------------------------------------------------------------------------- distributed
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    if ddp:
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=args.dist_timeout))
-        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    else:
-        rank, local_rank, world = 0, 0, 1
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" or args.dtype == "auto" and use_cuda else torch.float32
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    log = print if master else (lambda *a, **k: None)
-
-    # -------------------------------------------------------------------------------- data, checked before the model
-    cameras = args.cameras.split(",")
-    try:
-        # only episodes that give samples may be held out: a too-short validation episode would leave none
-        keys = dict(action_key=args.action_key, state_key=args.state_key, instruction=args.instruction)
-        paths = data.check_episodes(
-            data.list_episodes(args.data_dir), cameras, args.chunk, args.action_dim, args.action_offset, **keys
-        )
-        # what this run trains on, so that a resume can say what changed
-        args.data_files = {os.path.basename(p): os.path.getsize(data.split_ref(p)[0]) for p in paths}
-        if args.val_data_dir:
-            train_paths, val_paths = paths, data.list_episodes(args.val_data_dir)
-            if shared := set(map(os.path.realpath, paths)) & set(map(os.path.realpath, val_paths)):
-                raise data.DataError(
-                    f"--val_data_dir {args.val_data_dir} holds {len(shared)} of --data_dir's files "
-                    f"(e.g. {min(shared)}): it would validate on training data"
-                )
-        elif resume:  # the checkpoint's split, whichever files came or went: its validation episodes never train
-            held = {os.path.basename(p) for p in state["args"].get("val_episode_files", [])}
-            train_paths, val_paths = ([p for p in paths if (os.path.basename(p) in held) == v] for v in (False, True))
-        else:
-            train_paths, val_paths = data.split_episodes(paths, args.val_episodes, args.seed)
-        stats_file = os.path.join(resume, "dataset_statistics.json") if resume else None
-        stats = data.load_stats(stats_file) if resume else None
-        proprio_stats = data.load_stats(stats_file, key="proprio") if resume and args.proprio else None
-        common = dict(
-            cameras=cameras,
-            chunk=args.chunk,
-            action_dim=args.action_dim,
-            norm=args.norm,
-            action_offset=args.action_offset,
-            proprio=args.proprio,
-            swap_red_blue=args.swap_red_blue,
-            **keys,
-        )
-        train_set = data.EpisodeDataset(
-            train_paths, stats=stats, proprio_stats=proprio_stats, seed=args.seed, image_aug=args.image_aug, **common
-        )
-        stats, proprio_stats = train_set.stats, train_set.proprio_stats
-        saved_stats = dict(
-            action_stats=stats,
-            proprio_stats=proprio_stats,
-            num_transitions=sum(train_set.lengths),
-            num_trajectories=len(train_set.paths),
-        )
-        val_set = (
-            data.EpisodeDataset(val_paths, stats=stats, proprio_stats=proprio_stats, instruction_variant=0, **common)
-            if val_paths
-            else None
-        )
-        sets = [train_set] + [val_set] * bool(val_set)  # every prompt must fit the LLM: its tokenizer tells, no weights
-        data.check_prompts(
-            [p for s in sets for p in s.paths],
-            [t for s in sets for t in s.instructions],
-            args.vla_path,
-            len(cameras),
-            args.proprio,
-            args.chunk,
-        )
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
-    if ddp:  # node-local copies that differ would give each rank its own split, statistics and data order
-        everyone = [None] * world
-        dist.all_gather_object(everyone, args.data_files)
-        if differ := [r for r, f in enumerate(everyone) if f != everyone[0]]:
-            sys.exit(f"error: --data_dir {args.data_dir}: ranks {differ} hold other files than rank 0" if master else 1)
-    was, now = state["args"].get("data_files", args.data_files) if resume else args.data_files, args.data_files
-    if was != now:  # the split was kept above; the saved data position now points into another set
-        log(
-            f"note: --data_dir {args.data_dir} changed since {resume}: added {sorted(now.keys() - was)}, removed "
-            f"{sorted(was.keys() - now)}, resized {sorted(n for n in now.keys() & was if now[n] != was[n])}; its "
-            "validation episodes stay out of training"
-        )
-    if not epoch_batches(len(train_set), args, 0, world, 0):
-        sys.exit(
-            f"error: {len(train_set)} training samples cannot fill one batch of --batch_size {args.batch_size} "
-            f"on each of {world} ranks"
-        )
-    args.val_episode_files = val_paths  # saved in args.json so infer.py can be pointed at episodes never trained on
-    args.frame_sizes = train_set.frame_sizes  # so deployment brings live frames to the training frames' size
-    args.state_key = train_set.state_key  # what --state_key auto resolved to, for deployment
-    global_batch = args.batch_size * args.grad_accum * world
-    shown = {k: v for k, v in vars(args).items() if k != "data_files"}  # args.json holds it: one line per episode
-    log(json.dumps(shown | {"world_size": world, "global_batch": global_batch}, indent=1))
-    log(
-        f"train: {len(train_paths)} episodes, {len(train_set)} samples | val: {len(val_paths)} episodes | "
-        f"global batch {global_batch} = {args.batch_size} x {args.grad_accum} accum x {world} ranks"
-    )
-
-    # -------------------------------------------------------------------------------- model
-    vla = model.VLA.from_pretrained(
-        args.vla_path,
-        dtype=dtype,
-        device=device,
-        chunk=args.chunk,
-        action_dim=args.action_dim,
-        proprio_dim=train_set.proprio_dim,
-        attention=args.attention,
-        image_aug=args.image_aug,
-        film=args.film,
-    )
-    model.add_lora(vla, rank=args.lora_rank)
-    if args.grad_ckpt == "auto":  # measured, not estimated: the core does not import bench.py's memory model
-        texts = [s for texts in train_set.instructions for s in texts]
-        worst = torch.utils.data.default_collate([train_set[0]] * args.batch_size)
-        worst["instruction"] = [max(zip(map(len, vla.tokenize(texts)), texts))[1]] * args.batch_size
-        oom = torch.tensor(float(use_cuda and out_of_memory(vla, worst, autocast, device)), device=device)
-        if ddp:  # one rank's GPU short of memory decides for all: every rank must run the same graph
-            dist.all_reduce(oom, op=dist.ReduceOp.MAX)
-        args.grad_ckpt = "on" if oom.item() else "off"
-        log(f"--grad_ckpt auto: {args.grad_ckpt}")
-    if args.grad_ckpt == "on":
-        model.enable_grad_ckpt(vla)
-    trainable = [p for p in vla.parameters() if p.requires_grad]  # fp32 even on a bf16 base: AdamW needs it
-    log(model.param_report(vla))
+    on_preempt_signals(args, exit_in_startup)
+    resume = find_resume(args)
+    _lock = lock_out_dir(args)
+    proc = Process(args)
+    train_set, val_set, files = load_data(args, resume, proc)
+    vla = build_model(args, train_set, proc)
+    # fp32 even on a bf16 base: AdamW needs it
+    trainable = [p for p in vla.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    start_step, epoch, pos = 0, 0, 0
-    if resume:  # the weights are loaded in place: the optimizer holds the same parameters
-        model.load_trained(vla, resume)
-        opt.load_state_dict(state["optimizer"])
-        start_step, epoch, pos = state["step"], state["epoch"], state["pos"] * state["world_size"] // world
-        if state["world_size"] == world:
-            torch.set_rng_state(state["rng"][rank]["cpu"])
-            if use_cuda and state["rng"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
-        else:
-            log(f"note: resuming on {world} ranks a run saved on {state['world_size']}: data order will differ")
-        log(f"resumed from {resume} at step {start_step}")
-    train_vla = vla
-    if ddp:
-        frozen = [n for n, p in vla.named_parameters() if not p.requires_grad] + [n for n, _ in vla.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(vla, frozen)  # broadcast and sync only what trains
-        train_vla = DDP(vla, device_ids=[local_rank] if use_cuda else None)
-    metrics_file = os.path.join(args.out_dir, "metrics.jsonl")
-    if master and resume and os.path.exists(metrics_file):  # steps after the checkpoint are logged again: once only
-        with open(metrics_file) as f:
-            rows = [(r, metrics_step(r)) for r in f]
-        if bad := [i + 1 for i, (_, s) in enumerate(rows) if s is None]:
-            log(f"note: {metrics_file}: dropping unreadable lines {bad}")
-        with open(metrics_file, "w") as f:
-            f.writelines(r for r, s in rows if s is not None and s <= start_step)
-    metrics = open(metrics_file, "a") if master else None
-
-    def record(row, line):
-        log(line, flush=True)
-        if master:
-            print(json.dumps(row), file=metrics, flush=True)
-
-    # -------------------------------------------------------------------------------- training loop
-    stream = batch_stream(train_set, args, rank, world, epoch, pos, use_cuda)
-    stream_state = (epoch, pos)
+    start_step, epoch, pos = restore(vla, opt, resume, proc)
+    run = run_record(args, resume, train_set, val_set, files, proc)
+    global_batch = show_run(run, train_set, val_set, args, proc)
+    save = functools.partial(save_checkpoint, vla, opt, stats_record(train_set), run, proc)
+    train_vla = wrap_ddp(vla, proc)
+    metrics = Metrics(args.out_dir, start_step if resume else None, proc)
+    stream = batch_stream(train_set, args, proc, epoch, pos)
+    position = (epoch, pos)
+    stop = watch_for_preemption(args)
+    clock = StepClock()
     vla.train()
-    for name in filter(None, args.preempt_signals.split(",")):
-        signal.signal(signal.Signals[name], lambda sig, frame: stop.setdefault("why", signal.Signals(sig).name))
-    t_log, steps_since_log = time.time(), 0
     for step in range(start_step + 1, args.max_steps + 1):
         lr = get_lr(step - 1, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        try:  # every micro-batch first: a rank whose file fails must not leave the others waiting in DDP's backward
-            micro_batches, failed = [next(stream) for _ in range(args.grad_accum)], torch.zeros((), device=device)
-        except data.DataError as e:  # from a worker, torch wraps it in a traceback: ours is its last line
-            print("error: " + str(e).strip().splitlines()[-1].split("DataError: ")[-1], file=sys.stderr, flush=True)
-            failed = torch.ones((), device=device)
-        if ddp:
-            dist.all_reduce(failed)
-        if failed.item():  # exit 65 (EX_DATAERR): a data file failed; the last finished step is saved
-            if step - 1 > start_step and (step - 1) % args.save_interval:
-                save_checkpoint(vla, opt, step - 1, stream_state, saved_stats, args, world)
-            if ddp:  # a rank that exits first gets the others killed, rank 0 perhaps while it saves
-                dist.barrier()
-            log(f"stopped before step {step}: fix or remove the episode named above, then --resume auto", flush=True)
-            sys.exit(65)
-        terms = torch.zeros(4, device=device)  # loss, curr, future, and whether any rank must stop after this step
-        for micro, (epoch, pos, batch) in enumerate(micro_batches):
-            with train_vla.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext():
-                with autocast:
-                    pred = train_vla(
-                        batch["images"].to(device, non_blocking=True),
-                        batch["instruction"],
-                        batch.get("state"),
-                        batch.get("aug"),
-                    )
-                loss, curr, future = l1_terms(pred, batch["actions"].to(device, non_blocking=True))
-                (loss / args.grad_accum).backward()
-            terms[:3] += torch.stack([loss, curr, future]).detach() / args.grad_accum
-        if ddp and os.getppid() != launcher:  # torchrun died: nothing would supervise or restart this rank
-            stop.setdefault("why", "the launcher exited")
-        terms[3] = float(bool(stop))
-        if ddp:
-            dist.all_reduce(terms)  # every rank stops after the same step
-            terms[:3] /= world
-        loss, curr, future, stopping = terms.tolist()
-        if not math.isfinite(loss):
-            sys.exit(
-                f"error: loss is {loss} at step {step}; stopping without saving this state "
-                f"(last good checkpoint, if any, is in {args.out_dir})"
-            )
+        micro_batches = next_micro_batches(stream, args, proc)
+        if micro_batches is None:
+            stop_for_bad_data(save, position, step, start_step, args, proc)
+        terms, next_position = forward_backward(train_vla, micro_batches, args, proc)
+        loss, curr, future, stopping = agree_on_step(terms, stop, proc)
+        check_finite(loss, step, args)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stream_state = (epoch, pos)
-        steps_since_log += 1
-        if step % args.log_interval == 0 or step == args.max_steps:
-            dt = (time.time() - t_log) / steps_since_log
-            eta = dt * (args.max_steps - step)
-            record(
-                {"step": step, "loss": loss, "curr_l1": curr, "future_l1": future, "lr": lr, "ms": dt * 1000},
-                f"step {step}/{args.max_steps} | loss {loss:.4f} | curr l1 {curr:.4f} | future l1 {future:.4f} | "
-                f"lr {lr:.2e} | {dt * 1000:.0f} ms | {global_batch / dt:.1f} samples/s | "
-                f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m",
+        position = next_position
+        clock.steps += 1
+        last = step == args.max_steps
+        if step % args.log_interval == 0 or last:
+            log_step(metrics, step, loss, curr, future, lr, clock.read(), global_batch, args)
+        aside = time.time()
+        if val_set is not None and (step % args.eval_interval == 0 or last):
+            row = evaluate(vla, val_set, train_set.stats, args, proc)
+            metrics.write(
+                {"step": step} | row, f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items())
             )
-            t_log, steps_since_log = time.time(), 0
-        t_aside = time.time()  # evaluation and saving stay out of the step time and the eta
-        if val_set is not None and (step % args.eval_interval == 0 or step == args.max_steps):
-            row = evaluate(vla, val_set, stats, args, device, autocast, rank, world)
-            record({"step": step} | row, f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
-        if step % args.save_interval == 0 or step == args.max_steps or stopping:
-            if ddp:
-                log(check_ranks_agree(trainable, world))
-            save_checkpoint(vla, opt, step, stream_state, saved_stats, args, world)
+        if step % args.save_interval == 0 or last or stopping:
+            if proc.ddp:
+                log(check_ranks_agree(trainable, proc.world))
+            save(step, position)
         if stopping:
             break
-        t_log += time.time() - t_aside
-    if ddp:  # no rank may tear gloo down while another's last collective is in flight: that aborts or hangs at exit
-        dist.barrier()
-    if stopping and step < args.max_steps:
-        log(
-            f"stopped after step {step} ({stop.get('why', 'asked by another rank')}) and saved it: run the same "
-            f"command with --resume auto to continue",
-            flush=True,
-        )
-        sys.exit(75)
+        clock.exclude(aside)
+    finish(step, stopping, stop, args, proc)
 
 
 if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the same Ctrl-C on once more
+        # torchrun passes the same Ctrl-C on once more
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
         sys.exit(130)
-    except data.DataError as e:  # a validation file failing mid-run; the checkpoints saved so far stand
-        print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ')[-1]} (in an evaluation)", file=sys.stderr)
+    except data.DataError as e:
+        # a validation file failing mid-run; the checkpoints saved so far stand
+        print(f"error: {data_error_line(e)} (in an evaluation)", file=sys.stderr)
         sys.exit(65)
-    finally:  # workers ignore SIGTERM, so exit's terminate-and-join of the ones an error left alive would never end
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would turn their end into another error
-        for worker in torch.multiprocessing.active_children():
-            worker.kill()
-        end = sys.exc_info()[1]  # None when main() returned; a traceback leaves gloo to the interpreter's exit
-        if dist.is_initialized() and isinstance(end, (SystemExit, type(None))):  # on purpose, no collective in flight:
-            code = getattr(end, "code", None) or 0  # a bare sys.exit(): 0. Skip gloo's teardown, which holds the GIL
-            sys.stdout.flush()  # waiting for gloo's thread while it waits for the GIL (a rank hung: 1 run in 75)
-            os._exit(code if isinstance(code, int) else print(code, file=sys.stderr) or 1)  # sys.exit("error:...")
+    finally:
+        end_process(sys.exc_info()[1])
