@@ -86,7 +86,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     ckpt = args.ckpt_dir
     try:  # the statistics and run args travel with the weights: both are read before any model loads
-        train_args, _ = (model.read_json(os.path.join(ckpt, f)) for f in ("args.json", "dataset_statistics.json"))
+        train_args = model.check_checkpoint(ckpt)
         base = args.base or model.trained_base(ckpt, train_args)
         path, out = model.check_base(ckpt, base), os.path.realpath(args.out)
         if any(os.path.commonpath([out, os.path.realpath(d)]) == os.path.realpath(d) for d in (path, ckpt)):

@@ -36,6 +36,7 @@ from websockets.asyncio.server import serve
 
 import data
 import infer
+import model
 
 
 def pack_array(obj):
@@ -77,15 +78,13 @@ def metadata(policy, checkpoint):
         "cameras": policy.cameras,
         "checkpoint": os.path.abspath(checkpoint),
         "keys": expected_keys(policy),
-        "frame_sizes": {c: list(policy.frame_sizes.get(c) or [vla.image_size] * 2) for c in policy.cameras},
+        "frame_sizes": {c: list(policy.frame_sizes[c]) for c in policy.cameras},
         "chunk": vla.chunk,
         "action_dim": vla.action_dim,
         "proprio_dim": vla.proprio_dim,
         "action_offset": policy.args["action_offset"],
         "instruction": policy.args.get("instruction"),
-        "action_names": data.ACTION_NAMES
-        if vla.action_dim == len(data.ACTION_NAMES)
-        else [f"dim_{i}" for i in range(vla.action_dim)],
+        "action_names": data.action_names(vla.action_dim),
     }
 
 
@@ -207,7 +206,10 @@ def main(argv=None):
     )
     p.add_argument("--vla_path", help="base model, overriding the one named in the checkpoint's args.json")
     args = p.parse_args(argv)
-    infer.check_checkpoint(args.checkpoint)
+    try:
+        model.check_checkpoint(args.checkpoint)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be between 0 and 65535, got {args.port}")
     try:
@@ -227,8 +229,15 @@ def main(argv=None):
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api_key: anyone who reaches the port can use the policy")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM while loading ends as Ctrl-C does
+    # the cores other work leaves free, not torch's default of all of them (oversubscribed, a chunk takes ~4x longer)
+    torch.set_num_threads(infer.cpu_threads())
     try:
         policy = infer.Policy.from_checkpoint(args.checkpoint, device=args.device, vla_path=args.vla_path, merge=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("stopped while loading the checkpoint")
+    try:
         meta = metadata(policy, args.checkpoint)
         print(f"stopped ({asyncio.run(run(policy, sock, meta, args.api_key))})", flush=True)
     except KeyboardInterrupt:

@@ -49,7 +49,7 @@ def get_model(usr_args):
     here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     infer = import_nanooft(usr_args.get("nanooft_path") or here)
     checkpoint = str(usr_args.get("checkpoint") or usr_args.get("ckpt_setting"))
-    chunk, execute = infer.check_checkpoint(checkpoint)["chunk"], usr_args.get("execute", 8)
+    chunk, execute = infer.model.check_checkpoint(checkpoint)["chunk"], usr_args.get("execute", 8)
     if type(execute) is not int or not 1 <= execute <= chunk:  # before the model loads; -1 or 0 would never act
         raise ValueError(f"deploy_policy.yml: execute must be 1..{chunk} (the chunk of {checkpoint}), got {execute!r}")
     policy = infer.Policy.from_checkpoint(
