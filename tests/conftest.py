@@ -56,9 +56,11 @@ def run_p(tiny_dir, demo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def policy(run_a):
+    """run_a's last checkpoint as a Policy on the CPU (LoRA merged, as by default)."""
     return infer.Policy.from_checkpoint(str(run_a / "step_000006"), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def val_episode(run_a):
+    """The episode run_a held out for validation: a path."""
     return json.load(open(run_a / "step_000006" / "args.json"))["val_episode_files"][0]
