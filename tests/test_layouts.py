@@ -1,7 +1,7 @@
 """
 The HDF5 layouts data.py reads besides RoboTwin's, with files written the way each recorder writes them:
 ACT's record_sim_episodes.py, Mobile ALOHA's record_episodes.py (padded JPEGs that cv2 encoded from RGB arrays) and a
-LIBERO/robomimic file holding several demos. Run: python -m pytest -q test_layouts.py
+LIBERO/robomimic file holding several demos. Run: python -m pytest -q tests/test_layouts.py
 """
 
 import io
@@ -20,10 +20,10 @@ from PIL import Image
 import data
 import infer
 import train
-from demo import make_tiny, write_aloha
+from demo import write_aloha
 
 torch.set_num_threads(1)
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RED = (220, 20, 20)
 LIBERO_TASK = "put the black bowl on the plate"
 pytestmark = pytest.mark.filterwarnings("ignore:Creating a dataset without passing data or dtype")  # as ACT does
@@ -113,7 +113,7 @@ def make_layout(name, directory, rng):
 
 def run_data_cli(*args):
     return subprocess.run(
-        [sys.executable, os.path.join(HERE, "data.py"), *map(str, args)],
+        [sys.executable, os.path.join(ROOT, "data.py"), *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -121,11 +121,7 @@ def run_data_cli(*args):
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny(str(tmp_path_factory.mktemp("tiny-openvla")))
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout, found, extra",
     [
@@ -236,6 +232,7 @@ def test_libero_demos_are_episodes_named_file_colon_demo(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_broken_variants_are_one_line_naming_the_file_and_the_demo(tmp_path):
     rng = np.random.default_rng(3)
     jpeg_bad, _ = write_aloha_jpeg(tmp_path / "episode_0.hdf5", 10, rng)

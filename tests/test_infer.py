@@ -1,0 +1,400 @@
+"""
+infer.py: Policy.predict/act on a trained checkpoint against the model run directly, bad input refused in one line,
+and the infer.py replay of a held-out episode.
+"""
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+
+import data
+import infer
+import model
+from helpers import ENV, ROOT, actions_of, edit_json, frame_dict, pil_resized, tower_input
+from model import VLA
+
+
+@pytest.mark.slow
+def test_policy_predicts_raw_actions(policy, val_episode):
+    episode = data.read_episode(val_episode, policy.cameras)
+    chunk = policy.predict(frame_dict(episode, 0, policy.cameras), "place the shoe on the mat")
+    assert chunk.shape == (8, 14) and chunk.dtype == np.float32
+    with torch.no_grad():
+        normalized = policy.vla(episode["frames"](0)[None], ["place the shoe on the mat"])[0].numpy()
+    lo, hi = np.array(policy.stats["min"]), np.array(policy.stats["max"])
+    np.testing.assert_allclose(chunk, (normalized + 1) / 2 * (hi - lo) + lo, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="left_wrist_image, got cameras head_camera_image$"):
+        policy.predict({"head_camera_image": frame_dict(episode, 0, policy.cameras)["head_camera_image"]}, "x")
+
+
+@pytest.mark.slow
+def test_policy_brings_live_frames_to_the_training_frames(policy, val_episode):
+    """run_a trained with the default augmentation on 256x256 frames: Policy centre-crops, squashes other sizes to
+    256x256 with PIL's bicubic as the data conversion did, and can put frames through JPEG first."""
+    assert policy.vla.image_aug and policy.frame_sizes == {c: [256, 256] for c in policy.cameras}
+    episode = data.read_episode(val_episode, policy.cameras)
+    frames = frame_dict(episode, 3, policy.cameras)
+    levels = tower_input(policy.vla, None, run=lambda: policy.predict(frames, "place it"))
+    lo, hi = (1 - 0.9**0.5) / 2 * 256, (1 + 0.9**0.5) / 2 * 256
+    centre = [pil_resized(torch.from_numpy(frames[c]).permute(2, 0, 1), (lo, lo, hi, hi)) for c in policy.cameras]
+    assert torch.equal(levels.round(), torch.stack(centre))
+
+    def pil(f, size):
+        return np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC))
+
+    live = {c: pil(f, (320, 240)) for c, f in frames.items()}  # what RoboTwin's simulator hands over: 240x320
+    np.testing.assert_array_equal(
+        policy.predict(live, "place it"), policy.predict({c: pil(f, (256, 256)) for c, f in live.items()}, "place it")
+    )
+
+    def jpeg(f):
+        buf = io.BytesIO()
+        Image.fromarray(f).save(buf, "JPEG", quality=95)
+        return np.asarray(Image.open(buf))
+
+    through = infer.Policy(policy.vla, policy.stats, policy.args, policy.device, jpeg_quality=95)
+    np.testing.assert_array_equal(
+        through.predict(live, "place it"),
+        policy.predict({c: pil(jpeg(f), (256, 256)) for c, f in live.items()}, "place it"),
+    )
+    assert np.abs(through.predict(live, "place it") - policy.predict(live, "place it")).max() > 0
+
+
+@pytest.mark.slow
+def test_policy_takes_arrays_pil_images_tensors_any_sizes_and_bytes(policy, val_episode):
+    episode = data.read_episode(val_episode, policy.cameras)
+    frames = frame_dict(episode, 5, policy.cameras)
+    expected = policy.predict(frames, "place the shoe")
+    pil = {c: Image.fromarray(f) for c, f in frames.items()}
+    np.testing.assert_array_equal(policy.predict(pil, "place the shoe"), expected)
+    tensors = {c: torch.from_numpy(f) for c, f in frames.items()}
+    np.testing.assert_array_equal(policy.predict(tensors, b"place the shoe"), expected)  # bytes: what h5py returns
+    sizes = dict(zip(policy.cameras, [(320, 240), (160, 96)]))  # (W, H) per camera: each squashed to 256x256
+    mixed = {c: np.asarray(pil[c].resize(sizes[c], Image.BICUBIC)) for c in policy.cameras}
+    squashed = {c: np.asarray(Image.fromarray(f).resize((256, 256), Image.BICUBIC)) for c, f in mixed.items()}
+    np.testing.assert_array_equal(policy.predict(mixed, "place the shoe"), policy.predict(squashed, "place the shoe"))
+    unrecorded = infer.Policy(
+        policy.vla, policy.stats, {k: v for k, v in policy.args.items() if k != "frame_sizes"}, policy.device
+    )  # an older checkpoint: the model's input size, 224x224
+    at_224 = {c: np.asarray(Image.fromarray(f).resize((224, 224), Image.BICUBIC)) for c, f in mixed.items()}
+    np.testing.assert_array_equal(unrecorded.predict(mixed, "place it"), unrecorded.predict(at_224, "place it"))
+
+
+def bad_predict_input(case, frames):
+    """Each case: (images, instruction) as a caller might get them wrong."""
+    head, wrist = frames["head_camera_image"], frames["left_wrist_image"]
+    images = {
+        "channels first": {**frames, "head_camera_image": head.transpose(2, 0, 1)},
+        "batch dimension": {**frames, "left_wrist_image": wrist[None]},
+        "grayscale array": {**frames, "head_camera_image": head[..., 0]},
+        "grayscale PIL": {**frames, "head_camera_image": Image.fromarray(head).convert("L")},
+        "float frame": {**frames, "head_camera_image": head / 255.0},
+        "float tensor": {**frames, "head_camera_image": torch.from_numpy(head).float()},
+        "None frame": {**frames, "left_wrist_image": None},
+        "one camera": {"head_camera_image": head},
+        "a list": [head, wrist],
+    }.get(case, frames)
+    instruction = {
+        "None instruction": None,
+        "int instruction": 3,
+        "blank instruction": "  ",
+        "5,000 words": "place the shoe " * 1700,
+    }.get(case, "place the shoe")
+    return images, instruction
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "channels first",
+            "head_camera_image: expected an HxWx3 uint8 RGB frame .* got ndarray of uint8 \\(3, 256, 256",
+        ),
+        ("batch dimension", "left_wrist_image: .* got ndarray of uint8 \\(1, 256, 256, 3\\)"),
+        ("grayscale array", "got ndarray of uint8 \\(256, 256\\)"),
+        ("grayscale PIL", "got Image of uint8 \\(256, 256\\)"),
+        ("float frame", "got ndarray of float64 \\(256, 256, 3\\)"),
+        ("float tensor", "got Tensor of float32 \\(256, 256, 3\\)"),
+        ("None frame", "left_wrist_image: expected .* got NoneType"),
+        ("one camera", "for head_camera_image, left_wrist_image, got cameras head_camera_image"),
+        ("a list", "expected a dict camera name -> frame .* got list"),
+        ("None instruction", "instruction as a non-blank str or bytes, got None"),
+        ("int instruction", "got 3"),
+        ("blank instruction", "got '  '"),
+        ("5,000 words", "too long: .* more than the LLM's 2048"),
+    ],
+)
+def test_policy_refuses_bad_input_in_one_line(case, message, policy, val_episode):
+    episode = data.read_episode(val_episode, policy.cameras)
+    with pytest.raises(ValueError, match=message) as e:
+        policy.predict(*bad_predict_input(case, frame_dict(episode, 0, policy.cameras)))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_policy_with_proprio_takes_the_raw_state(run_p, tmp_path):
+    ckpt = run_p / "step_000004"
+    policy = infer.Policy.from_checkpoint(str(ckpt), device="cpu")
+    assert (policy.vla.proprio_dim, policy.vla.attention, policy.vla.image_aug, policy.vla.film) == (
+        14,
+        "full",
+        True,
+        True,
+    )
+    val = json.load(open(ckpt / "args.json"))["val_episode_files"][0]
+    episode = data.read_episode(val, policy.cameras)
+    frames, raw = frame_dict(episode, 7, policy.cameras), episode["states"][7]
+    np.testing.assert_array_equal(raw, actions_of(val)[7])  # the demo has no `state`: the recorded joint vector
+    chunk = policy.predict(frames, "place it", raw)
+    lo, hi = np.array(policy.proprio_stats["min"]), np.array(policy.proprio_stats["max"])
+    state = torch.tensor(np.clip(2 * (raw - lo) / (hi - lo) - 1, -1, 1)[None], dtype=torch.float32)
+    with torch.no_grad():
+        direct = policy.vla(episode["frames"](7)[None], ["place it"], state)[0].numpy()
+    np.testing.assert_allclose(chunk, data.unnormalize(direct, policy.stats), rtol=1e-5, atol=1e-5)
+    assert np.abs(policy.predict(frames, "place it", raw + 0.3) - chunk).max() > 1e-4
+    for wrong in (None, raw[:-1], raw[None]):
+        with pytest.raises(ValueError, match="trained with proprioception: pass state.*got"):
+            policy.predict(frames, "place it", wrong)
+    for bad in (np.nan, np.inf, -np.inf):  # one NaN joint would make every joint of the chunk NaN
+        with pytest.raises(ValueError, match=r"^predict: the state is NaN or inf at dims \[3\]$"):
+            policy.predict(frames, "place it", np.where(np.arange(14) == 3, bad, raw))
+    infer.main(["--checkpoint", str(ckpt), "--episode", val, "--out", str(tmp_path)])  # replay feeds the states
+    executed = np.array(json.load(open(tmp_path / "report.json"))["executed"])
+    assert len(executed) == episode["length"] - 1  # action offset 1
+    for t in (0, 30, len(executed) - 1):
+        expected = policy.predict(frame_dict(episode, t, policy.cameras), episode["seen"][0], episode["states"][t])
+        np.testing.assert_allclose(executed[t], expected[0], rtol=1e-4, atol=1e-5)
+
+
+def test_ensemble_of_consistent_chunks_is_the_trajectory():
+    trajectory = np.random.default_rng(0).normal(size=(30, 14))
+    chunks = [trajectory[t : t + 8] for t in range(30 - 8)]
+    recent = []
+    for t, chunk in enumerate(chunks):
+        recent = (recent + [chunk])[-8:]
+        np.testing.assert_allclose(infer.ensemble(recent), trajectory[t], atol=1e-12)
+    w = np.exp(-0.01 * np.arange(3))
+    older_first = [np.full((8, 14), v) for v in (1.0, 2.0, 3.0)]
+    np.testing.assert_allclose(infer.ensemble(older_first), (w / w.sum()) @ np.array([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.slow
+def test_act_replans_every_execute_steps(run_a, val_episode):
+    policy = infer.Policy.from_checkpoint(str(run_a / "step_000006"), device="cpu", execute=4)
+    episode = data.read_episode(val_episode, policy.cameras)
+    calls = []
+    predict = policy.predict
+    policy.predict = lambda images, text, state=None: calls.append(1) or predict(images, text, state)
+    actions = [policy.act(frame_dict(episode, t, policy.cameras), "place the shoe") for t in range(9)]
+    assert len(calls) == 3 and all(a.shape == (14,) for a in actions)
+    first = predict(frame_dict(episode, 0, policy.cameras), "place the shoe")
+    np.testing.assert_allclose(np.stack(actions[:4]), first[:4], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_infer_episode_end_to_end(run_a, val_episode, policy, tmp_path):
+    ckpt = str(run_a / "step_000006")
+    r = subprocess.run(
+        [sys.executable, "infer.py", "--checkpoint", ckpt, "--episode", val_episode, "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.load(open(tmp_path / "report.json"))
+    r = subprocess.run(
+        [sys.executable, "plot.py", str(tmp_path / "report.json")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == f"wrote {tmp_path / 'plot.png'}", r.stderr[-2000:]
+    img = Image.open(tmp_path / "plot.png")
+    assert img.format == "PNG" and img.size[0] >= 800 and len(img.getcolors(1 << 16) or range(99)) > 3
+    episode = data.read_episode(val_episode, policy.cameras)
+    instruction = episode["seen"][0]
+    assert result["instruction"] == instruction
+    # the same numbers, computed directly from the policy and the file
+    executed = np.stack(
+        [policy.predict(frame_dict(episode, t, policy.cameras), instruction)[0] for t in range(episode["length"])]
+    )
+    recorded = episode["actions"]
+    np.testing.assert_allclose(result["executed"], executed, rtol=1e-4, atol=1e-5)
+    assert result["l1_raw"] == pytest.approx(np.abs(executed - recorded).mean(), rel=1e-4)
+    assert result["l1"] == pytest.approx(
+        np.abs(data.normalize(executed, policy.stats) - data.normalize(recorded, policy.stats)).mean(), rel=1e-4
+    )
+    assert list(result["l1_per_dim_raw"]) == data.ACTION_NAMES
+    assert list(result["l1_per_position"]) == [f"t+{j}" for j in range(8)]
+    assert 0 <= result["gripper_agreement"] <= 1 and result["latency_ms"]["p95"] >= result["latency_ms"]["p50"] > 0
+
+
+def copy_episode(src, dst, drop=None, action_width=None):
+    with h5py.File(src) as f, h5py.File(dst, "w") as g:
+        for key in f:
+            if key == drop:
+                continue
+            if key == "action" and action_width:
+                g["action"] = f["action"][:, :action_width]
+            else:
+                f.copy(key, g)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no head", "is missing action_head.safetensors"),
+        ("no camera", "left_wrist_image"),
+        ("action width", ", 12), expected (T, 14)"),
+        ("no seen", ": no instructions (no seen dataset or LIBERO problem_info): pass --instruction"),
+        ("no unseen", " has no unseen instructions; pass --instruction"),
+    ],
+)
+def test_bad_input_fails_before_the_model_loads(case, message, run_a, val_episode, tmp_path, monkeypatch):
+    ckpt, episode = tmp_path / "ckpt", tmp_path / "episode_0.hdf5"
+    shutil.copytree(run_a / "step_000006", ckpt)
+    drop = {"no camera": "left_wrist_image", "no seen": "seen", "no unseen": "unseen"}.get(case)
+    copy_episode(val_episode, episode, drop=drop, action_width=12 if case == "action width" else None)
+    if case == "no head":
+        os.remove(ckpt / "action_head.safetensors")
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        infer.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--episode",
+                str(episode),
+                "--out",
+                str(tmp_path / "o"),
+                "--instruction",
+                "unseen" if case == "no unseen" else "seen",
+            ]
+        )
+    assert message in str(e.value.code) and str(episode if case != "no head" else ckpt) in str(e.value.code)
+    assert "\n" not in str(e.value.code)
+
+
+def edit_stats(key, edit):
+    return lambda ckpt: edit_json(ckpt / "dataset_statistics.json", lambda s: edit(next(iter(s.values()))[key]))
+
+
+def edit_args(edit):
+    return lambda ckpt: edit_json(ckpt / "args.json", edit)
+
+
+def truncate(ckpt):
+    with open(ckpt / "adapter_model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(ckpt / "adapter_model.safetensors") - 100)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, edit, message",
+    [
+        ("min > max", edit_stats("action", lambda a: a.update(min=a["max"], max=a["min"])), "action min > max: "),
+        (
+            "NaN",
+            edit_stats("action", lambda a: a["min"].__setitem__(2, float("nan"))),
+            "action min: expected 14 finite",
+        ),
+        (
+            "inf",
+            edit_stats("action", lambda a: a["q99"].__setitem__(0, float("inf"))),
+            "action q99: expected 14 finite",
+        ),
+        ("length", edit_stats("action", lambda a: a["max"].pop()), "action max: expected 14 finite values each"),
+        ("proprio length", edit_stats("proprio", lambda a: a["q01"].pop()), "proprio q01: expected 14 finite values"),
+        (
+            "cameras removed",
+            edit_args(lambda a: a.update(cameras="head_camera_image")),
+            "cameras 'head_camera_image', but the checkpoint was trained with 'head_camera_image,left_wrist_image'",
+        ),
+        (
+            "cameras reordered",
+            edit_args(lambda a: a.update(cameras="left_wrist_image,head_camera_image")),
+            "cameras 'left_wrist_image,head_camera_image', but the checkpoint was trained with 'head_camera_image,left",
+        ),
+        ("chunk 0", edit_args(lambda a: a.update(chunk=0)), "chunk 0, but the checkpoint was trained with 8"),
+        ('chunk "8"', edit_args(lambda a: a.update(chunk="8")), "chunk '8', but the checkpoint was trained with 8"),
+        ("keys missing", edit_args(lambda a: [a.pop("norm"), a.pop("vla_path")]), "args.json: no vla_path, norm"),
+        ("args.json corrupt", lambda ckpt: (ckpt / "args.json").write_text("{"), "corrupt .*args.json"),
+        ("adapter truncated", truncate, "corrupt safetensors file .*adapter_model.safetensors"),
+        (
+            "adapter rank",
+            lambda ckpt: edit_json(ckpt / "adapter_config.json", lambda c: c.update(r=8)),
+            r"adapter_config.json \(r 8\) does not match the tensors in adapter_model.safetensors \(rank \[4\]",
+        ),
+        (
+            "adapter targets",
+            lambda ckpt: edit_json(ckpt / "adapter_config.json", lambda c: c["target_modules"].remove("q_proj")),
+            r"does not match .* \(rank \[4\]; modules \[language_model.model.layers.0.self_attn.q_proj",
+        ),
+    ],
+)
+def test_checkpoint_files_are_checked_against_each_other_before_the_model_loads(
+    case, edit, message, run_a, run_p, val_episode, tmp_path, monkeypatch
+):
+    """A hand-edited or damaged checkpoint: one line naming the file (and the key) from infer.py and from
+    Policy.from_checkpoint, before any model loads, instead of a traceback or actions from other inputs."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree((run_p / "step_000004") if case.startswith("proprio") else (run_a / "step_000006"), ckpt)
+    edit(ckpt)
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    for load in (
+        lambda: infer.main(["--checkpoint", str(ckpt), "--episode", val_episode, "--out", str(tmp_path)]),
+        lambda: infer.Policy.from_checkpoint(str(ckpt), device="cpu"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            load()
+        assert re.search(message, str(e.value.code)) and str(ckpt) in str(e.value.code), e.value.code
+        assert "\n" not in str(e.value.code)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("execute", [0, -1, 9, 2.0, None])
+def test_policy_refuses_execute_outside_the_chunk(execute, policy):
+    with pytest.raises(ValueError, match=f"^Policy: execute must be 1..8 \\(the chunk\\), got {execute!r}$"):
+        infer.Policy(policy.vla, policy.stats, policy.args, policy.device, execute=execute)
+
+
+@pytest.mark.slow
+def test_infer_refuses_a_blank_instruction_before_the_model_loads(run_a, val_episode, monkeypatch, capsys):
+    monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--checkpoint", str(run_a / "step_000006"), "--episode", val_episode, "--instruction", " "])
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: --instruction is blank: pass seen, unseen or the text"
+    )
+
+
+@pytest.mark.slow
+def test_policy_merges_lora_by_default(run_a, policy, val_episode, tiny_dir):
+    """A training checkpoint's LoRA is folded into the base weights in place; unmerged gives the same actions."""
+    unmerged = infer.Policy.from_checkpoint(str(run_a / "step_000006"), device="cpu", merge=False)
+    assert not any(isinstance(m, LoraLayer) for m in policy.vla.modules())
+    assert any(isinstance(m, LoraLayer) for m in unmerged.vla.modules())
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    base = VLA.from_pretrained(tiny_dir).state_dict()[q]
+    assert (policy.vla.state_dict()[q] - base).abs().max() > 1e-6  # the trained LoRA is in the weights now
+    images = frame_dict(data.read_episode(val_episode, policy.cameras), 5, policy.cameras)
+    np.testing.assert_allclose(
+        policy.predict(images, "place it"), unmerged.predict(images, "place it"), rtol=1e-4, atol=1e-5
+    )
