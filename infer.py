@@ -183,6 +183,11 @@ class Policy:
         # per environment: the chunk the last act predicted for it, or None
         self.last_chunks = [None] * envs
 
+    def forget(self, i):
+        """Forget environment i's plan alone: it starts a new episode while the others go on."""
+        self.plans[i].clear()
+        self.recent[i].clear()
+
     def needs_frames(self):
         """Per environment: whether its next act predicts a chunk (and so reads its frames): every step with
         ensembling, else when its plan is used up. A simulator can render only those."""
@@ -190,21 +195,28 @@ class Policy:
 
     def act(self, images, instruction=None, state=None):
         """One control step: the next action, re-planning every `execute` steps or ensembling every step. Several
-        environments (a list, as predict; an entry may be None when needs_frames() said False) -> (B, action_dim);
-        the environments that need a new chunk share one forward pass."""
+        environments (a list, as predict) -> (B, action_dim); the environments that need a new chunk share one
+        forward pass. An entry may be None where needs_frames() said False; an environment given None where it
+        needed a chunk (one with no episode running, say) is skipped: its row is NaN."""
         batched = isinstance(images, (list, tuple))
         envs = list(images) if batched else [images]
         if len(envs) != len(self.plans):
             raise ValueError(f"act: {len(envs)} environments, but reset(envs={len(self.plans)}) was for fewer or more")
         instructions = as_batch(instruction, len(envs), "instruction")
         states = as_batch(state, len(envs), "state") if batched else [state]
-        need = [i for i, needed in enumerate(self.needs_frames()) if needed]
+        need = self.needs_frames()
+        ask = [i for i in range(len(envs)) if need[i] and envs[i] is not None]
         self.last_chunks = [None] * len(envs)
-        if need:
-            pick = [[values[i] for i in need] for values in (envs, instructions, states)]
-            for i, chunk in zip(need, self.predict(*pick)):
+        if ask:
+            pick = [[values[i] for i in ask] for values in (envs, instructions, states)]
+            for i, chunk in zip(ask, self.predict(*pick)):
                 self.last_chunks[i] = chunk
-        actions = [self.next_action(i, chunk) for i, chunk in enumerate(self.last_chunks)]
+        actions = []
+        for i, chunk in enumerate(self.last_chunks):
+            if need[i] and envs[i] is None:
+                actions.append(np.full(self.vla.action_dim, np.nan))
+            else:
+                actions.append(self.next_action(i, chunk))
         return np.stack(actions) if batched else actions[0]
 
     def next_action(self, i, chunk):

@@ -1,19 +1,26 @@
 """
 Closed-loop success of a nanoOFT checkpoint in the ALOHA simulator, on seeds recording never used.
 
-$ python aloha/evaluate.py --checkpoint out/aloha/run/step_002400 --task transfer_cube --episodes 100 --seed 1000
+$ python aloha/evaluate.py --checkpoint out/aloha/run/step_010000 --task transfer_cube --episodes 100 --seed 1000
 $ python aloha/evaluate.py --checkpoint CKPT --execute 4             # re-plan every 4 steps (default: 8)
 $ python aloha/evaluate.py --checkpoint CKPT --ensemble              # ACT's temporal ensembling, a chunk per step
-$ python aloha/evaluate.py --checkpoint CKPT --baseline out/aloha/tc240   # also the blind baseline, same seeds
+$ python aloha/evaluate.py --checkpoint CKPT --baseline out/aloha/tc200   # also the blind baseline, same seeds
+$ python aloha/evaluate.py --checkpoints out/aloha/run --episodes 20 [--watch]   # every step_*: a success curve
 
 Each episode starts from gym-aloha's reset(seed) pose, runs up to 400 control steps (50 Hz) and stops at reward 4,
-as gym-aloha's env terminates. Frames are rendered at the checkpoint's training frame size with the settings
-record.py used (fast unless --stock_render; the camera zoom its demos were recorded with), so the policy sees what
-it was trained on; the state is the simulator's agent_pos (qpos) when the checkpoint was trained with --proprio.
+as gym-aloha's env terminates. --envs N simulators step in lockstep in worker processes (physics and rendering in
+parallel) and the policy predicts one batch for all of them that need a chunk at that step; a frame is rendered
+only when the policy reads one. Every episode's physics depend on its seed alone, so --envs changes the speed, not
+the episodes (the batched forward agrees with a single one within 1e-5). Frames are rendered at the checkpoint's
+training frame size with the scene settings its demos were recorded with (record.py's attributes, which training
+keeps in args.json as episode_attrs: fast or stock rendering, camera zoom), so the policy sees what it was trained
+on; the state is the simulator's agent_pos (qpos) when the checkpoint was trained with --proprio.
 The baseline replays the mean of the demonstrations' action trajectories open loop: what a policy that never looks
 scores.
-Writes OUT/report.json (settings, every episode, success rate with its 95% Wilson interval, the rate of reaching
-each reward stage) and OUT/rollout_N_seedS.gif for the first --gif episodes.
+Writes OUT/report.json after every episode (settings, every episode, success rate with its 95% Wilson interval, the
+rate of reaching each reward stage): the same command run again resumes the seeds still missing. It also writes
+OUT/rollout_N_seedS.gif for the first --gif policy episodes. With --checkpoints RUN_DIR, each step_NNNNNN goes to
+OUT/step_NNNNNN/ (OUT defaults to RUN_DIR/closed_loop) and RUN_DIR/success_curve.json (+ .png) gathers them.
 """
 
 import argparse
@@ -23,17 +30,22 @@ import math
 import os
 import sys
 import time
+from collections import deque
 
 import h5py
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import envs  # noqa: E402  (the same folder: sys.path[0] when run as a script)
 import infer  # noqa: E402
-import record  # noqa: E402  (the same folder: sys.path[0] when run as a script)
+import model  # noqa: E402
+import record  # noqa: E402
 
-IMAGE_PREFIX = "observations/images/"  # ACT's layout names a camera by its dataset path
+# ACT's layout names a camera by its dataset path
+IMAGE_PREFIX = "observations/images/"
 STAGES = {
     "transfer_cube": [
         "right gripper touches the cube",
@@ -48,6 +60,8 @@ STAGES = {
         "peg touches the pin (success)",
     ],
 }
+# settings that must match for a report to be resumed or extended (a baseline added beside a policy's results)
+SHARED_SETTINGS = ["task", "seeds", "steps", "zoom", "stock_render"]
 
 
 def wilson(k, n, z=1.96):
@@ -66,11 +80,15 @@ def summarize(episodes):
     return {
         "success": k,
         "episodes": n,
-        "success_rate": k / n,
+        "success_rate": k / n if n else 0.0,
         "success_ci95": wilson(k, n),
-        "stage_rates": {str(s): sum(r >= s for r in stages) / n for s in range(1, 5)},
+        "stage_rates": {str(s): sum(r >= s for r in stages) / max(n, 1) for s in range(1, 5)},
         "stage_histogram": {str(s): stages.count(s) for s in range(5)},
     }
+
+
+# -----------------------------------------------------------------------------
+# what the checkpoint needs from the simulator
 
 
 def sim_cameras(task):
@@ -83,15 +101,15 @@ def check_policy_inputs(train_args, ckpt, task):
     Returns {checkpoint camera: (simulator camera, (H, W))}."""
     names, physics = sim_cameras(task)
     limit = (physics.model.vis.global_.offheight, physics.model.vis.global_.offwidth)
-    sizes, out = train_args.get("frame_sizes") or {}, {}
+    out = {}
     for cam in train_args["cameras"].split(","):
         sim_name = cam[len(IMAGE_PREFIX) :] if cam.startswith(IMAGE_PREFIX) else None
         if sim_name not in names:
+            have = ", ".join(IMAGE_PREFIX + n for n in names)
             sys.exit(
-                f"error: checkpoint {ckpt} needs camera {cam!r}, which the simulator does not render (it has "
-                f"{', '.join(IMAGE_PREFIX + n for n in names)})"
+                f"error: checkpoint {ckpt} needs camera {cam!r}, which the simulator does not render (it has {have})"
             )
-        size = tuple(sizes.get(cam) or (480, 640))  # older checkpoints record no size: ACT's
+        size = tuple(train_args["frame_sizes"][cam])
         if size[0] > limit[0] or size[1] > limit[1]:
             sys.exit(
                 f"error: checkpoint {ckpt} was trained on {cam} frames of {size[0]}x{size[1]}, larger than the "
@@ -103,30 +121,53 @@ def check_policy_inputs(train_args, ckpt, task):
     return out
 
 
-def rollout(task, seed, act, cameras, steps, fast_render=True, gif=None, zoom=1.0):
-    """One episode from reset(seed): act(images, qpos, t) -> 14 joint targets, until reward 4 or `steps`.
-    gif: a list that receives every other frame of the first camera and the last one (annotated), to animate."""
-    physics, task_obj = record.make_sim(task, fast_render=fast_render, zoom=zoom)
-    record.reset(physics, task_obj, record.object_pose(task, seed))
-    best, t0 = 0, time.time()
-    for t in range(steps):
-        images = {cam: record.render(physics, size, name) for cam, (name, size) in cameras.items()}
-        if gif is not None and t % 2 == 0 and images:
-            gif.append(annotate(next(iter(images.values())), f"seed {seed}  t {t}  stage {best}"))
-        reward = record.step(physics, task_obj, act(images, task_obj.get_qpos(physics), t))
-        best = max(best, reward)
-        if reward == 4:
-            break
-    if gif is not None and cameras:  # the last frame shows how the episode ended
-        name, size = next(iter(cameras.values()))
-        gif.append(annotate(record.render(physics, size, name), f"seed {seed}  t {t + 1}  stage {best}"))
-    return {
-        "seed": seed,
-        "max_reward": int(best),
-        "success": best == 4,
-        "steps": t + 1,
-        "seconds": round(time.time() - t0, 2),
-    }
+def as_set(value):
+    """An episode attribute as args.json keeps it: one value (all episodes agree) or a list of the distinct ones."""
+    if value is None:
+        return set()
+    return set(value) if isinstance(value, list) else {value}
+
+
+def scene_settings(train_args, args, ckpt):
+    """(zoom, stock render, the seeds of the training demos) from the episode attributes the checkpoint recorded.
+    --zoom / --stock_render override; demos of mixed zooms need --zoom."""
+    attrs = train_args.get("episode_attrs", {})
+    if not attrs.get("sim"):
+        print(f"note: {ckpt} was not trained on record.py's demos: stock view, fast render unless told otherwise")
+    task = attrs.get("task")
+    if task is not None and task != args.task:
+        print(f"warning: {ckpt} was trained on {task} demos, evaluated on {args.task}")
+    zooms = as_set(attrs.get("zoom"))
+    if args.zoom is None and len(zooms) > 1:
+        sys.exit(f"error: checkpoint {ckpt}'s demos mix zooms {sorted(zooms)}: give --zoom")
+    zoom = args.zoom if args.zoom is not None else next(iter(zooms), 1.0)
+    stock = args.stock_render or as_set(attrs.get("render")) == {"stock"}
+    return zoom, stock, as_set(attrs.get("seed"))
+
+
+def mean_demonstration(demos_dir, task):
+    """The mean of the demonstrations' action trajectories (to the shortest one's length). Only record.py's
+    simulator demos of this task qualify: another robot's episodes would make a meaningless baseline."""
+    actions = []
+    try:
+        paths = data.list_episodes(demos_dir)
+    except data.DataError as e:
+        sys.exit(f"error: --baseline {e}")
+    for p in paths:
+        with h5py.File(data.split_ref(p)[0], "r") as f:
+            if not f.attrs.get("sim", False) or "task" not in f.attrs:
+                sys.exit(f"error: --baseline {p}: not a simulator demo of record.py (no sim/task attributes)")
+            if f.attrs["task"] != task:
+                sys.exit(f"error: --baseline {p}: a {f.attrs['task']} demonstration, not {task}")
+            if "action" not in f or f["action"].ndim != 2 or f["action"].shape[1] != 14:
+                sys.exit(f"error: --baseline {p}: needs an action dataset of shape (T, 14)")
+            actions.append(f["action"][()])
+    n = min(len(a) for a in actions)
+    return np.mean([a[:n] for a in actions], axis=0), len(actions)
+
+
+# -----------------------------------------------------------------------------
+# episodes in lockstep
 
 
 def annotate(frame, text):
@@ -137,75 +178,317 @@ def annotate(frame, text):
 
 
 def write_gif(frames, path):
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40, loop=0)  # 2 steps of 20 ms: real time
+    # 2 steps of 20 ms a frame: real time
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40, loop=0)
 
 
-def mean_demonstration(demos_dir, task):
-    """The mean of the demonstrations' action trajectories (to the shortest one's length)."""
-    actions = []
-    try:
-        paths = data.list_episodes(demos_dir)
-    except data.DataError as e:
-        sys.exit(f"error: --baseline {e}")
-    for p in paths:
-        with h5py.File(p, "r") as f:
-            if "action" not in f or f["action"].ndim != 2 or f["action"].shape[1] != 14:
-                sys.exit(f"error: --baseline {p}: needs an action dataset of shape (T, 14)")
-            if f.attrs.get("task", task) != task:
-                sys.exit(f"error: --baseline {p}: a {f.attrs['task']} demonstration, not {task}")
-            actions.append(f["action"][()])
-    n = min(len(a) for a in actions)
-    return np.mean([a[:n] for a in actions], axis=0), len(actions)
+class Episode:
+    """One running episode of an environment: its seed, steps, best reward stage and GIF frames."""
+
+    def __init__(self, index, seed, gif):
+        self.index, self.seed, self.t, self.best, self.t0 = index, seed, 0, 0, time.time()
+        self.gif = [] if gif else None
+        self.chunk_seconds = []
+
+    def result(self):
+        r = {"seed": self.seed, "max_reward": int(self.best), "success": self.best == 4, "steps": self.t}
+        r["seconds"] = round(time.time() - self.t0, 2)
+        if self.chunk_seconds:
+            # the first chunk of a run warms up
+            r["ms_per_chunk"] = round(1000 * float(np.mean(self.chunk_seconds[1:] or self.chunk_seconds)), 1)
+        return r
 
 
-def training_demos(train_args):
-    """Seeds and zooms of the recorded demonstrations the checkpoint was trained on (record.py stores them), if
-    readable: the zoom is an empty set when they are not."""
-    seeds, zooms = set(), set()
-    for p in glob.glob(os.path.join(str(train_args.get("data_dir", "")), "episode_*.hdf5")):
-        with h5py.File(p, "r") as f:
-            seeds |= {int(f.attrs["seed"])} if "seed" in f.attrs else set()
-            zooms.add(float(f.attrs.get("zoom", 1.0)))
-    return seeds, zooms
+def run_episodes(seeds, pool, act, needs_frames, args, gifs=0, on_done=None):
+    """Every seed's episode, pool.n at a time in lockstep: act(observations, envs) -> {env: action} for the running
+    environments; needs_frames() -> per environment, whether act reads its frames at the next step. Calls
+    on_done(result, episode) as each ends (reward 4 or --steps). -> the results, in the order they ended."""
+    pending, running, results = deque(enumerate(seeds)), {}, []
+    gif_camera = next(iter(pool.cameras))
 
+    def start(envs_free):
+        starts = {}
+        for i in envs_free:
+            if pending:
+                index, seed = pending.popleft()
+                running[i] = Episode(index, seed, index < gifs)
+                starts[i] = seed
+        return pool.reset(starts, {i: True for i in starts})
 
-def run(name, seeds, task, act, cameras, args, gif_count=0, on_start=None):
-    results = []
-    for i, seed in enumerate(seeds):
-        frames = [] if i < gif_count else None
-        if on_start:
-            on_start()
-        r = rollout(task, seed, act, cameras, args.steps, not args.stock_render, frames, args.zoom or 1.0)
-        if act.latency:
-            r["ms_per_chunk"] = round(1000 * float(np.mean(act.latency[1:] or act.latency)), 1)  # first call warms up
-            act.latency.clear()
-        results.append(r)
-        if frames:
-            write_gif(frames, os.path.join(args.out, f"rollout_{i}_seed{seed}.gif"))
-        k = sum(e["success"] for e in results)
-        print(
-            f"{name} | seed {seed} | stage {r['max_reward']} | {'success' if r['success'] else 'failure'} | "
-            f"{r['steps']} steps | "
-            + (f"{r['ms_per_chunk']} ms per chunk | " if "ms_per_chunk" in r else "")
-            + f"{r['seconds']} s | {k}/{len(results)} so far",
-            flush=True,
-        )
+    observations = start(range(pool.n))
+    while running:
+        for i, episode in running.items():
+            if episode.gif is not None and observations[i]["images"] and episode.t % 2 == 0:
+                frame = observations[i]["images"][gif_camera]
+                episode.gif.append(annotate(frame, f"seed {episode.seed}  t {episode.t}  stage {episode.best}"))
+        actions = act(observations, running)
+        need = needs_frames()
+        # GIF episodes (the first few) render every step: their last frame shows how they ended
+        render = {i: need[i] or running[i].gif is not None for i in running}
+        stepped = pool.step(actions, render)
+        observations = {}
+        finished = []
+        for i, (reward, obs) in stepped.items():
+            episode = running[i]
+            episode.t += 1
+            episode.best = max(episode.best, reward)
+            observations[i] = obs
+            if reward == 4 or episode.t >= args.steps:
+                finished.append(i)
+        for i in finished:
+            episode = running.pop(i)
+            if episode.gif is not None:
+                frame = observations[i]["images"][gif_camera]
+                episode.gif.append(annotate(frame, f"seed {episode.seed}  t {episode.t}  stage {episode.best}"))
+            result = episode.result()
+            results.append(result)
+            if on_done:
+                on_done(result, episode)
+        observations |= start(finished)
     return results
 
 
-def main(argv=None):
+def policy_actor(policy, instruction, proprio, n):
+    """act(observations, running) for run_episodes: one batched Policy.act over all environments (an environment
+    without frames this step, or without an episode, is given None and skipped), timing each chunk it predicts."""
+    policy.reset(envs=n)
+    started = {}
+
+    def act(observations, running):
+        images, states = [None] * n, [None] * n
+        for i, obs in observations.items():
+            images[i] = obs["images"]
+            states[i] = obs["qpos"] if proprio else None
+        for i, episode in running.items():
+            # a new episode in this environment: its old plan must go
+            if started.get(i) is not episode:
+                policy.forget(i)
+                started[i] = episode
+        t0 = time.perf_counter()
+        actions = policy.act(images, instruction, states)
+        seconds = time.perf_counter() - t0
+        predicted = [i for i in running if policy.last_chunks[i] is not None]
+        for i in predicted:
+            running[i].chunk_seconds.append(seconds)
+        return {i: actions[i] for i in running}
+
+    return act
+
+
+def baseline_actor(mean):
+    def act(observations, running):
+        return {i: mean[min(episode.t, len(mean) - 1)] for i, episode in running.items()}
+
+    return act
+
+
+# -----------------------------------------------------------------------------
+# reports that survive an interruption
+
+
+def load_report(path, settings, entry, what, overwrite):
+    """The report to continue: the one in OUT when its shared settings and this entry's subject agree (its other
+    entry, a policy's results beside a baseline's, is kept); a new one otherwise, or a refusal in one line."""
+    if overwrite or not os.path.exists(path):
+        return {"settings": settings}
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        saved = report["settings"]
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: --out {os.path.dirname(path)}: its report.json does not read ({e}): pass --overwrite")
+    differ = [k for k in SHARED_SETTINGS if saved.get(k) != settings.get(k)]
+    if entry in report and report[entry].get("what") != what:
+        differ.append(f"{entry} ({report[entry].get('what')})")
+    if differ:
+        sys.exit(
+            f"error: --out {os.path.dirname(path)} holds another evaluation (it differs in {', '.join(differ)}): "
+            "pass another --out, or --overwrite to replace it"
+        )
+    report["settings"] |= settings
+    return report
+
+
+def save_report(report, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
+def evaluate_entry(report, entry, what, seeds, pool, act, needs_frames, args, gifs, name):
+    """Run the seeds this entry of the report still misses, saving the report after every episode."""
+    path = os.path.join(args.out, "report.json")
+    done = report.get(entry, {}).get("per_episode", [])
+    todo = [s for s in seeds if s not in {e["seed"] for e in done}]
+    if done:
+        print(f"{name}: {len(done)} of {len(seeds)} episodes already in {path}, resuming")
+    t_start, total = time.time(), len(todo)
+
+    def on_done(result, episode):
+        done.append(result)
+        report[entry] = summarize(done) | {"what": what, "per_episode": sorted(done, key=lambda e: e["seed"])}
+        save_report(report, path)
+        if episode.gif:
+            gif_path = os.path.join(args.out, f"rollout_{episode.index}_seed{episode.seed}.gif")
+            write_gif(episode.gif, gif_path)
+            print(f"wrote {gif_path}")
+        finished = len(done) - (len(seeds) - total)
+        eta = (time.time() - t_start) / finished * (total - finished)
+        k = sum(e["success"] for e in done)
+        chunk = f"{result['ms_per_chunk']} ms per chunk | " if "ms_per_chunk" in result else ""
+        print(
+            f"{name} | seed {result['seed']} | stage {result['max_reward']} | "
+            f"{'success' if result['success'] else 'failure'} | {result['steps']} steps | {chunk}"
+            f"{result['seconds']} s | {k}/{len(done)} so far | eta {eta / 60:.1f} min",
+            flush=True,
+        )
+
+    if todo:
+        run_episodes(todo, pool, act, needs_frames, args, gifs, on_done)
+    return report
+
+
+def print_summary(report):
+    for name in ("policy", "baseline"):
+        if name in report:
+            s, (lo, hi) = report[name], report[name]["success_ci95"]
+            print(
+                f"{name}: {s['success']}/{s['episodes']} = {100 * s['success_rate']:.0f}% success "
+                f"(95% CI {100 * lo:.0f}-{100 * hi:.0f}%) | reached stage 1-4: "
+                + " ".join(f"{100 * v:.0f}%" for v in s["stage_rates"].values())
+            )
+
+
+# -----------------------------------------------------------------------------
+# one checkpoint, or every checkpoint of a run
+
+
+def evaluate_checkpoint(ckpt, args, seeds, out, baseline=None):
+    """The policy (and, if asked, the blind baseline) on the seeds, into out/report.json. -> the report."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("checkpoints", "watch", "overwrite")}
+    settings |= {"checkpoint": ckpt, "out": out, "seeds": seeds, "stages": STAGES[args.task]}
+    args = argparse.Namespace(**vars(args) | {"out": out})
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "report.json")
+    report = None
+    if ckpt:
+        train_args = model.check_checkpoint(ckpt)
+        cameras = check_policy_inputs(train_args, ckpt, args.task)
+        instruction = args.instruction or train_args.get("instruction")
+        if not instruction:
+            sys.exit(f"error: checkpoint {ckpt} records no instruction: give --instruction")
+        zoom, stock, demo_seeds = scene_settings(train_args, args, ckpt)
+        settings |= {"zoom": zoom, "stock_render": stock, "instruction": instruction}
+        settings |= {"cameras": {c: list(size) for c, (_, size) in cameras.items()}, "train_args": train_args}
+        reused = sorted(demo_seeds & set(seeds))
+        if reused:
+            span = f"{reused[0]}..{reused[-1]}"
+            print(f"warning: {len(reused)} of these seeds ({span}) made the checkpoint's training demos: not unseen")
+        what = f"{os.path.realpath(ckpt)}, execute {args.execute}, ensemble {args.ensemble}, {instruction!r}"
+        report = load_report(path, settings, "policy", what, args.overwrite)
+        print(f"camera zoom {zoom}, {'stock' if stock else 'fast'} render ({ckpt}'s demos)")
+        with envs.SimPool(args.envs, args.task, cameras, not stock, zoom) as pool:
+            policy = infer.Policy.from_checkpoint(
+                ckpt, device=args.device, vla_path=args.vla_path, execute=args.execute, ensemble=args.ensemble
+            )
+            proprio = bool(policy.vla.proprio_dim)
+            act = policy_actor(policy, instruction, proprio, args.envs)
+            report = evaluate_entry(
+                report, "policy", what, seeds, pool, act, policy.needs_frames, args, args.gif, "policy"
+            )
+    if baseline is not None:
+        mean, n_demos = baseline
+        what = f"mean action trajectory of {n_demos} demos in {os.path.realpath(args.baseline)}, open loop"
+        settings.setdefault("zoom", args.zoom or 1.0)
+        settings.setdefault("stock_render", args.stock_render)
+        report = report or load_report(path, settings, "baseline", what, args.overwrite)
+        gif_camera = {"top": ("top", (240, 320))}
+        with envs.SimPool(args.envs, args.task, gif_camera, True, 1.0) as pool:
+
+            def no_frames():
+                return [False] * args.envs
+
+            report = evaluate_entry(
+                report, "baseline", what, seeds, pool, baseline_actor(mean), no_frames, args, 0, "baseline"
+            )
+    return report
+
+
+def evaluate_run(args, seeds):
+    """Every step_* of --checkpoints on the same seeds (with --watch each new one as it lands, until the run's last
+    step), then the success-vs-step curve beside the run's metrics.jsonl."""
+    run_dir = args.checkpoints
+    out = args.out or os.path.join(run_dir, "closed_loop")
+    done = {}
+    while True:
+        found = sorted(glob.glob(os.path.join(run_dir, "step_[0-9]*")))
+        found = [d for d in found if os.path.basename(d)[5:].isdecimal()]
+        if not found and not args.watch:
+            sys.exit(f"error: --checkpoints {run_dir}: no step_NNNNNN checkpoints there")
+        for ckpt in found:
+            if ckpt in done:
+                continue
+            name = os.path.basename(ckpt)
+            print(f"== {name}")
+            done[ckpt] = evaluate_checkpoint(ckpt, args, seeds, os.path.join(out, name))
+            write_curve(run_dir, done)
+        last = max_steps(found)
+        if not args.watch or (last is not None and any(d.endswith(f"step_{last:06d}") for d in done)):
+            break
+        time.sleep(30)
+    print(f"success curve: {os.path.join(run_dir, 'success_curve.json')}")
+
+
+def max_steps(found):
+    """The run's last step, from a checkpoint's args.json (None while there is none)."""
+    if not found:
+        return None
+    with open(os.path.join(found[-1], "args.json")) as f:
+        return json.load(f)["max_steps"]
+
+
+def write_curve(run_dir, reports):
+    """success_curve.json (and .png, drawn by plot.py when matplotlib is installed) beside metrics.jsonl."""
+    steps = sorted(reports, key=lambda d: int(os.path.basename(d)[5:]))
+    curve = {
+        "steps": [int(os.path.basename(d)[5:]) for d in steps],
+        "success_rate": [reports[d]["policy"]["success_rate"] for d in steps],
+        "ci95": [reports[d]["policy"]["success_ci95"] for d in steps],
+        "episodes": [reports[d]["policy"]["episodes"] for d in steps],
+        "seeds": reports[steps[0]]["settings"]["seeds"],
+    }
+    path = os.path.join(run_dir, "success_curve.json")
+    save_report(curve, path)
+    try:
+        import plot
+
+        plot.plot_run(run_dir, os.path.join(run_dir, "success_curve.png"))
+    except ImportError as e:
+        print(f"note: no success_curve.png ({e}): pip install -r requirements-plot.txt")
+
+
+# -----------------------------------------------------------------------------
+
+
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a step_NNNNNN directory or a merged export")
+    p.add_argument("--checkpoints", metavar="RUN_DIR", help="every step_NNNNNN of a training run, on the same seeds")
+    p.add_argument("--watch", action="store_true", help="with --checkpoints: wait for new ones until the last step")
     p.add_argument("--task", default="transfer_cube", help=" or ".join(record.TASKS))
     p.add_argument(
         "--episodes",
         type=int,
         default=100,
-        help="seeds --seed, --seed+1, ... (50 alone mislead: one "
-        "checkpoint scored 20%% on seeds 1000-1049 and 6%% on 1050-1099)",
+        help="seeds --seed, --seed+1, ... (50 alone mislead: one checkpoint scored 20%% on seeds 1000-1049 and 6%% "
+        "on 1050-1099)",
     )
     p.add_argument("--seed", type=int, default=1000, help="first seed (record.py starts at 0: these are unseen)")
     p.add_argument("--steps", type=int, default=record.EPISODE_LEN, help="control steps per episode at most")
+    p.add_argument(
+        "--envs", type=int, default=default_envs(), help="simulators stepping in parallel (default: 4 a core)"
+    )
     p.add_argument("--execute", type=int, default=8, help="actions executed per chunk before re-planning")
     p.add_argument("--ensemble", action="store_true", help="temporal ensembling over overlapping chunks (ACT)")
     p.add_argument("--instruction", help="default: the one the checkpoint was trained with")
@@ -217,100 +500,63 @@ def main(argv=None):
         help="also replay these demonstrations' mean action trajectory open loop on the same seeds",
     )
     p.add_argument("--gif", type=int, default=2, help="write an animated GIF of the first N policy episodes")
-    p.add_argument(
-        "--stock_render",
-        action="store_true",
-        help="render the stock scene (for checkpoints trained on record.py --stock_render demos)",
-    )
-    p.add_argument(
-        "--zoom",
-        type=float,
-        help="camera zoom (record.py --zoom); default: the one the checkpoint's training demos were recorded with",
-    )
-    p.add_argument("--out", default="out/aloha/eval")
-    args = p.parse_args(argv)
+    p.add_argument("--stock_render", action="store_true", help="render the stock scene (default: as the demos were)")
+    p.add_argument("--zoom", type=float, help="camera zoom (record.py --zoom); default: the training demos'")
+    p.add_argument("--out", help="default: out/aloha/eval (with --checkpoints: RUN_DIR/closed_loop)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report in --out that holds another evaluation")
+    return p.parse_args(argv)
+
+
+def default_envs():
+    return 4 * len(os.sched_getaffinity(0))
+
+
+def check_args(args):
+    """One line for each kind of bad input, before any simulator or model starts."""
     if args.task not in record.TASKS:
         sys.exit(f"error: --task {args.task!r}: unknown task; use {', '.join(record.TASKS)}")
-    if not args.checkpoint and not args.baseline:
-        sys.exit("error: nothing to evaluate: give --checkpoint, --baseline or both")
+    if not (args.checkpoint or args.checkpoints or args.baseline):
+        sys.exit("error: nothing to evaluate: give --checkpoint, --checkpoints, --baseline or a mix")
+    if args.checkpoint and args.checkpoints:
+        sys.exit("error: give --checkpoint (one) or --checkpoints (a run's), not both")
+    if args.watch and not args.checkpoints:
+        sys.exit("error: --watch goes with --checkpoints RUN_DIR")
+    for flag in ("episodes", "steps", "execute", "envs"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag} {getattr(args, flag)}: must be at least 1")
     if args.zoom is not None:
         record.check_zoom(args.zoom)
-    if args.episodes < 1 or args.steps < 1 or args.execute < 1:
-        sys.exit("error: --episodes, --steps and --execute must be at least 1")
-    seeds = list(range(args.seed, args.seed + args.episodes))
-    report = {"settings": vars(args) | {"seeds": seeds, "stages": STAGES[args.task]}}
-    baseline = mean_demonstration(args.baseline, args.task) if args.baseline else None
-    if args.checkpoint:
-        train_args = infer.check_checkpoint(args.checkpoint)
-        cameras = check_policy_inputs(train_args, args.checkpoint, args.task)
-        instruction = args.instruction or train_args.get("instruction")
-        if not instruction:
-            sys.exit(f"error: checkpoint {args.checkpoint} records no instruction: give --instruction")
-        demo_seeds, zooms = training_demos(train_args)
-        if args.zoom is None and len(zooms) > 1:
+    if args.checkpoint and not os.path.isfile(os.path.join(args.checkpoint, "args.json")):
+        inside = sorted(glob.glob(os.path.join(args.checkpoint, "step_[0-9]*")))
+        if inside:
+            names = f"{os.path.basename(inside[0])}..{os.path.basename(inside[-1])}"
             sys.exit(
-                f"error: checkpoint {args.checkpoint}'s demos in {train_args['data_dir']} mix zooms "
-                f"{sorted(zooms)}: give --zoom"
+                f"error: --checkpoint {args.checkpoint} is a training run holding {names}: pass one of them, or "
+                f"--checkpoints {args.checkpoint} for all"
             )
-        if args.zoom is None:
-            args.zoom = next(iter(zooms), 1.0)
-            print(f"camera zoom {args.zoom} ({'as the training demos' if zooms else 'training demos not found'})")
-        reused = sorted(demo_seeds & set(seeds))
-        if reused:
-            print(
-                f"warning: {len(reused)} of these seeds ({reused[0]}..{reused[-1]}) made the checkpoint's training "
-                f"demos: not unseen"
-            )
-    os.makedirs(args.out, exist_ok=True)
+    if args.checkpoints and not os.path.isdir(args.checkpoints):
+        sys.exit(f"error: --checkpoints {args.checkpoints}: not a directory")
     if args.checkpoint:
-        policy = infer.Policy.from_checkpoint(
-            args.checkpoint, device=args.device, vla_path=args.vla_path, execute=args.execute, ensemble=args.ensemble
-        )
-        proprio = bool(policy.vla.proprio_dim)
+        try:
+            model.check_checkpoint(args.checkpoint)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")
 
-        def act(images, qpos, t):
-            replans = policy.ensemble or not policy.plan
-            t0 = time.perf_counter()
-            action = policy.act(images, instruction, qpos if proprio else None)
-            if replans:
-                act.latency.append(time.perf_counter() - t0)
-            return action
 
-        act.latency = []
-        report["settings"] |= {
-            "instruction": instruction,
-            "cameras": {c: list(s) for c, (_, s) in cameras.items()},
-            "proprio": proprio,
-            "zoom": args.zoom,
-            "train_args": train_args,
-        }
-        report["policy"] = summarize(
-            episodes := run("policy", seeds, args.task, act, cameras, args, args.gif, policy.reset)
-        )
-        report["policy"]["per_episode"] = episodes
-    if baseline is not None:
-        mean, n_demos = baseline
-
-        def blind(images, qpos, t):
-            return mean[min(t, len(mean) - 1)]
-
-        blind.latency = []
-        report["baseline"] = summarize(episodes := run("baseline", seeds, args.task, blind, {}, args))
-        report["baseline"] |= {
-            "per_episode": episodes,
-            "what": f"mean action trajectory of {n_demos} demos in {args.baseline}, open loop",
-        }
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    for name in ("policy", "baseline"):
-        if name in report:
-            s, (lo, hi) = report[name], report[name]["success_ci95"]
-            print(
-                f"{name}: {s['success']}/{s['episodes']} = {100 * s['success_rate']:.0f}% success "
-                f"(95% CI {100 * lo:.0f}-{100 * hi:.0f}%) | reached stage 1-4: "
-                + " ".join(f"{100 * v:.0f}%" for v in s["stage_rates"].values())
-            )
-    print(f"report: {os.path.join(args.out, 'report.json')}")
+def main(argv=None):
+    args = get_args(argv)
+    check_args(args)
+    seeds = list(range(args.seed, args.seed + args.episodes))
+    # the free cores, not torch's default of every core: the simulators take their turn between forward passes
+    torch.set_num_threads(infer.cpu_threads())
+    if args.checkpoints:
+        evaluate_run(args, seeds)
+        return
+    baseline = mean_demonstration(args.baseline, args.task) if args.baseline else None
+    out = args.out or "out/aloha/eval"
+    report = evaluate_checkpoint(args.checkpoint, args, seeds, out, baseline)
+    print_summary(report)
+    print(f"report: {os.path.join(out, 'report.json')}")
 
 
 if __name__ == "__main__":
