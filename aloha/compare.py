@@ -14,6 +14,7 @@ of an episode: two policies on the same 100 seeds differ far less by chance than
 import argparse
 import json
 import math
+import os
 import sys
 
 
@@ -26,23 +27,28 @@ def mcnemar(only_a, only_b):
 
 
 def load(side, flag):
-    """{seed: highest reward stage} pooled over a side's reports."""
-    stages = {}
+    """({seed: highest reward stage} pooled over a side's reports, their task, a label for the side's column)."""
+    stages, tasks, labels = {}, set(), []
     for item in side.split(","):
         path, _, entry = item.partition(":")
         entry = entry or "policy"
         try:
             with open(path) as f:
                 report = json.load(f)
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: {flag} {path}: not a readable report.json ({e})")
-        if "per_episode" not in report.get(entry, {}):
+            tasks.add(report["settings"]["task"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"error: {flag} {path}: not a readable report.json ({type(e).__name__}: {e})")
+        episodes = report.get(entry, {}).get("per_episode") if isinstance(report.get(entry), dict) else None
+        if not episodes:
             sys.exit(f"error: {flag} {path}: holds no {entry} episodes (it has {', '.join(report) or 'nothing'})")
-        for e in report[entry]["per_episode"]:
+        for e in episodes:
             if e["seed"] in stages:
                 sys.exit(f"error: {flag} {item}: seed {e['seed']} appears twice on this side")
             stages[e["seed"]] = e["max_reward"]
-    return stages
+        labels.append(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}:{entry}")
+    if len(tasks) > 1:
+        sys.exit(f"error: {flag} pools reports of different tasks ({', '.join(sorted(tasks))})")
+    return stages, tasks.pop(), "+".join(dict.fromkeys(labels))
 
 
 def compare(a, b):
@@ -61,7 +67,10 @@ def main(argv=None):
     p.add_argument("a", help="REPORT[:policy|:baseline][,REPORT...]")
     p.add_argument("b", help="the same for the other side")
     args = p.parse_args(argv)
-    a, b = load(args.a, "A"), load(args.b, "B")
+    (a, task_a, name_a), (b, task_b, name_b) = load(args.a, "A"), load(args.b, "B")
+    # stage k means another thing in another task
+    if task_a != task_b:
+        sys.exit(f"error: A is {task_a} and B is {task_b}: compare evaluations of the same task")
     if set(a) != set(b):
         diff = sorted(set(a) ^ set(b))
         sys.exit(
@@ -69,7 +78,8 @@ def main(argv=None):
             f"a paired comparison needs the same ones"
         )
     n = len(a)
-    print(f"{n} paired seeds ({min(a)}..{max(a)})")
+    print(f"{n} paired seeds ({min(a)}..{max(a)}), {task_a}")
+    print(f"A: {name_a}\nB: {name_b}")
     print(f"{'stage':>5} {'A':>9} {'B':>9} {'only A':>7} {'only B':>7} {'McNemar p':>10}")
     for stage, hit_a, hit_b, only_a, only_b, pval in compare(a, b):
         print(f"{stage:>5} {hit_a:>4}/{n:<4} {hit_b:>4}/{n:<4} {only_a:>7} {only_b:>7} {pval:>10.3g}")
