@@ -2,13 +2,14 @@
 Convert a LeRobot dataset (format v3.0, as lerobot 0.4 writes it; v2.1 and v2.0 too) into nanoOFT's episode files.
 
 $ pip install -r requirements-lerobot.txt
-$ python from_lerobot.py ~/.cache/huggingface/lerobot/lerobot/svla_so101_pickplace data/pickplace
+$ python from_lerobot.py data/lerobot/transfer_cube data/transfer_cube
 $ python from_lerobot.py SRC OUT --episodes 0,2,5-9 --size 224x224
-$ python data.py data/pickplace    # names the layout and prints the train.py flags that read it
+$ python data.py data/transfer_cube    # names the layout and prints the train.py flags that read it
 
 SRC is a dataset directory as LeRobot stores it (meta/info.json, meta/tasks, meta/episodes, data/*.parquet,
-videos/*.mp4); download one first, e.g. `hf download lerobot/svla_so101_pickplace --repo-type dataset --local-dir SRC`.
-Episode N becomes OUT/episode_{N}.hdf5 in ACT's layout, which data.py reads without flags:
+videos/*.mp4); download one first, e.g.
+`hf download lerobot/aloha_sim_transfer_cube_human --repo-type dataset --local-dir data/lerobot/transfer_cube`.
+Episode N becomes OUT/episode_{N}.hdf5 in ACT's layout, which data.py detects (docs/lerobot.md has more):
   observations/images/<camera>  (T, H, W, 3) uint8 RGB, every video stream decoded in order with PyAV (LeRobot's
                                 AV1 too); <camera> is the feature's key less "observation.images."
   observations/qpos             (T, S) observation.state (absent when the dataset has none)
@@ -16,11 +17,11 @@ Episode N becomes OUT/episode_{N}.hdf5 in ACT's layout, which data.py reads with
   seen                          the episode's task strings, in the order the frames first show them
   task                          (T,) int: the seen entry each frame was recorded under
 Each dataset keeps its LeRobot key (attribute lerobot_key) and the feature's names (attribute names, JSON); the root
-keeps fps, robot_type, codebase_version, episode_index and the source directory. Frames stay at the video's size
-unless --size HxW resizes them (PIL, bicubic); every camera of every episode must end up the same size.
-A file is written under a temporary name and renamed when whole, so a re-run skips finished episodes and redoes an
-interrupted one. A broken episode (a missing video file, frames that disagree with the parquet rows) is named in one
-line and the rest still convert; the exit status is then 1.
+keeps fps, robot_type, lerobot_codebase_version, lerobot_episode_index and lerobot_source (the SRC directory).
+Frames stay at the video's size unless --size HxW resizes them (PIL, bicubic); every camera of every episode must
+end up the same size. A file is written under a temporary name and renamed when whole, so a re-run skips finished
+episodes and redoes an interrupted one. A broken episode (a missing or undecodable video, a clip whose frames
+disagree with the parquet rows) is named in one line and the rest still convert; the exit status is then 1.
 """
 
 import argparse
@@ -81,14 +82,10 @@ def read_info(src):
     version = info.get("codebase_version") if isinstance(info, dict) else None
     if version not in VERSIONS:
         raise LeRobotError(f"{path}: codebase_version {version}; from_lerobot.py reads {', '.join(VERSIONS)}")
-    features = info.get("features", {})
-    videos = [k for k, v in features.items() if v.get("dtype") == "video"]
-    if "action" not in features or not videos:
-        images = [k for k, v in features.items() if v.get("dtype") == "image"]
-        found = (
-            f"video features: {', '.join(videos) or 'none'}; image features (not read): {', '.join(images) or 'none'}"
-        )
-        raise LeRobotError(f"{path}: need an action feature and at least one video feature ({found})")
+    kinds = {key: feature.get("dtype") for key, feature in info.get("features", {}).items()}
+    if "action" not in kinds or "video" not in kinds.values():
+        found = ", ".join(f"{key} ({kind})" for key, kind in kinds.items())
+        raise LeRobotError(f"{path}: needs an action and at least one video feature; found {found or 'none'}")
     return info
 
 
@@ -163,7 +160,10 @@ def read_rows(src, episode, n, has_state):
     path = os.path.join(src, episode["data"])
     if not os.path.isfile(path):
         raise LeRobotError(f"{episode['data']}: missing")
-    table = pq.read_table(path, columns=columns, filters=[("episode_index", "=", n)]).sort_by("frame_index")
+    try:
+        table = pq.read_table(path, columns=columns, filters=[("episode_index", "=", n)]).sort_by("frame_index")
+    except (pa.ArrowException, OSError) as e:
+        raise LeRobotError(f"{episode['data']}: not LeRobot's frames table ({str(e).splitlines()[0]})") from None
     order = table.column("frame_index").to_numpy()
     if len(table) != episode["length"] or not np.array_equal(order, np.arange(len(table))):
         raise LeRobotError(
@@ -205,6 +205,10 @@ def write_camera(f, name, frames, length, size):
             rgb = np.asarray(image.convert("RGB"))
             if video is None:
                 video = f.create_dataset(name, (length, *rgb.shape), np.uint8, chunks=(1, *rgb.shape))
+            if rgb.shape != video.shape[1:]:
+                raise LeRobotError(
+                    f"frame {count} is {rgb.shape[0]}x{rgb.shape[1]}, frame 0 {video.shape[1]}x{video.shape[2]}"
+                )
             video[count] = rgb
         count += 1
     return count
@@ -235,7 +239,12 @@ def write_episode(f, src, info, n, episode, cameras, size, rows, tasks):
         if not os.path.isfile(os.path.join(src, path)):
             raise LeRobotError(f"{key}: {path}: missing")
         frames = clip_frames(os.path.join(src, path), start, stop, info["fps"])
-        count = write_camera(f, f"observations/images/{camera}", frames, len(action), size)
+        try:
+            count = write_camera(f, f"observations/images/{camera}", frames, len(action), size)
+        except av.FFmpegError as e:
+            raise LeRobotError(f"{key}: {path}: does not decode ({e})") from None
+        except LeRobotError as e:
+            raise LeRobotError(f"{key}: {path}: {e}") from None
         span = f"{start:.3f}-{stop:.3f} s" if stop is not None else "all"
         if count == 0:
             raise LeRobotError(f"{key}: no frames in {path} ({span})")
@@ -248,18 +257,18 @@ def write_episode(f, src, info, n, episode, cameras, size, rows, tasks):
 def convert_episode(src, info, n, episode, out, cameras, size, tasks):
     """Episode n -> OUT/episode_{n}.hdf5, written as .tmp, checked with data.py, then renamed. Returns (frames,
     tasks); a LeRobotError says what is wrong."""
+    target = os.path.join(out, f"episode_{n}.hdf5")
+    tmp = target + ".tmp"  # outside list_episodes' episode_*.hdf5: a half-written file is never read
     rows = read_rows(src, episode, n, "observation.state" in info["features"])
     unknown = sorted(set(rows[2].tolist()) - set(tasks))
     if unknown:
         raise LeRobotError(f"{episode['data']}: task_index {unknown} not in meta/tasks")
-    target = os.path.join(out, f"episode_{n}.hdf5")
-    tmp = target + ".tmp"  # outside list_episodes' episode_*.hdf5: a half-written file is never read
     try:
         with h5py.File(tmp, "w") as f:
             counts = write_episode(f, src, info, n, episode, cameras, size, rows, tasks)
         names = [f"observations/images/{c}" for c in cameras.values()]
         data.check_episodes([tmp], names, 1, rows[1].shape[1])
-    except (LeRobotError, data.DataError, av.FFmpegError, OSError) as e:
+    except (LeRobotError, data.DataError, OSError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         lines = [line.removeprefix(f"{tmp}: ") for line in str(e).splitlines()]  # data.py's lines name the .tmp
@@ -272,11 +281,8 @@ def load_dataset(src, size):
     """(info, {video key: camera name}, {task_index: task}, {N: episode}) of a dataset directory, checked up front."""
     info = read_info(src)
     videos = [k for k, v in info["features"].items() if v.get("dtype") == "video"]
-    sizes = {key: video_size(info["features"][key]) for key in videos}
-    if size is None and len(set(sizes.values())) > 1:
-        found = ", ".join(f"{key} {h}x{w}" for key, (h, w) in sizes.items())
-        raise LeRobotError(f"{src}: the cameras differ in size ({found}): pass --size HxW (data.py needs one size)")
     try:
+        sizes = {key: video_size(info["features"][key]) for key in videos}
         tasks = read_tasks(src, info["codebase_version"])
         read = episodes_v3 if info["codebase_version"] == "v3.0" else episodes_v2
         episodes = read(src, info, videos)
@@ -284,6 +290,9 @@ def load_dataset(src, size):
         raise LeRobotError(f"{src}: {os.path.relpath(e.filename, src)} missing") from None
     except (KeyError, ValueError, TypeError, OSError) as e:
         raise LeRobotError(f"{src}: metadata not as LeRobot {info['codebase_version']} writes it ({e!r})") from None
+    if size is None and len(set(sizes.values())) > 1:
+        found = ", ".join(f"{key} {h}x{w}" for key, (h, w) in sizes.items())
+        raise LeRobotError(f"{src}: the cameras differ in size ({found}): pass --size HxW (data.py needs one size)")
     if not episodes:
         raise LeRobotError(f"{src}: the metadata lists no episodes")
     return info, dict(zip(videos, camera_names(videos))), tasks, episodes
@@ -313,7 +322,7 @@ def convert_all(src, out, picked, size, loaded):
         left = spent / done * (len(todo) - todo.index(n) - 1)
         print(
             f"[{k}/{len(picked)}] episode {n} -> {out}/episode_{n}.hdf5: {frames} frames, {len(cameras)} cameras, "
-            f"{texts} tasks ({time.time() - t0:.1f}s, eta {eta(left)})",
+            f"tasks: {texts} ({time.time() - t0:.1f}s, eta {eta(left)})",
             flush=True,
         )
     return failed, len(picked) - len(todo)

@@ -172,6 +172,11 @@ def break_length(src):
     return 2, "episode 2: data/chunk-000/file-001.parquet: 15 rows with frame_index 0-14, expected frames 0-13"
 
 
+def break_corrupt_video(src):
+    (src / "videos" / "observation.images.top" / "chunk-000" / "file-001.mp4").write_bytes(b"not a video" * 100)
+    return 2, "episode 2: observation.images.top: videos/observation.images.top/chunk-000/file-001.mp4: does not decode"
+
+
 def break_v21_video(src):
     """A recording cut short: episode 2's video holds episode 1's 9 frames for 15 parquet rows."""
     folder = src / "videos" / "chunk-000" / "observation.images.top"
@@ -183,6 +188,7 @@ def break_v21_video(src):
     "version, breaks",
     [
         ("v3.0", break_missing_video),
+        ("v3.0", break_corrupt_video),
         ("v3.0", break_short_clip),
         ("v3.0", break_no_frames),
         ("v3.0", break_length),
