@@ -4,7 +4,7 @@ Convert a LeRobot dataset (format v3.0, as lerobot 0.4 writes it; v2.1 and v2.0 
 $ pip install -r requirements-lerobot.txt
 $ python from_lerobot.py data/lerobot/transfer_cube data/transfer_cube
 $ python from_lerobot.py SRC OUT --episodes 0,2,5-9 --size 224x224
-$ python data.py data/transfer_cube    # names the layout and prints the train.py flags that read it
+$ python check_data.py data/transfer_cube    # names the layout and prints the train.py flags that read it
 
 SRC is a dataset directory as LeRobot stores it (meta/info.json, meta/tasks, meta/episodes, data/*.parquet,
 videos/*.mp4); download one first, e.g.
@@ -365,7 +365,7 @@ def main(argv=None):
     )
     if failed:
         sys.exit(f"{summary} (episodes {','.join(map(str, failed))})")
-    print(f"{summary}; check them with: python data.py {args.out}")
+    print(f"{summary}; check them with: python check_data.py {args.out}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import check_data
 import data
 import from_lerobot
 import train
@@ -252,11 +253,11 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_data_py_detects_the_converted_files_and_its_flags_train(tiny_dir, tmp_path, capsys):
+def test_check_data_detects_the_converted_files_and_its_flags_train(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
     from_lerobot.main([FIXTURES["v3.0"], str(out)])
     capsys.readouterr()
-    data.summarize(str(out))
+    check_data.summarize(str(out))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "layout: ACT/ALOHA" and lines[1].startswith("3 episodes, 36 frames (length 9-15")
     assert f"seen: 1-2 variants per episode, e.g. {fixture.TASKS[0]} | {fixture.TASKS[1]}" in lines
