@@ -6,6 +6,7 @@ Measure nanoOFT: data loader throughput, training step time / memory / MFU, infe
                                                               # layout and real ALOHA's (3 cameras of 480x640 JPEGs)
     python bench.py --what train                              # CPU: tiny twin, float32; CUDA: 7B-shaped, bf16
     python bench.py --what train --device cuda --vla_path DIR # a real checkpoint instead of random 7B weights
+    python bench.py --what recipe                             # aloha/train.sh's CPU step: float32, bf16, compiled
     python bench.py --what infer --no-compile                 # latency per chunk: LoRA unmerged vs merged, eager
     python bench.py --what flops --model 7b                   # training FLOPs per sample by part (meta device)
     python bench.py --what memory                             # 7B training step's peak memory, fit table (no GPU)
@@ -69,7 +70,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--what",
-        choices=["data", "train", "infer", "flops", "memory", "serve", "all"],
+        choices=["data", "train", "recipe", "infer", "flops", "memory", "serve", "all"],
         default="all",
         help="all: data, train and infer",
     )
@@ -99,7 +100,9 @@ def get_args(argv=None):
     p.add_argument("--lora_rank", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps / chunks / batches first")
     p.add_argument("--iters", type=int, default=10, help="timed steps / chunks, or batches per loader repeat")
-    p.add_argument("--repeats", type=int, default=3, help="loader repeats whose median is reported")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="loader repeats whose median is reported; --what recipe: rounds"
+    )
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="also time torch.compile in --what infer"
     )
@@ -628,6 +631,68 @@ def bench_train(args, device):
     )
 
 
+RECIPE_MODES = {
+    "float32": dict(dtype=torch.float32, compiled=False),
+    "bf16 (train.py --dtype bfloat16)": dict(dtype=torch.bfloat16, compiled=False),
+    "float32, torch.compile": dict(dtype=torch.float32, compiled=True),
+    "bf16, torch.compile": dict(dtype=torch.bfloat16, compiled=True),
+}
+
+
+def recipe_step(dtype, compiled, batch_size, lora_rank):
+    """One training step of aloha/train.sh's recipe on the tiny twin: one 240x320 camera, --attention full,
+    --no-image_aug, LoRA, AdamW. bf16 is what train.py --dtype bfloat16 does: the frozen base in bf16 and bf16
+    autocast, LoRA and head in float32."""
+    tok = demo.make_tokenizer()
+    vla = model.VLA.from_config(demo.tiny_config(tok), dtype, "cpu", tokenizer=tok, attention="full")
+    vla = model.add_lora(vla, lora_rank).train()
+    forward = torch.compile(vla) if compiled else vla
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+    opt = torch.optim.AdamW([p for p in vla.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01)
+    images = torch.randint(0, 256, (batch_size, 1, 3, 240, 320), dtype=torch.uint8)
+    target = torch.rand(batch_size, vla.chunk, vla.action_dim) * 2 - 1
+
+    def step():
+        with autocast:
+            pred = forward(images, ["transfer the cube"] * batch_size)
+        train.l1_terms(pred, target)[0].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_recipe(args, device):
+    """The recipe's step in each mode, the modes alternated round by round in one process, so that a machine whose
+    load changes slows them alike; the median over rounds."""
+    steps, warm = {}, {}
+    for name, mode in RECIPE_MODES.items():
+        steps[name] = recipe_step(mode["dtype"], mode["compiled"], args.batch_size, args.lora_rank)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            steps[name]()
+        warm[name] = time.perf_counter() - t0
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            times[name].extend(timed(step, device, 0, args.iters)[0])
+    base = float(np.median(times["float32"]))
+    rows = []
+    for name in steps:
+        s = float(np.median(times[name]))
+        rows.append([name, 1000 * s, args.batch_size / s, base / s, warm[name]])
+    table(
+        f"aloha/train.sh's training step on the CPU: tiny twin, batch {args.batch_size}, 1 camera 240x320, attention "
+        f"full, LoRA rank {args.lora_rank}, {torch.get_num_threads()} thread(s)",
+        ["mode", "step ms", "samples/s", "speed-up", "warm-up s"],
+        rows,
+        [
+            f"median of {args.repeats} rounds x {args.iters} steps, modes alternated each round, after {args.warmup} "
+            f"warm-up steps each (compilation included in warm-up s); load average {os.getloadavg()[0]:.1f}",
+        ],
+    )
+
+
 def bench_infer(args, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -806,6 +871,7 @@ def main(argv=None):
                 memory=bench_memory,
                 data=bench_data,
                 train=bench_train,
+                recipe=bench_recipe,
                 infer=bench_infer,
                 serve=bench_serve,
             )[what](args, device)

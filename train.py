@@ -115,6 +115,11 @@ def add_model_flags(p):
     )
     p.add_argument("--no-grad_ckpt", dest="grad_ckpt", action="store_const", const="off")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward (minutes of compilation first; faster steps after)",
+    )
+    p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
@@ -557,13 +562,17 @@ def show_run(record, train_set, val_set, args, proc):
     return global_batch
 
 
-def wrap_ddp(vla, proc):
-    """The module the loop calls: vla itself, or under torchrun DDP syncing only what trains."""
-    if not proc.ddp:
-        return vla
-    frozen = [n for n, p in vla.named_parameters() if not p.requires_grad] + [n for n, _ in vla.named_buffers()]
-    DDP._set_params_and_buffers_to_ignore_for_model(vla, frozen)
-    return DDP(vla, device_ids=[proc.local_rank] if proc.use_cuda else None)
+def wrap(vla, args, proc):
+    """The module the loop calls: vla, under torchrun in DDP (which syncs only what trains), with --compile
+    compiled; its weights stay vla's, which evaluation and saving use."""
+    module = vla
+    if proc.ddp:
+        frozen = [n for n, p in vla.named_parameters() if not p.requires_grad] + [n for n, _ in vla.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(vla, frozen)
+        module = DDP(vla, device_ids=[proc.local_rank] if proc.use_cuda else None)
+    if args.compile:
+        module = torch.compile(module)
+    return module
 
 
 # -----------------------------------------------------------------------------
@@ -898,7 +907,7 @@ def main(argv=None):
     run = run_record(args, resume, train_set, val_set, files, proc)
     global_batch = show_run(run, train_set, val_set, args, proc)
     save = functools.partial(save_checkpoint, vla, opt, stats_record(train_set), run, proc)
-    train_vla = wrap_ddp(vla, proc)
+    train_vla = wrap(vla, args, proc)
     metrics = Metrics(args.out_dir, start_step if resume else None, proc)
     stream = batch_stream(train_set, args, proc, epoch, pos)
     position = (epoch, pos)
