@@ -294,6 +294,15 @@ def episode_attrs(f):
     return out
 
 
+def shared_attrs(attrs):
+    """Episodes' attributes in one dict: a value all of them agree on, else the sorted distinct values (seeds)."""
+    out = {}
+    for k in sorted(set().union(*attrs)):
+        values = sorted({a[k] for a in attrs if k in a}, key=_natural)
+        out[k] = values[0] if len(values) == 1 else values
+    return out
+
+
 # -----------------------------------------------------------------------------
 # checking episodes before a run
 
@@ -671,10 +680,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
                 attrs.append(episode_attrs(f))
                 if p == self.paths[0]:
                     self.frame_sizes = {c: list(camera_reader(f, g, c, p)(0).shape[:2]) for c in self.cameras}
-        self.attrs = {}
-        for k in set().union(*attrs):
-            values = sorted({a[k] for a in attrs if k in a}, key=_natural)
-            self.attrs[k] = values[0] if len(values) == 1 else values
+        self.attrs = shared_attrs(attrs)
         return actions, states, keys
 
     def _check_read(self, instructions, keys, states):
