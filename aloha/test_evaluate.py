@@ -1,0 +1,194 @@
+"""
+Tests of evaluate.py's parallel simulators (envs.py's SimPool), its resumable reports, --checkpoints and its
+one-line refusals, on a checkpoint trained two steps on three tiny record.py demos.
+
+    python -m pytest -q aloha/test_evaluate.py
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import envs
+import evaluate
+import infer
+import record
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+SIZE = (48, 64)
+CAMERAS = {"observations/images/top": ("top", SIZE)}
+
+
+def run(*args):
+    return subprocess.run(
+        [sys.executable, "aloha/evaluate.py", *map(str, args)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demos")
+    record.main([str(out), "--episodes", "3", "--seed", "0", "--size", "48x64"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(demos, tiny_dir, tmp_path_factory):
+    """Two checkpoints (steps 1 and 2) of the recipe's flags, one process."""
+    out = tmp_path_factory.mktemp("run")
+    flags = ["--vla_path", tiny_dir, "--data_dir", demos, "--out_dir", out, "--cameras", "observations/images/top"]
+    flags += ["--instruction", "transfer the cube", "--attention", "full", "--no-image_aug", "--num_workers", "0"]
+    flags += ["--val_episodes", "0", "--batch_size", "2", "--lora_rank", "4", "--max_steps", "2"]
+    flags += ["--save_interval", "1", "--log_interval", "1"]
+    train.main(list(map(str, flags)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(run_dir):
+    return run_dir / "step_000002"
+
+
+def reference_actions(checkpoint, seed, steps, ensemble):
+    """The actions of one episode stepped as evaluate.py stepped it before SimPool: one simulator in this process,
+    every camera rendered each step, Policy.act on one environment."""
+    policy = infer.Policy.from_checkpoint(str(checkpoint), device="cpu", execute=4, ensemble=ensemble)
+    physics, task_obj = record.make_sim("transfer_cube")
+    record.reset(physics, task_obj, record.object_pose("transfer_cube", seed))
+    actions, rewards = [], []
+    for _ in range(steps):
+        images = {"observations/images/top": record.render(physics, SIZE, "top")}
+        actions.append(policy.act(images, "transfer the cube"))
+        rewards.append(record.step(physics, task_obj, actions[-1]))
+    return np.array(actions), rewards
+
+
+def pool_actions(checkpoint, seeds, steps, n, ensemble):
+    """The same episodes through run_episodes on n parallel simulators: {seed: (actions, rewards)}."""
+    policy = infer.Policy.from_checkpoint(str(checkpoint), device="cpu", execute=4, ensemble=ensemble)
+    act = evaluate.policy_actor(policy, "transfer the cube", False, n)
+    taken = {}
+
+    def recording(observations, running):
+        actions = act(observations, running)
+        for i, episode in running.items():
+            taken.setdefault(episode.seed, []).append(actions[i])
+        return actions
+
+    rewards = {}
+
+    def on_done(result, episode):
+        rewards[episode.seed] = result["max_reward"]
+
+    args = evaluate.argparse.Namespace(steps=steps)
+    with envs.SimPool(n, "transfer_cube", CAMERAS) as pool:
+        evaluate.run_episodes(seeds, pool, recording, policy.needs_frames, args, on_done=on_done)
+    return {seed: np.array(taken[seed]) for seed in seeds}, rewards
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_parallel_simulators_step_the_episodes_evaluate_stepped_alone(checkpoint, ensemble):
+    """--envs 1 takes exactly the actions of the single-process loop; --envs 2 (three seeds, so one simulator
+    starts a second episode while the other runs) the same within the batched forward's 1e-5."""
+    seeds, steps = [1000, 1001, 1002], 14
+    reference = {s: reference_actions(checkpoint, s, steps, ensemble)[0] for s in seeds}
+    one, _ = pool_actions(checkpoint, seeds, steps, 1, ensemble)
+    two, _ = pool_actions(checkpoint, seeds, steps, 2, ensemble)
+    for s in seeds:
+        np.testing.assert_array_equal(one[s], reference[s])
+        np.testing.assert_allclose(two[s], reference[s], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_envs_2_writes_the_report_envs_1_writes(checkpoint, demos, tmp_path):
+    reports = {}
+    for n in (1, 2):
+        r = run("--checkpoint", checkpoint, "--episodes", 2, "--steps", 10, "--envs", n, "--out", tmp_path / str(n))
+        assert r.returncode == 0, r.stderr[-3000:]
+        reports[n] = json.loads((tmp_path / str(n) / "report.json").read_text())
+    one, two = reports[1], reports[2]
+    assert one.keys() == two.keys() and one["policy"].keys() == two["policy"].keys()
+    assert set(one["settings"]) == set(two["settings"]) and two["settings"]["envs"] == 2
+    strip = ("seconds", "ms_per_chunk")
+    for a, b in zip(one["policy"]["per_episode"], two["policy"]["per_episode"]):
+        assert {k: v for k, v in a.items() if k not in strip} == {k: v for k, v in b.items() if k not in strip}
+    gif = tmp_path / "1" / "rollout_0_seed1000.gif"
+    assert gif.exists() and f"wrote {os.path.relpath(gif, ROOT)}" in r.stdout or f"wrote {gif}" in run_output(r)
+
+
+def run_output(r):
+    return r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_an_interrupted_evaluation_resumes_its_missing_seeds(checkpoint, demos, tmp_path):
+    """The report is written after every episode; the same command continues it. A baseline added to the same
+    --out keeps the policy's results; another checkpoint there is refused."""
+    r = run("--checkpoint", checkpoint, "--episodes", 1, "--steps", 8, "--envs", 1, "--out", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [e["seed"] for e in report["policy"]["per_episode"]] == [1000]
+    # as if it had been stopped after the first of two episodes: the same report with two seeds asked
+    report["settings"]["seeds"] = [1000, 1001]
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    r = run("--checkpoint", checkpoint, "--episodes", 2, "--steps", 8, "--envs", 1, "--out", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "policy: 1 of 2 episodes already in" in r.stdout
+    assert [ln.split(" | ")[1] for ln in r.stdout.splitlines() if ln.startswith("policy |")] == ["seed 1001"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [e["seed"] for e in report["policy"]["per_episode"]] == [1000, 1001]
+    r = run("--baseline", demos, "--episodes", 2, "--steps", 8, "--envs", 2, "--out", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    both = json.loads((tmp_path / "report.json").read_text())
+    assert both["policy"] == report["policy"] and [e["seed"] for e in both["baseline"]["per_episode"]] == [1000, 1001]
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint, other)
+    r = run("--checkpoint", other, "--episodes", 2, "--steps", 8, "--out", tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().startswith(f"error: --out {tmp_path} holds another evaluation")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_checkpoints_of_a_run_give_a_success_curve(run_dir, tmp_path):
+    r = run("--checkpoints", run_dir, "--episodes", 1, "--steps", 6, "--envs", 1, "--out", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    curve = json.loads((run_dir / "success_curve.json").read_text())
+    assert curve["steps"] == [1, 2] and curve["seeds"] == [1000] and len(curve["success_rate"]) == 2
+    assert all(0 <= lo <= hi <= 1 for lo, hi in curve["ci95"])
+    assert (tmp_path / "step_000001" / "report.json").exists() and (tmp_path / "step_000002" / "report.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("envs0", "error: --envs 0: must be at least 1"),
+        ("run_dir", "is a training run holding step_000001..step_000002: pass one of them, or --checkpoints"),
+        ("empty_run", "no step_NNNNNN checkpoints there"),
+        ("robotwin_baseline", "not a simulator demo of record.py"),
+        ("watch_alone", "error: --watch goes with --checkpoints RUN_DIR"),
+    ],
+)
+def test_bad_input_is_one_line(case, message, run_dir, checkpoint, demo_dir, tmp_path):
+    argv = {
+        "envs0": ["--checkpoint", checkpoint, "--envs", 0],
+        "run_dir": ["--checkpoint", run_dir],
+        "empty_run": ["--checkpoints", tmp_path],
+        "robotwin_baseline": ["--baseline", demo_dir],
+        "watch_alone": ["--checkpoint", checkpoint, "--watch"],
+    }[case]
+    r = run(*argv, "--out", tmp_path / "out")
+    assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
