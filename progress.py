@@ -6,7 +6,7 @@ the count and the ETA, and no bar (no carriage returns in a log).
     from progress import Progress
     with Progress(total=50, done=already, unit="episode") as progress:
         for ...:
-            progress.update(line=f"episode {k} | ...")      # one item finished, its line printed
+            progress.update(line=f"episode {k}/50 | ...")   # one item finished, its line printed
             progress.write(f"seed {seed} dropped")           # a line that finishes no item
             progress.write(problem, file=sys.stderr)
 
@@ -32,7 +32,7 @@ def duration(seconds):
 
 class Progress:
     """Counts finished items out of `total` (`done` of them finished before this run) and prints lines with it:
-    through tqdm above a bar when `file` (default stdout) is a terminal, else with the count and the ETA appended."""
+    through tqdm above a bar when `file` (default stdout) is a terminal, else with the elapsed time and ETA appended."""
 
     def __init__(self, total, done=0, unit="item", file=None, clock=time.monotonic):
         self.total, self.done, self.unit = total, done, unit
@@ -50,13 +50,13 @@ class Progress:
         return (self.clock() - self.start) / finished * (self.total - self.done)
 
     def suffix(self):
-        """' | 3/50 | 41s elapsed, eta 10m40s' for a plain line."""
+        """' | 41s elapsed, eta 10m40s' for a plain line (the caller's line gives the count)."""
         eta = self.eta()
         left = "eta ?" if eta is None else f"eta {duration(eta)}"
-        return f" | {self.done}/{self.total} | {duration(self.clock() - self.start)} elapsed, {left}"
+        return f" | {duration(self.clock() - self.start)} elapsed, {left}"
 
     def update(self, n=1, line=None):
-        """n more items finished; line, if any, is printed about them (with the count and ETA when plain)."""
+        """n more items finished; line, if any, is printed about them (with the elapsed time and ETA when plain)."""
         self.done += n
         if self.bar is not None:
             if line is not None:

@@ -9,7 +9,10 @@ same object pose, and the replay's observations are stored. Only replays that re
 moves on to the next seed. OUT/episode_N.hdf5: observations/images/top (T, H, W, 3) uint8, observations/qpos and
 observations/qvel (T, 14), action (T, 14) float32, frame t being the observation before action[t]; root attributes
 sim=True, task, seed, object_pose, render, zoom. A file is written under a temporary name and renamed when whole, so a
-re-run skips finished episodes and redoes an interrupted one.
+re-run skips finished episodes and redoes an interrupted one; it refuses episodes recorded with another --task, --size,
+--stock_render, --compression or --zoom (use another OUT). A run holds OUT/.lock while it records: a second run into
+the same OUT is refused. A line per seed tried; on a terminal a progress bar with the ETA under them, in a log file
+each episode's line ends with the time elapsed and the ETA.
 Rendering is headless: MUJOCO_GL=egl (the default here; Mesa's libegl1 + libgl1-mesa-dri) or MUJOCO_GL=osmesa
 (libosmesa6). The fast settings (no multisampling, no shadows) render about 10x faster than the stock scene.
 """
@@ -238,7 +241,7 @@ def check_zoom(zoom):
 def lock_out(out):
     """Create OUT and hold OUT/.lock for the rest of the process: a second run into the same OUT would number its
     episodes from the same files and replace the first's (and delete its .tmp files). The kernel drops the lock when
-    the process ends, killed or not. Returns the open lock file, to be kept."""
+    the process ends, killed or not. Returns the open lock file: `with lock_out(out):` holds it for its block."""
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "a")

@@ -10,6 +10,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -374,6 +375,9 @@ def test_record_refuses_a_second_run_into_the_same_out(tmp_path):
     finally:
         first.kill()
     assert first.returncode == 0 and "2 episodes, 2 seeds tried (5..6)" in stdout, stderr[-2000:]
+    episodes = [line for line in stdout.splitlines() if line.startswith("episode ")]  # into a pipe: no bar, an ETA
+    assert [line.split(" | ")[0] for line in episodes] == ["episode 1/2", "episode 2/2"]
+    assert re.search(r" \| \d+s elapsed, eta \d+s$", episodes[0]) and episodes[1].endswith(", eta 0s")
     assert sorted(os.listdir(out)) == [".lock", "episode_0.hdf5", "episode_1.hdf5"]
 
 
