@@ -33,11 +33,12 @@ class PlotError(ValueError):
 
 
 def new_figure(width, height):
-    """A matplotlib figure outside pyplot: no backend state, no display, drawn by Agg when saved."""
+    """A matplotlib figure outside pyplot: no backend state, no display, drawn by Agg when saved. Without matplotlib
+    an ImportError saying what to install (aloha/evaluate.py calls plot_run and goes on without the PNG)."""
     try:
         from matplotlib.figure import Figure
-    except ImportError:
-        sys.exit("error: plot.py draws with matplotlib: pip install -r requirements-plot.txt")
+    except ImportError as e:
+        raise ImportError("plot.py draws with matplotlib: pip install -r requirements-plot.txt") from e
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
@@ -215,7 +216,10 @@ def plot_replay(path, out=None, hz=None):
     fig = new_figure(12, 1.2 + 1.6 * rows)
     mode = "ensemble" if report.get("ensemble") else f"execute {report.get('execute', 1)}"
     episode = os.path.basename(str(report.get("episode", "?")))
-    fig.suptitle(f"{episode} | {mode} | L1 {report.get('l1', float('nan')):.3f} (normalized)")
+    title = f"{episode} | {mode} | L1 {report.get('l1', float('nan')):.3f} (normalized)"
+    if report.get("trained_on"):
+        title += " | an episode it trained on"
+    fig.suptitle(title)
     axes = fig.subplots(rows, cols, sharex=True, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i >= len(names):
@@ -253,7 +257,7 @@ def main(argv=None):
         p.error("--hz is for a replay's report.json, not a run's curves (those are against the step)")
     try:
         out = plot_run(args.target, args.out) if is_run else plot_replay(args.target, args.out, args.hz)
-    except PlotError as e:
+    except (PlotError, ImportError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}")
 

@@ -172,6 +172,18 @@ def test_bad_input_gets_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "curves.png")
 
 
+def test_without_matplotlib_plot_run_raises_import_error(tmp_path, monkeypatch):
+    """aloha/evaluate.py --checkpoints calls plot_run and goes on without its PNG on an ImportError; the command
+    says what to install in one line."""
+    write_metrics(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what an import of a missing package raises
+    with pytest.raises(ImportError, match=r"^plot.py draws with matplotlib: pip install -r requirements-plot.txt$"):
+        plot.plot_run(str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(tmp_path)])
+    assert str(e.value) == "error: plot.py draws with matplotlib: pip install -r requirements-plot.txt"
+
+
 @pytest.mark.slow
 def test_command_line(tmp_path):
     """As a user runs it: the run's metrics.jsonl, then a report whose checkpoint has gone (a note, still drawn)."""
