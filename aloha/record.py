@@ -9,21 +9,28 @@ same object pose, and the replay's observations are stored. Only replays that re
 moves on to the next seed. OUT/episode_N.hdf5: observations/images/top (T, H, W, 3) uint8, observations/qpos and
 observations/qvel (T, 14), action (T, 14) float32, frame t being the observation before action[t]; root attributes
 sim=True, task, seed, object_pose, render, zoom. A file is written under a temporary name and renamed when whole, so a
-re-run skips finished episodes and redoes an interrupted one.
+re-run skips finished episodes and redoes an interrupted one; it refuses episodes recorded with another --task, --size,
+--stock_render, --compression or --zoom (use another OUT). A run holds OUT/.lock while it records: a second run into
+the same OUT is refused. A line per seed tried; on a terminal a progress bar with the ETA under them, in a log file
+each episode's line ends with the time elapsed and the ETA.
 Rendering is headless: MUJOCO_GL=egl (the default here; Mesa's libegl1 + libgl1-mesa-dri) or MUJOCO_GL=osmesa
 (libosmesa6). The fast settings (no multisampling, no shadows) render about 10x faster than the stock scene.
 """
 
 import argparse
+import fcntl
 import glob
 import os
 import sys
 import time
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless; must be set before mujoco is imported
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: progress.py
 
 import h5py
 import numpy as np
+
+from progress import Progress
 
 TASKS = ("transfer_cube", "insertion")
 EPISODE_LEN = 400  # ACT's and LeRobot's episode length (gym-aloha registers 300, too short for insertion)
@@ -231,7 +238,73 @@ def check_zoom(zoom):
         sys.exit(f"error: --zoom {zoom}: expected 1 (the stock view) to 10")
 
 
-def main(argv=None):
+def lock_out(out):
+    """Create OUT and hold OUT/.lock for the rest of the process: a second run into the same OUT would number its
+    episodes from the same files and replace the first's (and delete its .tmp files). The kernel drops the lock when
+    the process ends, killed or not. Returns the open lock file: `with lock_out(out):` holds it for its block."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a")
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by another process: EAGAIN on Linux, NFS too
+    except BlockingIOError:
+        sys.exit(
+            f"error: {out} is in use by another record.py run (it holds {lock.name}): wait for it to end, or use "
+            "another OUT"
+        )
+    except OSError as e:
+        sys.exit(f"error: {out} is not writable: {e}")
+    return lock
+
+
+def episode_settings(f):
+    """The command-line settings an episode file was recorded with, as {flag: value} in the flags' own terms."""
+    top = f[f"observations/images/{CAMERAS[0]}"]
+    return {
+        "--task": f.attrs.get("task"),
+        "--size": "x".join(map(str, top.shape[1:3])),
+        "--stock_render": f.attrs.get("render") == "stock",
+        "--compression": top.compression or "none",
+        "--zoom": float(f.attrs.get("zoom", 1.0)),
+    }
+
+
+def recorded_so_far(args, size, compression):
+    """(episodes already in OUT, the next seed) for a resumed run: episode_0.. in order, each recorded with the
+    settings asked for now; one with other settings stops the run, naming the file and the flag."""
+    wanted = {
+        "--task": args.task,
+        "--size": "x".join(map(str, size)),
+        "--stock_render": args.stock_render,
+        "--compression": compression or "none",
+        "--zoom": args.zoom,
+    }
+    done, seed = 0, args.seed
+    for n in range(args.episodes):  # finished episodes are skipped; the next seed follows the last one used
+        path = os.path.join(args.out, f"episode_{n}.hdf5")
+        if not os.path.exists(path):
+            break
+        try:
+            with h5py.File(path, "r") as f:
+                found, seed = episode_settings(f), int(f.attrs["seed"]) + 1
+        except (OSError, KeyError) as e:
+            sys.exit(f"error: {path}: not an episode of record.py ({e}): move it out of {args.out}")
+        for flag, value in wanted.items():
+            if found[flag] != value:
+                sys.exit(mismatch(path, flag, found[flag], value))
+        done = n + 1
+    return done, seed
+
+
+def mismatch(path, flag, found, wanted):
+    """The error for an episode recorded with another setting than this run's, in the flag's own terms."""
+    if flag == "--stock_render":
+        was, asked = ("--stock_render", "the fast render") if found else ("the fast render", "--stock_render")
+        return f"error: {path} was recorded with {was}, not {asked}: use another OUT"
+    preposition = "at" if flag in ("--size", "--zoom") else "with"
+    return f"error: {path} was recorded {preposition} {flag} {found}, not {wanted}: use another OUT"
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="directory for episode_N.hdf5")
     p.add_argument("--task", default="transfer_cube", help=" or ".join(TASKS))
@@ -257,7 +330,50 @@ def main(argv=None):
         default="lzf",
         help="frame compression (sim frames are mostly flat colour: lzf shrinks them ~30x)",
     )
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def record_episodes(args, size, compression, done, seed):
+    """Try seeds from `seed` on until OUT holds --episodes good demos (`done` already there), a line each."""
+    max_tries, tries, t_start = args.max_tries or 2 * args.episodes, seed - args.seed, time.time()
+    with Progress(total=args.episodes, done=done, unit="episode") as progress:
+        while done < args.episodes:
+            if tries >= max_tries:
+                sys.exit(
+                    f"error: only {done} of {args.episodes} replays reached reward 4 in {tries} seeds "
+                    f"({args.seed}..{seed - 1}); raise --max_tries or check the simulator pins"
+                )
+            t0 = time.time()
+            trajectory, ee_rewards, pose = scripted_rollout(args.task, seed)
+            t1 = time.time()
+            trajectory = trajectory[:EPISODE_LEN]
+            obs, rewards = replay(args.task, trajectory, pose, size, not args.stock_render, zoom=args.zoom)
+            tries += 1
+            line = (
+                f"seed {seed} | scripted max reward {ee_rewards.max()} | replay max reward {rewards.max()} | "
+                f"scripted {t1 - t0:.1f} s, replay {time.time() - t1:.1f} s"
+            )
+            if rewards.max() == 4:
+                path = os.path.join(args.out, f"episode_{done}.hdf5")
+                fast = not args.stock_render
+                write_episode(path, args.task, seed, pose, obs, trajectory, fast, compression, args.zoom)
+                done += 1
+                reached = int(np.argmax(rewards == 4)) + 1
+                size_mb = os.path.getsize(path) / 1e6
+                progress.update(
+                    line=f"episode {done}/{args.episodes} | {line} | reward 4 at step {reached} | {size_mb:.1f} MB"
+                )
+            else:
+                progress.write(f"dropped | {line}")
+            seed += 1
+    print(
+        f"{args.out}: {done} episodes, {tries} seeds tried ({args.seed}..{seed - 1}), "
+        f"{time.time() - t_start:.0f} s this run"
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.task not in TASKS:
         sys.exit(f"error: --task {args.task!r}: unknown task; use {', '.join(TASKS)}")
     if args.episodes < 1:
@@ -268,67 +384,14 @@ def main(argv=None):
     limit = (physics.model.vis.global_.offheight, physics.model.vis.global_.offwidth)
     if size[0] > limit[0] or size[1] > limit[1]:
         sys.exit(f"error: --size {args.size}: larger than the scene's offscreen buffer {limit[0]}x{limit[1]}")
-    os.makedirs(args.out, exist_ok=True)
-    for tmp in glob.glob(os.path.join(args.out, "episode_*.hdf5.tmp")):  # an interrupted run's partial file
-        os.remove(tmp)
-    done, seed = 0, args.seed
-    for n in range(args.episodes):  # finished episodes are skipped; the next seed follows the last one used
-        path = os.path.join(args.out, f"episode_{n}.hdf5")
-        if not os.path.exists(path):
-            break
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("task") != args.task:
-                sys.exit(f"error: {path} holds task {f.attrs.get('task')!r}, not {args.task!r}: use another OUT")
-            if f.attrs.get("zoom", 1.0) != args.zoom:
-                sys.exit(
-                    f"error: {path} was recorded at --zoom {f.attrs.get('zoom', 1.0)}, not {args.zoom}: use another OUT"
-                )
-            seed, done = int(f.attrs["seed"]) + 1, n + 1
-    if done:
-        print(f"{args.out}: {done} episodes already recorded, resuming at seed {seed}")
-    max_tries, tries, t_start = args.max_tries or 2 * args.episodes, seed - args.seed, time.time()
-    while done < args.episodes:
-        if tries >= max_tries:
-            sys.exit(
-                f"error: only {done} of {args.episodes} replays reached reward 4 in {tries} seeds "
-                f"({args.seed}..{seed - 1}); raise --max_tries or check the simulator pins"
-            )
-        t0 = time.time()
-        trajectory, ee_rewards, pose = scripted_rollout(args.task, seed)
-        t1 = time.time()
-        obs, rewards = replay(args.task, trajectory[:EPISODE_LEN], pose, size, not args.stock_render, zoom=args.zoom)
-        t2 = time.time()
-        tries += 1
-        line = (
-            f"seed {seed} | scripted max reward {ee_rewards.max()} | replay max reward {rewards.max()} | "
-            f"scripted {t1 - t0:.1f} s, replay {t2 - t1:.1f} s"
-        )
-        if rewards.max() == 4:
-            path = os.path.join(args.out, f"episode_{done}.hdf5")
-            write_episode(
-                path,
-                args.task,
-                seed,
-                pose,
-                obs,
-                trajectory[:EPISODE_LEN],
-                not args.stock_render,
-                compression,
-                args.zoom,
-            )
-            done += 1
-            line = (
-                f"episode {done}/{args.episodes} | {line} | reward 4 at step {int(np.argmax(rewards == 4)) + 1} | "
-                f"{os.path.getsize(path) / 1e6:.1f} MB"
-            )
-        else:
-            line = f"dropped | {line}"
-        print(line, flush=True)
-        seed += 1
-    print(
-        f"{args.out}: {done} episodes, {tries} seeds tried ({args.seed}..{seed - 1}), "
-        f"{time.time() - t_start:.0f} s this run"
-    )
+    with lock_out(args.out):
+        done, seed = recorded_so_far(args, size, compression)
+        # an interrupted run's partial files: no other run is writing them, this one holds the lock
+        for tmp in glob.glob(os.path.join(args.out, "episode_*.hdf5.tmp")):
+            os.remove(tmp)
+        if done:
+            print(f"{args.out}: {done} episodes already recorded, resuming at seed {seed}")
+        record_episodes(args, size, compression, done, seed)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ Run from the repository root (needs aloha/requirements.txt; rendering uses EGL, 
     python -m pytest -q aloha/test_aloha.py
 """
 
+import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -111,7 +114,7 @@ def demos(tmp_path_factory):
 
 
 def test_recorded_files_have_acts_layout(demos):
-    assert os.listdir(demos) == ["episode_0.hdf5"]
+    assert sorted(os.listdir(demos)) == [".lock", "episode_0.hdf5"]  # the lock stays, as train.py's does
     for n, seed in enumerate([5]):
         with h5py.File(demos / f"episode_{n}.hdf5", "r") as f:
             assert f.attrs["sim"] and f.attrs["task"] == "transfer_cube" and f.attrs["seed"] == seed
@@ -143,13 +146,15 @@ def test_recorded_files_load_with_data_py(demos):
 
 @pytest.fixture(scope="module")
 def checkpoint(demos, tmp_path_factory):
-    """The CPU recipe itself (train.sh, one process), cut to one step: its flags must still be train.py's."""
+    """The CPU recipe itself (train.sh, one process), cut to one step: its flags must still be train.py's. It runs
+    from another directory than the repository, given the demos, the run and the model as paths relative to it."""
     from demo import make_tiny
 
     tiny, out = make_tiny(str(tmp_path_factory.mktemp("tiny"))), tmp_path_factory.mktemp("run")
+    here = tmp_path_factory.getbasetemp()
     flags = (
-        demos,
-        out,
+        os.path.relpath(demos, here),
+        os.path.relpath(out, here),
         "--val_episodes",
         0,
         "--batch_size",
@@ -166,11 +171,11 @@ def checkpoint(demos, tmp_path_factory):
         1,
     )
     r = subprocess.run(
-        ["bash", "aloha/train.sh", *map(str, flags)],
-        cwd=ROOT,
+        ["bash", os.path.join(ROOT, "aloha", "train.sh"), *map(str, flags)],
+        cwd=here,
         capture_output=True,
         text=True,
-        env=dict(ENV, VLA_PATH=tiny, NPROC="1", PYTHON=sys.executable),
+        env=dict(ENV, VLA_PATH=os.path.relpath(tiny, here), NPROC="1", PYTHON=sys.executable),
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -184,6 +189,14 @@ def checkpoint(demos, tmp_path_factory):
     )
     assert (args["lr"], args["lr_decay_step"], args["vla_path"], args["world_size"]) == (2e-4, 8000, tiny, 1)
     return out / "step_000001"
+
+
+def test_train_sh_takes_paths_relative_to_the_callers_directory(checkpoint, demos):
+    """The checkpoint fixture ran train.sh from the directory above its demos with relative paths: train.sh cds to
+    the repository, so it must have made them absolute first (they also stay valid for evaluate.py from anywhere)."""
+    args = json.loads((checkpoint / "args.json").read_text())
+    assert args["data_dir"] == str(demos) and args["out_dir"] == str(checkpoint.parent)
+    assert os.path.isabs(args["vla_path"]) and os.path.isdir(args["vla_path"])
 
 
 def test_evaluate_closed_loop_writes_report_and_gif(checkpoint, demos, tmp_path):
@@ -291,10 +304,81 @@ def test_bad_input_gets_one_line(checkpoint, tmp_path):
 
 def test_record_refuses_to_resume_at_another_zoom(demos):
     r = run("aloha/record.py", demos, "--episodes", 2, "--seed", 5, "--size", "x".join(map(str, SIZE)), "--zoom", 2)
-    assert r.returncode != 0 and os.listdir(demos) == ["episode_0.hdf5"]
+    assert r.returncode != 0 and sorted(os.listdir(demos)) == [".lock", "episode_0.hdf5"]
     assert r.stderr.strip() == (
         f"error: {demos / 'episode_0.hdf5'} was recorded at --zoom 1.0, not 2.0: use another OUT"
     )
+
+
+@pytest.mark.parametrize(
+    "flags, was",
+    [
+        (["--size", "96x128"], "at --size 48x64, not 96x128"),
+        (["--stock_render"], "with the fast render, not --stock_render"),
+        (["--compression", "gzip"], "with --compression lzf, not gzip"),
+        (["--compression", "none"], "with --compression lzf, not none"),
+        (["--task", "insertion"], "with --task transfer_cube, not insertion"),
+    ],
+)
+def test_record_refuses_to_resume_with_other_settings(demos, tmp_path, flags, was):
+    """Episodes of one OUT share their settings: a resumed run with others stops before recording, naming both."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(demos / "episode_0.hdf5", out)
+    size = "x".join(map(str, SIZE))
+    with pytest.raises(SystemExit) as e:
+        record.main([str(out), "--episodes", "2", "--seed", "5", "--size", size, *flags])
+    assert str(e.value) == f"error: {out / 'episode_0.hdf5'} was recorded {was}: use another OUT"
+    assert sorted(os.listdir(out)) == [".lock", "episode_0.hdf5"]
+
+
+@pytest.mark.slow
+def test_record_refuses_a_second_run_into_the_same_out(tmp_path):
+    """Two runs into one OUT would both number their episodes from the same files, the later one replacing the
+    other's, and each start would delete the other's .tmp file: the second is refused while the first runs."""
+    out, size = tmp_path / "out", "x".join(map(str, SIZE))
+    out.mkdir()
+
+    def refusal(out):
+        lock = out / ".lock"
+        return (
+            f"error: {out} is in use by another record.py run (it holds {lock}): wait for it to end, or use another OUT"
+        )
+
+    # another run, as the kernel sees it: this process holds the lock, and writes its next episode
+    with open(out / ".lock", "a") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (out / "episode_0.hdf5.tmp").write_bytes(b"being written")
+        r = run("aloha/record.py", out, "--episodes", 1, "--seed", 5, "--size", size)
+    assert r.returncode == 1 and r.stderr.strip() == refusal(out) and r.stdout == ""
+    assert (out / "episode_0.hdf5.tmp").read_bytes() == b"being written"
+    # two real runs into a new OUT: the first holds the lock from its start to its end, seconds of recording later
+    out = tmp_path / "two"
+    first = subprocess.Popen(
+        [sys.executable, "aloha/record.py", str(out), "--episodes", "2", "--seed", "5", "--size", size],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(600):  # made just before it locks it
+            if first.poll() is not None or os.path.exists(out / ".lock"):
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
+        r = run("aloha/record.py", out, "--episodes", 4, "--seed", 100, "--size", size)
+        assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
+        assert r.returncode == 1 and r.stderr.strip() == refusal(out)
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0 and "2 episodes, 2 seeds tried (5..6)" in stdout, stderr[-2000:]
+    episodes = [line for line in stdout.splitlines() if line.startswith("episode ")]  # into a pipe: no bar, an ETA
+    assert [line.split(" | ")[0] for line in episodes] == ["episode 1/2", "episode 2/2"]
+    assert re.search(r" \| \d+s elapsed, eta \d+s$", episodes[0]) and episodes[1].endswith(", eta 0s")
+    assert sorted(os.listdir(out)) == [".lock", "episode_0.hdf5", "episode_1.hdf5"]
 
 
 def test_mcnemar_is_the_exact_binomial_test():

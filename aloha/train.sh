@@ -14,10 +14,18 @@
 # No --proprio: with the joint state the policy replays the demonstrations without looking at the cube (in the
 # pilot 0 of 20 succeeded); without it the only way to the cube is through the camera.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 DEMOS=${1:?usage: bash aloha/train.sh DEMOS_DIR OUT_DIR [train.py flags]}
 OUT=${2:?usage: bash aloha/train.sh DEMOS_DIR OUT_DIR [train.py flags]}
 shift 2
+# DEMOS, OUT and a VLA_PATH that is a local directory are the caller's paths: made absolute before the cd to the
+# repository (a VLA_PATH that is not a directory here is a Hugging Face Hub id and stays as it is)
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+DEMOS=$(absolute "$DEMOS")
+OUT=$(absolute "$OUT")
+if [ -n "${VLA_PATH:-}" ] && [ -d "$VLA_PATH" ]; then
+  VLA_PATH=$(absolute "$VLA_PATH")
+fi
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
 VLA_PATH=${VLA_PATH:-out/tiny-openvla}
 if [ "$VLA_PATH" = out/tiny-openvla ] && [ ! -f out/tiny-openvla/config.json ]; then

@@ -11,7 +11,8 @@ Episode N becomes OUT/episode_{N}.hdf5: head_camera_image, left_wrist_image, rig
 front camera) as (T, size, size, 3) uint8 RGB, action (T, 14) = the joint vector recorded at frame t,
 relative_action, seen and unseen (layout B: seen only). A file is written under a temporary name and renamed when
 whole, so a re-run skips finished episodes and redoes an interrupted one. Broken raw episodes are named, one line
-per problem, and the rest are still converted.
+per problem, and the rest are still converted. A line per episode; on a terminal a progress bar with the ETA under
+them, in a log file each line ends with the time elapsed and the ETA.
 """
 
 import argparse
@@ -29,6 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # before RoboTwin's own data/
 import data  # noqa: E402
+from progress import Progress  # noqa: E402
 
 # nanoOFT's camera: (layout A's dataset, layout B's dataset)
 CAMERAS = dict(
@@ -195,11 +197,14 @@ def main(argv=None):
             instructions = os.path.join(args.src, "instructions", f"episode{n}.json") if layout == "A" else None
             jobs.append((n, layout, path, instructions, args.out, args.size))
     try:
-        with multiprocessing.Pool(max(1, min(args.workers, len(jobs)))) as pool:
+        with (
+            multiprocessing.Pool(max(1, min(args.workers, len(jobs)))) as pool,
+            Progress(total=len(episodes), done=skipped, unit="episode") as progress,
+        ):
             for k, (line, problems) in enumerate(pool.imap_unordered(convert_episode, jobs), skipped + 1):
-                print(f"[{k}/{len(episodes)}] {line}", flush=True)
+                progress.update(line=f"[{k}/{len(episodes)}] {line}")
                 for problem in problems:
-                    print(problem, file=sys.stderr, flush=True)
+                    progress.write(problem, file=sys.stderr)
                 failed += bool(problems)
     except KeyboardInterrupt:
         sys.exit("interrupted; run the same command again to convert the rest")

@@ -8,6 +8,7 @@ the cv2 way), converted with robotwin/convert.py and checked against the raw fil
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -223,6 +224,8 @@ def test_interrupted_conversion_resumes(tmp_path, capsys, monkeypatch):
     convert.main([src, str(out), "--size", "16", "--workers", "2"])
     log = capsys.readouterr().out
     assert log.count("already converted, skipped") == 2 and log.count(" -> ") == 1 and "episode_2.hdf5" in log
+    (converted,) = [line for line in log.splitlines() if " -> " in line]  # not a terminal: the ETA ends the line
+    assert converted.startswith("[3/3] ") and re.search(r"s\) \| \d+s elapsed, eta 0s$", converted), converted
     assert sorted(os.listdir(out)) == sorted(first)  # the temporary file is gone
     assert (os.stat(out / "episode_0.hdf5").st_mtime_ns, os.stat(out / "episode_0.hdf5").st_ino) == (
         done.st_mtime_ns,
