@@ -55,8 +55,9 @@ class SimPool:
     ones addressed in one call run in parallel."""
 
     def __init__(self, n, task, cameras, fast_render=True, zoom=1.0):
-        # fork: the workers start at once and inherit the loaded simulator modules (they never touch torch)
-        context = multiprocessing.get_context("fork")
+        # spawn, not fork: a forked child of a process that has rendered (an EGL context) or runs torch's threads
+        # can hang; a spawned one imports the simulator afresh (a second or two, once per pool)
+        context = multiprocessing.get_context("spawn")
         self.n, self.cameras, self.conns, self.procs = n, cameras, [], []
         for _ in range(n):
             parent, child = context.Pipe()

@@ -43,6 +43,7 @@ import envs  # noqa: E402  (the same folder: sys.path[0] when run as a script)
 import infer  # noqa: E402
 import model  # noqa: E402
 import record  # noqa: E402
+from progress import Progress  # noqa: E402
 
 # ACT's layout names a camera by its dataset path
 IMAGE_PREFIX = "observations/images/"
@@ -317,13 +318,13 @@ def save_report(report, path):
 
 
 def evaluate_entry(report, entry, what, seeds, pool, act, needs_frames, args, gifs, name):
-    """Run the seeds this entry of the report still misses, saving the report after every episode."""
+    """Run the seeds this entry of the report still misses, saving the report after every episode, a line with an
+    ETA per episode (a bar above them on a terminal)."""
     path = os.path.join(args.out, "report.json")
     done = report.get(entry, {}).get("per_episode", [])
     todo = [s for s in seeds if s not in {e["seed"] for e in done}]
     if done:
         print(f"{name}: {len(done)} of {len(seeds)} episodes already in {path}, resuming")
-    t_start, total = time.time(), len(todo)
 
     def on_done(result, episode):
         done.append(result)
@@ -332,20 +333,18 @@ def evaluate_entry(report, entry, what, seeds, pool, act, needs_frames, args, gi
         if episode.gif:
             gif_path = os.path.join(args.out, f"rollout_{episode.index}_seed{episode.seed}.gif")
             write_gif(episode.gif, gif_path)
-            print(f"wrote {gif_path}")
-        finished = len(done) - (len(seeds) - total)
-        eta = (time.time() - t_start) / finished * (total - finished)
+            progress.write(f"wrote {gif_path}")
         k = sum(e["success"] for e in done)
         chunk = f"{result['ms_per_chunk']} ms per chunk | " if "ms_per_chunk" in result else ""
-        print(
-            f"{name} | seed {result['seed']} | stage {result['max_reward']} | "
-            f"{'success' if result['success'] else 'failure'} | {result['steps']} steps | {chunk}"
-            f"{result['seconds']} s | {k}/{len(done)} so far | eta {eta / 60:.1f} min",
-            flush=True,
+        outcome = "success" if result["success"] else "failure"
+        progress.update(
+            line=f"{name} | seed {result['seed']} | stage {result['max_reward']} | {outcome} | {result['steps']} "
+            f"steps | {chunk}{result['seconds']} s | {k}/{len(done)} so far"
         )
 
-    if todo:
-        run_episodes(todo, pool, act, needs_frames, args, gifs, on_done)
+    with Progress(total=len(seeds), done=len(seeds) - len(todo), unit="episode") as progress:
+        if todo:
+            run_episodes(todo, pool, act, needs_frames, args, gifs, on_done)
     return report
 
 
@@ -466,6 +465,8 @@ def write_curve(run_dir, reports):
         plot.plot_run(run_dir, os.path.join(run_dir, "success_curve.png"))
     except ImportError as e:
         print(f"note: no success_curve.png ({e}): pip install -r requirements-plot.txt")
+    except plot.PlotError as e:
+        print(f"note: no success_curve.png: {e}")
 
 
 # -----------------------------------------------------------------------------
@@ -540,7 +541,7 @@ def check_args(args):
         try:
             model.check_checkpoint(args.checkpoint)
         except (OSError, ValueError) as e:
-            sys.exit(f"error: {e}")
+            sys.exit(f"error: --checkpoint {e}")
 
 
 def main(argv=None):

@@ -228,7 +228,7 @@ def test_evaluate_closed_loop_writes_report_and_gif(checkpoint, demos, tmp_path)
         ["baseline", "seed 1001"],
     ]
     assert any(ln.startswith("policy: 0/2 = 0% success (95% CI 0-66%)") for ln in lines)
-    assert "camera zoom 1.0 (as the training demos)" in lines
+    assert any(ln.startswith("camera zoom 1.0, fast render") for ln in lines)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["settings"]["zoom"] == 1.0
     assert report["settings"]["seeds"] == [1000, 1001] and report["settings"]["cameras"] == {
@@ -283,19 +283,14 @@ def test_bad_input_gets_one_line(checkpoint, tmp_path):
         "than the simulator renders (480x640)"
     )
     assert evaluate.check_policy_inputs(args, "CKPT", "insertion") == {"observations/images/top": ("top", SIZE)}
-    mixed = tmp_path / "mixed"  # demos recorded at two zooms: no single right way to render them
-    mixed.mkdir()
-    for n, zoom in enumerate([1.0, 1.6]):
-        with h5py.File(mixed / f"episode_{n}.hdf5", "w") as f:
-            f.attrs.update(seed=n, zoom=zoom)
-    assert evaluate.training_demos({"data_dir": str(mixed)}) == ({0, 1}, {1.0, 1.6})
-    assert evaluate.training_demos({"data_dir": str(tmp_path / "moved")}) == (set(), set())
+    # demos recorded at two zooms: no single right way to render them; the training seeds are known without the files
+    mixed = args | {"episode_attrs": {"sim": True, "task": "transfer_cube", "zoom": [1.0, 1.6], "seed": [0, 1]}}
     edited = tmp_path / "ckpt"
     shutil.copytree(checkpoint, edited)
-    (edited / "args.json").write_text(json.dumps(args | {"data_dir": str(mixed)}))
-    assert error("--checkpoint", edited) == (
-        f"error: checkpoint {edited}'s demos in {mixed} mix zooms [1.0, 1.6]: give --zoom"
-    )
+    (edited / "args.json").write_text(json.dumps(mixed))
+    assert error("--checkpoint", edited) == f"error: checkpoint {edited}'s demos mix zooms [1.0, 1.6]: give --zoom"
+    settings = evaluate.scene_settings(mixed, evaluate.get_args(["--zoom", "1.6"]), "CKPT")
+    assert settings == (1.6, False, {0, 1})
     r = run("aloha/record.py", tmp_path / "x", "--task", "stack_cups")
     assert r.returncode != 0
     assert r.stderr.strip() == "error: --task 'stack_cups': unknown task; use transfer_cube, insertion"
@@ -393,17 +388,19 @@ def test_mcnemar_is_the_exact_binomial_test():
 
 
 def test_compare_pairs_reports_by_seed(tmp_path):
-    def report(path, entry, stages, seed0):
+    def report(path, entry, stages, seed0, task="transfer_cube"):
         eps = [{"seed": seed0 + i, "max_reward": r, "success": r == 4} for i, r in enumerate(stages)]
-        path.write_text(json.dumps({"settings": {}, entry: {"per_episode": eps}}))
+        path.write_text(json.dumps({"settings": {"task": task}, entry: {"per_episode": eps}}))
         return str(path)
 
     a1, a2 = report(tmp_path / "a1.json", "policy", [4, 4, 1, 0], 0), report(tmp_path / "a2.json", "policy", [2], 4)
     b = report(tmp_path / "b.json", "baseline", [0, 4, 1, 1, 4], 0)
     r = run("aloha/compare.py", f"{a1},{a2}", f"{b}:baseline")
     assert r.returncode == 0, r.stderr
-    rows = [ln.split() for ln in r.stdout.splitlines()[2:]]
-    assert r.stdout.startswith("5 paired seeds (0..4)")
+    rows = [ln.split() for ln in r.stdout.splitlines()[4:]]
+    head = r.stdout.splitlines()[:3]
+    assert head[0] == "5 paired seeds (0..4), transfer_cube"
+    assert head[1].startswith("A: ") and head[1].endswith(":policy") and head[2].endswith(":baseline")
     # stage 1: A reaches it on seeds 0,1,2,4; B on 1,2,3,4 -> only A {0}, only B {3}
     assert rows[0] == ["1", "4/5", "4/5", "1", "1", "1"]
     assert rows[3] == ["4", "2/5", "2/5", "1", "1", "1"] and rows[1] == ["2", "3/5", "2/5", "1", "0", "1"]
@@ -415,3 +412,10 @@ def test_compare_pairs_reports_by_seed(tmp_path):
     assert r.stderr.strip() == f"error: B {b}: holds no policy episodes (it has settings, baseline)"
     r = run("aloha/compare.py", a1, str(tmp_path / "nope.json"))
     assert r.stderr.strip().startswith(f"error: B {tmp_path / 'nope.json'}: not a readable report.json")
+    # stage k means another thing in another task; an empty report is one line too
+    insertion = report(tmp_path / "i.json", "policy", [4, 4, 1, 0], 0, task="insertion")
+    r = run("aloha/compare.py", a1, insertion)
+    assert r.stderr.strip() == "error: A is transfer_cube and B is insertion: compare evaluations of the same task"
+    empty = report(tmp_path / "e.json", "policy", [], 0)
+    r = run("aloha/compare.py", a1, empty)
+    assert r.stderr.strip() == f"error: B {empty}: holds no policy episodes (it has settings, policy)"
