@@ -435,8 +435,17 @@ def evaluate_run(args, seeds):
         last = max_steps(found)
         if not args.watch or (last is not None and any(d.endswith(f"step_{last:06d}") for d in done)):
             break
+        # a run that died leaves no last checkpoint: give up after --patience minutes without a new one
+        if time.time() - newest(found, run_dir) > 60 * args.patience:
+            print(f"no new checkpoint in {run_dir} for {args.patience} minutes: stopping")
+            break
         time.sleep(30)
     print(f"success curve: {os.path.join(run_dir, 'success_curve.json')}")
+
+
+def newest(found, run_dir):
+    """When the run last showed life: its newest checkpoint's time, else the run directory's."""
+    return max([os.path.getmtime(d) for d in found] + [os.path.getmtime(run_dir)])
 
 
 def max_steps(found):
@@ -477,6 +486,9 @@ def get_args(argv=None):
     p.add_argument("--checkpoint", help="a step_NNNNNN directory or a merged export")
     p.add_argument("--checkpoints", metavar="RUN_DIR", help="every step_NNNNNN of a training run, on the same seeds")
     p.add_argument("--watch", action="store_true", help="with --checkpoints: wait for new ones until the last step")
+    p.add_argument(
+        "--patience", type=float, default=60, help="--watch: minutes without a new checkpoint before it stops"
+    )
     p.add_argument("--task", default="transfer_cube", help=" or ".join(record.TASKS))
     p.add_argument(
         "--episodes",

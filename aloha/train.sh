@@ -4,7 +4,8 @@
 #   bash aloha/train.sh out/aloha/transfer_cube out/aloha/run            # checkpoints land in OUT_DIR/step_*
 #   bash aloha/train.sh DEMOS OUT --max_steps 1000                       # any train.py flag overrides the recipe's
 #   VLA_PATH=openvla/openvla-7b bash aloha/train.sh DEMOS OUT --max_steps 20000 --lr 5e-4 --lr_decay_step 16000 \
-#       --save_interval 2000 --batch_size 8 --grad_ckpt auto              # the 7B model on GPUs (all of them)
+#       --save_interval 2000 --batch_size 8 --grad_ckpt                   # the 7B model on GPUs (all of them)
+#   EVAL_EPISODES=20 bash aloha/train.sh DEMOS OUT                       # and each checkpoint closed loop, as it lands
 #
 # 10,000 steps at lr 2e-4 (decay at 8,000) on 200 demos: 50/100 closed loop, 94 min measured on 2 CPU cores
 # (about 75 on a quiet day, estimated from its 0.45 s a step).
@@ -27,6 +28,21 @@ if [ -n "${VLA_PATH:-}" ] && [ -d "$VLA_PATH" ]; then
 fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
+
+# the recipe holds 2 demos out for validation (or --val_episodes N): with too few the rest would train on next to
+# nothing without a word
+VAL=2
+ARGS=("$@")
+for i in "${!ARGS[@]}"; do
+  if [ "${ARGS[$i]}" = --val_episodes ]; then VAL=${ARGS[$((i + 1))]:-2}; fi
+done
+N=$(find "$DEMOS" -maxdepth 1 -name 'episode_*.hdf5' 2>/dev/null | wc -l)
+if [ "$N" -le $((2 * VAL)) ]; then
+  echo "error: $DEMOS holds $N demos: the recipe holds $VAL out for validation and would train on $((N - VAL))" \
+    "(it was measured on 200): record more, or pass --val_episodes 0" >&2
+  exit 1
+fi
+
 VLA_PATH=${VLA_PATH:-out/tiny-openvla}
 if [ "$VLA_PATH" = out/tiny-openvla ] && [ ! -f out/tiny-openvla/config.json ]; then
   $PY demo.py --tiny out/tiny-openvla
@@ -34,6 +50,13 @@ fi
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 export NPROC=${NPROC:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 2)}  # 2 CPU processes of one thread each
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# EVAL_EPISODES=N: aloha/evaluate.py --checkpoints --watch beside training, each checkpoint on N unseen seeds as it
+# lands (the success curve in OUT/success_curve.json); it shares the CPU with training
+if [ -n "${EVAL_EPISODES:-}" ]; then
+  $PY aloha/evaluate.py --checkpoints "$OUT" --watch --episodes "$EVAL_EPISODES" --envs "${EVAL_ENVS:-2}" --ensemble \
+    > "$OUT.closed_loop.log" 2>&1 &
+  echo "closed-loop evaluation of each checkpoint: $OUT.closed_loop.log"
+fi
 exec bash launch.sh --vla_path "$VLA_PATH" --data_dir "$DEMOS" --out_dir "$OUT" \
   --cameras observations/images/top --instruction "transfer the cube" \
   --max_steps 10000 --lr 2e-4 --lr_decay_step 8000 --save_interval 1000 --eval_interval 1000 --log_interval 50 \
