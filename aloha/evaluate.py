@@ -365,7 +365,7 @@ def print_summary(report):
 
 def evaluate_checkpoint(ckpt, args, seeds, out, baseline=None):
     """The policy (and, if asked, the blind baseline) on the seeds, into out/report.json. -> the report."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("checkpoints", "watch", "overwrite")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("checkpoints", "watch", "patience", "overwrite")}
     settings |= {"checkpoint": ckpt, "out": out, "seeds": seeds, "stages": STAGES[args.task]}
     args = argparse.Namespace(**vars(args) | {"out": out})
     os.makedirs(out, exist_ok=True)
@@ -399,8 +399,8 @@ def evaluate_checkpoint(ckpt, args, seeds, out, baseline=None):
     if baseline is not None:
         mean, n_demos = baseline
         what = f"mean action trajectory of {n_demos} demos in {os.path.realpath(args.baseline)}, open loop"
-        settings.setdefault("zoom", args.zoom or 1.0)
-        settings.setdefault("stock_render", args.stock_render)
+        if not ckpt:
+            settings["zoom"] = args.zoom if args.zoom is not None else 1.0
         report = report or load_report(path, settings, "baseline", what, args.overwrite)
         gif_camera = {"top": ("top", (240, 320))}
         with envs.SimPool(args.envs, args.task, gif_camera, True, 1.0) as pool:
