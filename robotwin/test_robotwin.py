@@ -329,8 +329,8 @@ def trained(tmp_path_factory):
 
 def test_robotwin_loads_and_runs_the_policy_package(trained, tmp_path, monkeypatch):
     """A fake RoboTwin evaluator imports robotwin/ as policy/nanooft and runs it on 240x320 frames with a step limit,
-    from RoboTwin's root as eval.sh does, on a checkpoint whose args.json names its base relative to where training
-    ran (as every run did before absolute paths were recorded); infer.py uses it from another directory too."""
+    from RoboTwin's root as eval.sh does, on a checkpoint whose args.json names its base relative to the checkpoint
+    itself (as a policy shipped in a repository does); infer.py uses it from another directory too."""
     import infer
 
     ckpt = str(tmp_path / "run" / "step_000002")  # copied beside the base, as out/demo sits beside out/tiny-openvla
@@ -338,7 +338,7 @@ def test_robotwin_loads_and_runs_the_policy_package(trained, tmp_path, monkeypat
     os.symlink(trained / "tiny", tmp_path / "tiny")
     args = json.load(open(os.path.join(ckpt, "args.json")))
     assert os.path.basename(args["vla_path"]) == "tiny" and os.path.basename(args["out_dir"]) == "run"
-    json.dump(args | {"vla_path": "tiny", "out_dir": "run"}, open(os.path.join(ckpt, "args.json"), "w"))
+    json.dump(args | {"vla_path": "../../tiny", "out_dir": "run"}, open(os.path.join(ckpt, "args.json"), "w"))
 
     root = tmp_path / "RoboTwin"
     (root / "data").mkdir(parents=True)
