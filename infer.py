@@ -19,7 +19,6 @@ Several environments at once (one forward pass for all of those that need a new 
 """
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -52,12 +51,6 @@ def ensemble(recent, decay=0.01):
     return (w / w.sum()) @ np.stack([c[n - 1 - i] for i, c in enumerate(recent)])
 
 
-def jpeg_round_trip(frame, quality):
-    buf = io.BytesIO()
-    Image.fromarray(frame).save(buf, "JPEG", quality=quality)
-    return np.asarray(Image.open(buf).convert("RGB"))
-
-
 def as_batch(value, envs, what):
     """A per-environment list of `value`: one value for all of them, or a list of one per environment."""
     if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and what == "state" and value.ndim == 2):
@@ -69,17 +62,15 @@ def as_batch(value, envs, what):
 
 class Policy:
     """A trained nanoOFT policy: raw camera frames (and state) and an instruction in, raw joint-space actions out.
-    Live frames take the training frames' path: a JPEG round trip if asked (for data whose frames went through JPEG),
-    the data conversion's bicubic squash to the training frames' size, then the model's resize (and centre crop).
+    Live frames take the training frames' path: the data conversion's bicubic squash to the training frames' size,
+    then the model's resize (and centre crop).
     Every call takes one environment (a dict of frames) or several (a list of dicts), which run in one batch."""
 
-    def __init__(
-        self, vla, stats, run, device, execute=1, ensemble=False, jpeg_quality=None, proprio_stats=None, envs=1
-    ):
+    def __init__(self, vla, stats, run, device, execute=1, ensemble=False, proprio_stats=None, envs=1):
         if type(execute) is not int or not 1 <= execute <= run["chunk"]:
             raise ValueError(f"Policy: execute must be 1..{run['chunk']} (the chunk), got {execute!r}")
         self.vla, self.stats, self.proprio_stats, self.args, self.device = vla, stats, proprio_stats, run, device
-        self.execute, self.ensemble, self.jpeg_quality = execute, ensemble, jpeg_quality
+        self.execute, self.ensemble = execute, ensemble
         self.cameras, self.frame_sizes = run["cameras"].split(","), run["frame_sizes"]
         dtype = next(vla.parameters()).dtype
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -91,7 +82,9 @@ class Policy:
         merge: fold a training checkpoint's LoRA into the base weights in place, to run at an export's speed.
         A checkpoint that cannot work is a ValueError or OSError naming the file, before any weight loads."""
         run = model.check_checkpoint(ckpt_dir)
-        device = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         merged = model.is_export(ckpt_dir)
         # the adapter is checked against its config, and the base against it, before the base loads
@@ -117,8 +110,6 @@ class Policy:
                 f"image), got {type(image).__name__} of {array.dtype} {array.shape}"
             )
         image = np.ascontiguousarray(array)
-        if self.jpeg_quality:
-            image = jpeg_round_trip(image, self.jpeg_quality)
         h, w = self.frame_sizes[camera]
         if image.shape[:2] != (h, w):
             image = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))

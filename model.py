@@ -69,7 +69,7 @@ NORMALIZE = [
 ]
 # what trains fully
 HEAD = ("action_head.", "action_queries", "proprio_projector.", "film_layers.")
-ATTENTION = ("causal", "queries", "full")
+ATTENTION = ("causal", "full")
 
 
 def default_preprocessor(config):
@@ -150,8 +150,13 @@ class ViT(nn.Module):
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         prefix = [t.expand(len(x), -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         x = torch.cat(prefix + [x], 1)
-        for block, f in zip(self.blocks, film or [()] * len(self.blocks)):
-            x = checkpoint(block, x, *f, use_reentrant=False) if self.grad_ckpt and self.training else block(x, *f)
+        if film is None:
+            film = [()] * len(self.blocks)
+        for block, f in zip(self.blocks, film):
+            if self.grad_ckpt and self.training:
+                x = checkpoint(block, x, *f, use_reentrant=False)
+            else:
+                x = block(x, *f)
         return x[:, sum(t.shape[1] for t in prefix) :]
 
 
@@ -259,7 +264,9 @@ def prompt_ids(tokenizer, instruction):
     ids = [tokenizer.token_to_id("<s>")] + tokenizer.encode(prompt, add_special_tokens=False).ids
     space = tokenizer.token_to_id("▁")
     # OpenVLA's action prediction appends the bare "▁"
-    return ids + [space] * (ids[-1] != space)
+    if ids[-1] != space:
+        ids.append(space)
+    return ids
 
 
 def check_sequence_length(config, tokenizer, instruction, cameras, proprio=False, chunk=8):
@@ -268,10 +275,10 @@ def check_sequence_length(config, tokenizer, instruction, cameras, proprio=False
     prompt, patches = len(prompt_ids(tokenizer, instruction)), (config["image_sizes"][0] // PATCH) ** 2
     n, limit = prompt + cameras * patches + bool(proprio) + chunk, max_positions(config)
     if n > limit:
+        state = " + 1 state token" if proprio else ""
         raise ValueError(
             f"the instruction is too long: {prompt} prompt tokens + {cameras} camera(s) x {patches} image "
-            f"tokens{' + 1 state token' * bool(proprio)} + {chunk} action queries = {n} positions, more "
-            f"than the LLM's {limit}"
+            f"tokens{state} + {chunk} action queries = {n} positions, more than the LLM's {limit}"
         )
     return n
 
@@ -434,14 +441,11 @@ class VLA(nn.Module):
         rows = torch.arange(B, device=dev)[:, None]
         q_pos = P + n[:, None] + torch.arange(K, device=dev)
         x = x.index_put((rows, q_pos), self.action_queries.to(x.dtype).expand(B, K, -1))
-        mask, pos, real_end = None, torch.arange(x.shape[1], device=dev), (P + n + K)[:, None]
-        # OFT: every real token sees every real token, never a pad
+        # causal attention needs no mask; OFT's full attention: every real token sees every real token, never a pad
+        mask = None
         if self.attention == "full":
-            mask = (pos < real_end)[:, None, None, :].expand(B, 1, len(pos), -1)
-        # causal, plus each sample's K queries see each other
-        elif self.attention == "queries":
-            query = (pos >= (P + n)[:, None]) & (pos < real_end)
-            mask = ((pos[:, None] >= pos[None, :]) | (query[:, :, None] & query[:, None, :]))[:, None]
+            real = torch.arange(x.shape[1], device=dev) < (P + n + K)[:, None]
+            mask = real[:, None, None, :].expand(B, 1, x.shape[1], -1)
         # no lm_head
         h = self.llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
         return self.action_head(h[rows, q_pos].float())

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections import namedtuple
@@ -83,8 +84,7 @@ def add_model_flags(p):
         "--attention",
         choices=model.ATTENTION,
         default="causal",
-        help="causal: stock Llama; queries: the action queries also see each other; full: every token "
-        "sees every token, as OpenVLA-OFT's patched Llama",
+        help="causal: stock Llama; full: every token sees every token, as OpenVLA-OFT's patched Llama",
     )
     p.add_argument(
         "--proprio",
@@ -133,7 +133,6 @@ def add_optimizer_flags(p):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--lr_decay_step", type=int, default=40000, help="the lr is multiplied by --lr_decay_factor here")
     p.add_argument("--lr_decay_factor", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=0)
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--max_steps", type=int, default=50000)
     p.add_argument("--seed", type=int, default=7)
@@ -145,6 +144,13 @@ def add_run_flags(p):
     p.add_argument("--eval_interval", type=int, default=1000)
     p.add_argument("--eval_batches", type=int, default=8, help="validation batches per evaluation (fixed samples)")
     p.add_argument("--log_interval", type=int, default=10)
+    p.add_argument(
+        "--log",
+        choices=["none", "tensorboard", "wandb"],
+        default="none",
+        help="also log to TensorBoard (OUT_DIR/tensorboard) or Weights & Biases (offline without a network); "
+        "pip install -r requirements-log.txt. metrics.jsonl is written either way",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the newest one in --out_dir")
     p.add_argument("--dist_timeout", type=float, default=10, help="minutes a rank waits for the others (gloo: 30)")
@@ -159,7 +165,7 @@ def add_run_flags(p):
 # flags that must be positive, and flags that may also be 0
 POSITIVE = ["chunk", "action_dim", "batch_size", "grad_accum", "max_steps", "save_interval", "eval_interval"]
 POSITIVE += ["eval_batches", "log_interval", "lora_rank", "dist_timeout"]
-NOT_NEGATIVE = ["action_offset", "val_episodes", "warmup_steps", "keep_last", "num_workers"]
+NOT_NEGATIVE = ["action_offset", "val_episodes", "keep_last", "num_workers"]
 
 
 def get_args(argv=None):
@@ -580,8 +586,6 @@ def wrap(vla, args, proc):
 
 
 def get_lr(step, args):
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
     if step >= args.lr_decay_step:
         return args.lr * args.lr_decay_factor
     return args.lr
@@ -704,14 +708,16 @@ class Metrics:
     """metrics.jsonl, the record of a run's numbers, one JSON row per log line (rank 0 writes it). A resumed run
     logs the steps after its checkpoint again: their old rows are dropped first, so each step appears once."""
 
-    def __init__(self, out_dir, resumed_step, proc):
+    def __init__(self, out_dir, resumed_step, proc, run):
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        self.file = None
+        self.file, self.tracker = None, None
         if not proc.master:
             return
         if resumed_step is not None and os.path.exists(self.path):
             self.keep_until(resumed_step)
         self.file = open(self.path, "a")
+        if run["log"] != "none":
+            self.tracker = open_tracker(run["log"], out_dir, run)
 
     def keep_until(self, step):
         with open(self.path) as f:
@@ -726,6 +732,41 @@ class Metrics:
         log(line, flush=True)
         if self.file:
             print(json.dumps(row), file=self.file, flush=True)
+        if self.tracker:
+            self.tracker(row)
+
+
+def open_tracker(kind, out_dir, run):
+    """A function that logs a metrics row to TensorBoard or W&B, the run record as its config. The package is
+    imported only here, when asked. W&B runs offline when its server is out of reach, and says how to sync."""
+    if kind == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        writer.add_text("args", json.dumps(run, indent=1))
+
+        def to_tensorboard(row):
+            for name, value in row.items():
+                writer.add_scalar(name, value, row["step"])
+            writer.flush()
+
+        return to_tensorboard
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if reachable("api.wandb.ai") else "offline")
+    wandb_run = wandb.init(dir=out_dir, config=run, mode=mode)
+    if mode == "offline":
+        log(f"W&B is offline: sync later with: wandb sync {wandb_run.dir}/..")
+    return lambda row: wandb_run.log(row, step=row["step"])
+
+
+def reachable(host):
+    """Whether host:443 answers within 3 seconds."""
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
 
 
 def metrics_step(row):
@@ -908,7 +949,7 @@ def main(argv=None):
     global_batch = show_run(run, train_set, val_set, args, proc)
     save = functools.partial(save_checkpoint, vla, opt, stats_record(train_set), run, proc)
     train_vla = wrap(vla, args, proc)
-    metrics = Metrics(args.out_dir, start_step if resume else None, proc)
+    metrics = Metrics(args.out_dir, start_step if resume else None, proc, run)
     stream = batch_stream(train_set, args, proc, epoch, pos)
     position = (epoch, pos)
     stop = watch_for_preemption(args)

@@ -9,8 +9,12 @@ start of every episode and eval(TASK_ENV, model, observation) until success or t
 """
 
 import importlib
+import io
 import os
 import sys
+
+import numpy as np
+from PIL import Image
 
 __all__ = ["get_model", "eval", "reset_model"]
 
@@ -57,8 +61,9 @@ def get_model(usr_args):
         device=usr_args.get("device") or "cuda",
         execute=execute,
         ensemble=bool(usr_args.get("ensemble")),
-        jpeg_quality=usr_args.get("jpeg_quality"),
     )
+    # frames that went through JPEG in the training data (RoboTwin's OFT conversion) go through it live too
+    policy.jpeg_quality = usr_args.get("jpeg_quality")
     unknown = sorted(set(policy.cameras) - set(CAMERAS.values()))
     if unknown:
         raise ValueError(f"{checkpoint}: cameras {', '.join(unknown)} have no RoboTwin camera; known: {CAMERAS}")
@@ -82,10 +87,20 @@ def eval(TASK_ENV, model, observation):
                 f"nanoOFT: the observation has no {', '.join(sorted(set(wanted) - set(present)))} (the "
                 f"checkpoint reads {', '.join(wanted)}); it has {', '.join(present)}"
             )
-        images = {c: present[ours[c]]["rgb"] for c in model.cameras}  # 240x320 RGB
+        # 240x320 RGB
+        images = {c: jpeg_round_trip(present[ours[c]]["rgb"], model.jpeg_quality) for c in model.cameras}
         state = observation["joint_action"]["vector"] if model.vla.proprio_dim else None
         TASK_ENV.take_action(model.act(images, instruction, state), action_type="qpos")
         observation = TASK_ENV.get_obs()
+
+
+def jpeg_round_trip(frame, quality):
+    """The frame encoded as a JPEG at `quality` and decoded again (None: the frame as it is)."""
+    if not quality:
+        return frame
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"))
 
 
 def reset_model(model):
