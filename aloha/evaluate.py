@@ -43,6 +43,7 @@ import envs  # noqa: E402  (the same folder: sys.path[0] when run as a script)
 import infer  # noqa: E402
 import model  # noqa: E402
 import record  # noqa: E402
+import train  # noqa: E402
 from progress import Progress  # noqa: E402
 
 # ACT's layout names a camera by its dataset path
@@ -419,7 +420,7 @@ def evaluate_run(args, seeds):
     step), then the success-vs-step curve beside the run's metrics.jsonl."""
     run_dir = args.checkpoints
     out = args.out or os.path.join(run_dir, "closed_loop")
-    done = {}
+    done, tracker = {}, None
     while True:
         found = sorted(glob.glob(os.path.join(run_dir, "step_[0-9]*")))
         found = [d for d in found if os.path.basename(d)[5:].isdecimal()]
@@ -432,6 +433,10 @@ def evaluate_run(args, seeds):
             print(f"== {name}")
             done[ckpt] = evaluate_checkpoint(ckpt, args, seeds, os.path.join(out, name))
             write_curve(run_dir, done)
+            if tracker is None:
+                tracker = open_tracker(ckpt, run_dir)
+            if tracker:
+                tracker({"step": int(name[5:]), "closed_loop_success": done[ckpt]["policy"]["success_rate"]})
         last = max_steps(found)
         if not args.watch or (last is not None and any(d.endswith(f"step_{last:06d}") for d in done)):
             break
@@ -441,6 +446,15 @@ def evaluate_run(args, seeds):
             break
         time.sleep(30)
     print(f"success curve: {os.path.join(run_dir, 'success_curve.json')}")
+
+
+def open_tracker(ckpt, run_dir):
+    """The success rates go where the run logs (train.py --log): its TensorBoard directory, or a W&B run of their
+    own beside the run's. None when it logs to metrics.jsonl alone."""
+    run = model.check_checkpoint(ckpt)
+    if run.get("log", "none") == "none":
+        return None
+    return train.open_tracker(run["log"], run_dir, run | {"closed_loop": True})
 
 
 def newest(found, run_dir):
