@@ -934,17 +934,20 @@ def end_process(end):
 
 
 def main(argv=None):
+    # start-up: the flags, the checkpoint to continue, this run's claim on out_dir, the process in the job
     args = get_args(argv)
     on_preempt_signals(args, exit_in_startup)
     resume = find_resume(args)
     _lock = lock_out_dir(args)
     proc = Process(args)
+    # the data (every episode checked before any weight loads), the model, the optimizer, the state resumed
     train_set, val_set, files = load_data(args, resume, proc)
     vla = build_model(args, train_set, proc)
     # fp32 even on a bf16 base: AdamW needs it
     trainable = [p for p in vla.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     start_step, epoch, pos = restore(vla, opt, resume, proc)
+    # the run record (args.json), what saving, logging and the loop need
     run = run_record(args, resume, train_set, val_set, files, proc)
     global_batch = show_run(run, train_set, val_set, args, proc)
     save = functools.partial(save_checkpoint, vla, opt, stats_record(train_set), run, proc)
@@ -955,6 +958,8 @@ def main(argv=None):
     stop = watch_for_preemption(args)
     clock = StepClock()
     vla.train()
+    # the loop: lr, micro-batches, forward and backward, the ranks' agreement, the optimizer step; then, outside the
+    # step time, logging, evaluation and saving
     for step in range(start_step + 1, args.max_steps + 1):
         lr = get_lr(step - 1, args)
         for group in opt.param_groups:
