@@ -41,7 +41,11 @@ ENV = {k: v for k, v in os.environ.items() if k != "NANOOFT_API_KEY"} | {
 }
 KEY = "k3y-for-tests"
 # openpi-client 0.1.2 opens its connection the way websockets 17 warns about (still supported): not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
+# every test here needs a checkpoint trained by train.py in a subprocess, most a serve.py process: all are slow
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning"),
+    pytest.mark.slow,
+]
 SIZES = {"head_camera_image": (240, 320), "left_wrist_image": (256, 256)}  # one squashed to the training 256x256
 
 
