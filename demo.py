@@ -5,6 +5,8 @@ twin checkpoint that runs through the same code path as the 7B model, and a writ
 
 $ python demo.py demo_data --episodes 48 --seed 0          # episode_0.hdf5 ... episode_47.hdf5
 $ python demo.py --tiny tiny-openvla                        # the tiny twin (config, tokenizer, safetensors)
+
+A non-empty --tiny DIR (a model or checkpoint there would lose its shards or its head) is refused unless --overwrite.
 """
 
 import argparse
@@ -25,7 +27,7 @@ from tokenizers import Tokenizer
 
 import model
 from data import ALL_CAMERAS, DataError
-from merge import save_pretrained
+from merge import check_out, save_pretrained
 from model import TOWERS, VIT, VLA, add_lora
 
 # -----------------------------------------------------------------------------
@@ -386,14 +388,19 @@ def write_aloha(path, frames, qpos, action):
     return str(path)
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", nargs="?", help="write synthetic demo episodes into this directory")
     parser.add_argument("--episodes", type=int, default=48, help="number of demo episodes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo episodes or of the tiny twin's weights")
     parser.add_argument("--tiny", metavar="DIR", help="write the tiny random twin checkpoint to DIR instead")
-    args = parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true", help="write the tiny twin into a non-empty --tiny DIR")
+    args = parser.parse_args(argv)
     if args.tiny:
+        try:  # a model or checkpoint there would lose its shards or its head
+            check_out(args.tiny, "--tiny", args.overwrite)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         make_tiny(args.tiny, args.seed)
         print(f"wrote {args.tiny}; with LoRA rank 32:\n{param_report(add_lora(VLA.from_pretrained(args.tiny)))}")
     elif args.out_dir:
@@ -403,3 +410,7 @@ if __name__ == "__main__":
             sys.exit(f"error: {e}")
     else:
         parser.error("give a directory for demo episodes, or --tiny DIR")
+
+
+if __name__ == "__main__":
+    main()

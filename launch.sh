@@ -11,6 +11,51 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 # torchrun passes these on to the ranks, which finish the step, save and exit 75 (train.py --preempt_signals);
 # without SIGUSR1 here (what SLURM's --signal sends by default) torchrun would die of it and save nothing
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+# torchrun reports failed ranks in ~40 lines (a traceback and a table) printed after their one-line error, burying it.
+# So torchrun runs inside this Python program (exec'd below: the same process, which signals reach as before), the
+# ranks' stderr passes through it, and a failure after a rank printed an error ends with one line for torchrun's
+# report and then that error, on the last line. A failure without one (a crash, a signal) keeps the full report.
+read -r -d '' TORCHRUN <<'EOF' || true
+import os, re, sys, threading
+from torch.distributed import run
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+terminal = os.dup(2)
+sink = open(terminal, "wb", closefd=False)
+read_end, write_end = os.pipe()
+os.dup2(write_end, 2)  # the ranks inherit it
+os.close(write_end)
+first_error = []
+
+
+def relay():
+    for line in open(read_end, "rb"):
+        sink.write(line)
+        sink.flush()
+        if not first_error and re.match(rb"(\S+: )?error: ", line):
+            first_error.append(line)
+
+
+relaying = threading.Thread(target=relay, daemon=True)
+relaying.start()
+failure = None
+try:
+    run.main(sys.argv[1:])
+except ChildFailedError as e:
+    failure = e
+finally:
+    sys.stderr.flush()
+    os.dup2(terminal, 2)  # the relay ends once the ranks (and their data workers) have closed theirs too
+    relaying.join(timeout=10)
+if failure and not first_error:
+    raise failure
+if failure:
+    rank, info = failure.get_first_failure()
+    report = f"torchrun: {failure.name} failed (rank {rank}: exit code {info.exitcode}); the ranks' first error:"
+    print(report, file=sys.stderr)
+    sys.stderr.buffer.write(first_error[0])
+    sys.exit(1)
+EOF
 
 if [ "${1:-}" = "--demo" ]; then
   shift
@@ -19,7 +64,7 @@ if [ "${1:-}" = "--demo" ]; then
   rm -rf out/demo
   NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
   NPROC=${NPROC:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 2)}
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" train.py \
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY -c "$TORCHRUN" --standalone --nproc_per_node "$NPROC" train.py \
     --vla_path out/tiny-openvla --data_dir out/demo_data --out_dir out/demo \
     --max_steps 500 --lr_decay_step 400 --save_interval 500 --eval_interval 250 --log_interval 25 \
     --num_workers 0 "$@"
@@ -39,4 +84,4 @@ else
   RDZV=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK (0..NNODES-1) on each node}"
         --master_addr "${MASTER_ADDR:?set MASTER_ADDR to node 0}" --master_port "${MASTER_PORT:-29500}")
 fi
-exec $PY -m torch.distributed.run "${RDZV[@]}" --nproc_per_node "$NPROC" train.py "$@"
+exec $PY -c "$TORCHRUN" "${RDZV[@]}" --nproc_per_node "$NPROC" train.py "$@"

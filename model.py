@@ -548,6 +548,16 @@ def open_safetensors(path, device="cpu"):
         raise ValueError(f"corrupt safetensors file {path}: {e}") from None
 
 
+def get_tensor(f, key):
+    """f.get_tensor(key) of an open safetensors file. torch.asarray, which safetensors reads the tensor with, swallows
+    a KeyboardInterrupt (Ctrl-C) raised inside it and fails with a ValueError: a tensor that then reads was one."""
+    try:
+        return f.get_tensor(key)
+    except ValueError:
+        f.get_tensor(key)  # a file at fault fails again
+        raise KeyboardInterrupt from None
+
+
 def _listing(keys):
     return ", ".join(keys[:20]) + (f" ... ({len(keys)} in all)" if len(keys) > 20 else "")
 
@@ -582,7 +592,7 @@ def load_weights(vla, path, dtype, device):
     for shard in shards:
         with open_safetensors(shard, device) as f:
             vla.load_state_dict(
-                {k: f.get_tensor(k).to(dtype) for k in f.keys() if k in wanted}, strict=False, assign=True
+                {k: get_tensor(f, k).to(dtype) for k in f.keys() if k in wanted}, strict=False, assign=True
             )
 
 
@@ -618,7 +628,7 @@ def load_head(vla, path):
     """The head's weights, and the options it was trained with (they win over the model's)."""
     options = head_options(path)
     with open_safetensors(path) as f:
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+        sd = {k: get_tensor(f, k) for k in f.keys()}
     if options["hidden"] != vla.llm.config.hidden_size:
         raise ValueError(f"{path}: head width {options['hidden']} != LLM width {vla.llm.config.hidden_size}")
     shape = [options[k] for k in ("chunk", "action_dim", "proprio_dim", "film")]
@@ -824,7 +834,7 @@ def load_trained(vla, ckpt_dir):
         _inject(vla, LoraConfig.from_pretrained(ckpt_dir))
     path = os.path.join(ckpt_dir, "adapter_model.safetensors")
     with open_safetensors(path) as f:
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+        sd = {k: get_tensor(f, k) for k in f.keys()}
     result = set_peft_model_state_dict(vla, sd)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
