@@ -365,6 +365,8 @@ def main(argv=None):
     limits |= {k: getattr(args, k) for k in ("max_connections", "idle_timeout")}
     if bad := next((k for k, v in limits.items() if not v > 0), None):
         p.error(f"--{bad} must be positive, got {limits[bad]:g}")
+    if not os.path.isdir(args.checkpoint):
+        sys.exit(f"error: --checkpoint {args.checkpoint}: not a directory")
     try:
         model.check_checkpoint(args.checkpoint)
     except (OSError, ValueError) as e:
