@@ -165,7 +165,7 @@ def add_flags(p):
     p.add_argument("--reward", choices=["success", "stage"], default="success", help="stage: max stage / 4")
     p.add_argument("--iterations", type=int, default=80)
     p.add_argument("--envs", type=int, default=8, help="simulators per rank, stepping in lockstep")
-    p.add_argument("--episodes", type=int, default=16, help="rollouts per rank per iteration")
+    p.add_argument("--episodes", type=int, default=8, help="rollouts per rank per iteration")
     p.add_argument("--group", type=int, help="rollouts of one seed (GRPO's group; default 8 for grpo, else 1)")
     p.add_argument("--steps", type=int, default=record.EPISODE_LEN, help="control steps per episode at most")
     p.add_argument("--execute", type=int, default=8, help="actions of each sampled chunk executed before re-planning")
@@ -174,16 +174,19 @@ def add_flags(p):
     p.add_argument("--std_schedule", help="linear:A:B: a fixed std from A to B over the run instead of a learned one")
     p.add_argument("--min_std", type=float, default=0.01)
     p.add_argument("--max_std", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=1e-5, help="LoRA and head")
+    p.add_argument("--lr", type=float, default=2e-6, help="LoRA and head")
     p.add_argument("--std_lr", type=float, default=1e-3, help="the learned log-std")
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--ppo_epochs", type=int, default=2, help="passes over an iteration's decisions")
-    p.add_argument("--minibatches", type=int, default=2, help="optimizer steps per pass")
+    p.add_argument("--ppo_epochs", type=int, default=1, help="passes over an iteration's decisions")
+    p.add_argument("--minibatches", type=int, default=4, help="optimizer steps per pass")
     p.add_argument("--micro_batch", type=int, default=16, help="decisions per forward pass (memory)")
     p.add_argument("--clip_low", type=float, default=0.2)
     p.add_argument("--clip_high", type=float, help="default 0.28 for grpo (SimpleVLA-RL), 0.2 for ppo")
     p.add_argument("--ent_coef", type=float, default=0.0, help="entropy bonus")
+    p.add_argument(
+        "--target_kl", type=float, default=0.0, help="end an update at the first minibatch whose approx KL is above"
+    )
     p.add_argument("--kl_coef", type=float, default=0.0, help="KL to the starting policy (a second model)")
     p.add_argument("--bc_coef", type=float, default=0.0, help="L1 on the demonstrations, added to the RL loss")
     p.add_argument("--bc_batch", type=int, default=8, help="demonstration samples per optimizer step")
@@ -222,7 +225,17 @@ MAY_CHANGE |= {"preempt_signals", "eval_interval", "eval_episodes", "eval_execut
 POSITIVE = ["iterations", "envs", "episodes", "steps", "execute", "ppo_epochs", "minibatches", "micro_batch"]
 POSITIVE += ["bc_batch", "sil_batch", "sil_buffer", "save_interval", "eval_episodes", "eval_execute"]
 POSITIVE += ["init_std", "min_std", "max_std", "lr", "std_lr", "max_grad_norm", "dist_timeout"]
-NOT_NEGATIVE = ["ent_coef", "kl_coef", "bc_coef", "eval_interval", "keep_last", "progress", "threads", "clip_low"]
+NOT_NEGATIVE = [
+    "ent_coef",
+    "target_kl",
+    "kl_coef",
+    "bc_coef",
+    "eval_interval",
+    "keep_last",
+    "progress",
+    "threads",
+    "clip_low",
+]
 NOT_NEGATIVE += ["weight_decay", "rollout_seed", "eval_seed"]
 
 
@@ -649,11 +662,13 @@ class Update:
     def step(self):
         """Gradients summed over ranks (each rank's loss is already scaled to the global mean), clipped, applied."""
         if self.proc.ddp:
+            # one all-reduce for all of them, on the process's device (NCCL reduces CUDA tensors only; the log-std
+            # lives on the CPU beside the sampling)
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
-            flat = torch.cat([g.flatten() for g in grads])
+            flat = torch.cat([g.flatten().to(self.proc.device) for g in grads])
             dist.all_reduce(flat)
             for p, g in zip(self.trainable, flat.split([g.numel() for g in grads])):
-                p.grad = g.view_as(p)
+                p.grad = g.view_as(p).to(p.device)
         torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -677,7 +692,10 @@ class Update:
         if args.kl_coef:
             kl = gaussian_kl(mean, log_std, self.ref_means(decisions), self.ref_log_std, mask)
         total = loss - args.ent_coef * entropy + args.kl_coef * kl
-        logged = torch.stack([loss.detach(), clipped.float(), kl.detach(), (logp - old_logp).detach().abs()])
+        # k3, Schulman's low-variance estimator of KL(old || new): (r - 1) - log r
+        log_ratio = (logp - old_logp).detach()
+        approx_kl = torch.expm1(log_ratio) - log_ratio
+        logged = torch.stack([loss.detach(), clipped.float(), kl.detach(), approx_kl])
         return total, logged.sum(1)
 
     @torch.no_grad()
@@ -698,36 +716,50 @@ class Update:
         pred = forward(self.vla, seen, self.proc, batch.get("aug"))
         return train.l1_terms(pred, batch["actions"].to(self.proc.device))[0]
 
+    def minibatch(self, batch, count, old_log_std):
+        """Gradients of one minibatch (this rank's part; count: the minibatch's size over all ranks), in micro-batches,
+        plus the BC term. -> the sums of what is logged over its decisions: loss, clipped, KL, approx KL; BC loss."""
+        sums = torch.zeros(4, dtype=torch.float64)
+        for start in range(0, len(batch), self.args.micro_batch):
+            total, logged = self.policy_terms(batch[start : start + self.args.micro_batch], old_log_std)
+            (total.sum() / count).backward()
+            sums += logged.double()
+        bc = 0.0
+        if self.args.bc_coef:
+            loss = self.demo_l1(self.args.bc_batch)
+            (self.args.bc_coef * loss / self.proc.world).backward()
+            bc = loss.item()
+        return sums, bc
+
     def rl(self, samples):
-        """--ppo_epochs passes of --minibatches optimizer steps over the iteration's decisions (this rank's, the
-        loss normalized by the count over all ranks). -> the logged means, or None when no rank has a sample."""
+        """--ppo_epochs passes of --minibatches optimizer steps over the iteration's decisions (each rank its own,
+        the loss normalized by the count over all ranks). With --target_kl, the first minibatch whose approximate
+        KL to the rollout policy (measured before its step) is above it ends the update. -> the logged means, or
+        None when no rank has a sample."""
         args = self.args
         if all_reduce([len(samples)], self.proc)[0] == 0:
             return None
         old_log_std = self.std.log_std().detach().clone()
-        sums, bc_sum, steps = torch.zeros(4, dtype=torch.float64), 0.0, 0
+        sums, bc, steps, seen = torch.zeros(4, dtype=torch.float64), 0.0, 0, 0.0
+        planned = []
         for _ in range(args.ppo_epochs):
             parts = torch.randperm(len(samples), generator=self.gen).tensor_split(args.minibatches)
-            counts = all_reduce([len(p) for p in parts], self.proc)
-            for part, count in zip(parts, counts):
-                if count == 0:
-                    continue
-                for micro in part.split(args.micro_batch):
-                    total, logged = self.policy_terms([samples[j] for j in micro], old_log_std)
-                    (total.sum() / count).backward()
-                    sums += logged.double()
-                if args.bc_coef:
-                    bc = self.demo_l1(args.bc_batch)
-                    (args.bc_coef * bc / self.proc.world).backward()
-                    bc_sum += bc.item()
-                self.step()
-                steps += 1
-        sums = all_reduce(sums.tolist() + [len(samples) * args.ppo_epochs], self.proc)
-        n = sums[-1]
-        bc = all_reduce([bc_sum], self.proc)[0] / (steps * self.proc.world) if args.bc_coef else 0.0
-        return {"pg_loss": sums[0] / n, "clip_frac": sums[1] / n, "kl": sums[2] / n, "logp_change": sums[3] / n} | {
-            "bc_loss": bc
-        }
+            planned += zip(parts, all_reduce([len(p) for p in parts], self.proc))
+        for part, count in planned:
+            if count == 0:
+                continue
+            part_sums, part_bc = self.minibatch([samples[j] for j in part], count, old_log_std)
+            kl = all_reduce([part_sums[3]], self.proc)[0] / count
+            if args.target_kl and kl > args.target_kl:
+                self.opt.zero_grad(set_to_none=True)
+                break
+            sums, bc, seen = sums + part_sums, bc + part_bc, seen + count
+            self.step()
+            steps += 1
+        sums = all_reduce(sums.tolist() + [bc], self.proc)
+        n = max(seen, 1)
+        row = {"pg_loss": sums[0] / n, "clip_frac": sums[1] / n, "kl": sums[2] / n, "approx_kl": sums[3] / n}
+        return row | {"bc_loss": sums[4] / max(steps * self.proc.world, 1), "opt_steps": steps}
 
     def sil(self, buffer):
         """Success-filtered self-imitation: --ppo_epochs x --minibatches supervised L1 steps on batches of the
@@ -892,7 +924,8 @@ def iteration_line(it, row, args):
     else:
         parts.append(f"groups {row['groups_kept']}/{row['groups']}")
         if row.get("pg_loss") is not None:
-            parts.append(f"clip {row['clip_frac']:.3f} | kl {row['kl']:.4f} | pg {row['pg_loss']:.4f}")
+            parts.append(f"clip {row['clip_frac']:.3f} | approx kl {row['approx_kl']:.4f} | pg {row['pg_loss']:.4f}")
+            parts.append(f"kl to start {row['kl']:.4f}" if args.kl_coef else "")
             parts.append(f"bc {row['bc_loss']:.4f}" if args.bc_coef else "")
         else:
             parts.append("no update (no group with signal)")

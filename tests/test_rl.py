@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -268,11 +269,11 @@ def test_bad_input_gets_one_line(start, tmp_path):
     )
     assert error("--checkpoint", ckpt, "--envs", 0) == "error: --envs 0: must be positive"
     assert error("--checkpoint", ckpt, "--rollout_seed", 990) == (
-        "error: the rollout seeds 990..1149 (--rollout_seed, --iterations, --episodes / --group) overlap the "
+        "error: the rollout seeds 990..1069 (--rollout_seed, --iterations, --episodes / --group) overlap the "
         "evaluation seeds 1000..1099 (--eval_seed, --eval_episodes): move --rollout_seed"
     )
     assert error("--checkpoint", ckpt, "--rollout_seed", 0, "--eval_seed", 5000) == (
-        "error: rollout seeds 0..159 include 1 seeds the checkpoint's demonstrations were recorded on (0..0): "
+        "error: rollout seeds 0..79 include 1 seeds the checkpoint's demonstrations were recorded on (0..0): "
         "move --rollout_seed"
     )
     assert error("--checkpoint", ckpt, "--group", 1) == (
@@ -295,3 +296,28 @@ def test_bad_input_gets_one_line(start, tmp_path):
         f"error: checkpoint {edited} needs camera '{cam}', which the simulator does not render (it has "
     )
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_resumed_run_ends_as_a_straight_one(start, tmp_path):
+    """SIGTERM mid-run: the last finished iteration is saved (the one in progress is dropped or finished), exit 75;
+    --resume auto then ends with the weights of an uninterrupted run."""
+    ckpt, demos = start
+    flags = ["--checkpoint", ckpt, "--algo", "sil", "--demos", demos, *FAST, "--save_interval", 10, "--iterations", 4]
+    r = run("rl.py", *flags, "--out_dir", tmp_path / "straight")
+    assert r.returncode == 0, r.stderr[-3000:]
+    stopped = tmp_path / "stopped"
+    cmd = [sys.executable, "rl.py", *map(str, flags), "--out_dir", str(stopped)]
+    with subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            if line.startswith("iter 2/4"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = line + proc.stdout.read()
+        assert proc.wait(timeout=300) == 75, proc.stderr.read()[-3000:]
+    saved = [d for d in os.listdir(stopped) if d.startswith("step_")]
+    assert saved in (["step_000002"], ["step_000003"]) and "saved: run the same command with --resume auto" in out
+    r = run("rl.py", *flags, "--out_dir", stopped, "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = tmp_path / "straight" / "step_000004", stopped / "step_000004"
+    assert max_diff(trained_weights(a), trained_weights(b)) < 1e-6
