@@ -225,18 +225,8 @@ MAY_CHANGE |= {"preempt_signals", "eval_interval", "eval_episodes", "eval_execut
 POSITIVE = ["iterations", "envs", "episodes", "steps", "execute", "ppo_epochs", "minibatches", "micro_batch"]
 POSITIVE += ["bc_batch", "sil_batch", "sil_buffer", "save_interval", "eval_episodes", "eval_execute"]
 POSITIVE += ["init_std", "min_std", "max_std", "lr", "std_lr", "max_grad_norm", "dist_timeout"]
-NOT_NEGATIVE = [
-    "ent_coef",
-    "target_kl",
-    "kl_coef",
-    "bc_coef",
-    "eval_interval",
-    "keep_last",
-    "progress",
-    "threads",
-    "clip_low",
-]
-NOT_NEGATIVE += ["weight_decay", "rollout_seed", "eval_seed"]
+NOT_NEGATIVE = ["ent_coef", "target_kl", "kl_coef", "bc_coef", "eval_interval", "keep_last", "progress"]
+NOT_NEGATIVE += ["threads", "clip_low", "weight_decay", "rollout_seed", "eval_seed"]
 
 
 def get_args(argv=None):
@@ -273,8 +263,11 @@ def check_args(args):
             sys.exit(f"error: --{name} {value}: must be >= 0")
     if args.checkpoint is None:
         sys.exit("error: --checkpoint: give the supervised checkpoint to start from (or --resume a run)")
-    args.group = args.group or (8 if args.algo == "grpo" else 1)
-    args.clip_high = args.clip_high if args.clip_high is not None else (0.28 if args.algo == "grpo" else 0.2)
+    # the defaults that depend on --algo, resolved here (args.json records them)
+    if args.group is None:
+        args.group = 8 if args.algo == "grpo" else 1
+    if args.clip_high is None:
+        args.clip_high = 0.28 if args.algo == "grpo" else 0.2
     if args.episodes % args.group:
         sys.exit(f"error: --episodes {args.episodes} is not a multiple of --group {args.group}")
     if args.algo == "grpo" and args.group < 2:
@@ -321,6 +314,12 @@ def check_seeds(args, demo_seeds, world):
 # the checkpoint to start from or to resume
 
 
+def rl_iteration(ckpt_dir):
+    """The iteration of a step_NNNNNN directory by its name (-1 for another name)."""
+    name = os.path.basename(os.path.normpath(ckpt_dir))
+    return int(name[5:]) if name[:5] == "step_" and name[5:].isdecimal() else -1
+
+
 class Resume:
     def __init__(self, ckpt_dir, state, run):
         self.dir, self.state, self.args = ckpt_dir, state, run
@@ -334,6 +333,12 @@ def find_resume(args):
     if args.resume is None or (args.resume == "auto" and not done):
         return None
     candidates = [d for _, d in reversed(done)] if args.resume == "auto" else [args.resume]
+    if args.resume != "auto":
+        newer = [os.path.basename(d) for s, d in done if s > rl_iteration(args.resume)]
+        if newer:
+            sys.exit(
+                f"error: --resume {args.resume} would write over the newer {', '.join(newer)}: pass a new --out_dir"
+            )
     for ckpt in candidates:
         try:
             run = model.check_checkpoint(ckpt)
