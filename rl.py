@@ -917,7 +917,6 @@ def restore(ctx, resume, pool, helper):
 
 
 def iteration_line(it, row, args):
-    eval_part = ""
     parts = [
         f"iter {it}/{args.iterations}",
         f"success {row['rollout_success']:.2f} ({row['successes']}/{row['episodes']})",
@@ -934,7 +933,7 @@ def iteration_line(it, row, args):
             parts.append(f"bc {row['bc_loss']:.4f}" if args.bc_coef else "")
         else:
             parts.append("no update (no group with signal)")
-    parts.append(f"{row['seconds']:.0f} s (rollouts {row['rollout_s']:.0f}){eval_part}")
+    parts.append(f"{row['seconds']:.0f} s (rollouts {row['rollout_s']:.0f})")
     return " | ".join(p for p in parts if p)
 
 
@@ -1152,7 +1151,8 @@ def main(argv=None):
         start, next_seed, buffer = 0, args.rollout_seed, []
         if resume:
             start, next_seed, buffer = restore(ctx, resume, pool, ctx.helper)
-        metrics = train.Metrics(args.out_dir, start if resume else None, proc)
+        # a resumed run drops the rows after its checkpoint; a fresh one those of an attempt that saved nothing
+        metrics = train.Metrics(args.out_dir, start if resume else -1, proc)
         lo, hi = rollout_seeds(args, proc.world)
         train.log(
             f"{args.algo} on {args.task} from {os.path.realpath(source)}: {args.iterations} iterations x "

@@ -149,11 +149,20 @@ def frames_of(ckpt, seed=0):
 def test_one_iteration_writes_a_checkpoint_every_command_loads(start, tmp_path):
     ckpt, demos = start
     out = tmp_path / "grpo"
-    r = run("rl.py", "--checkpoint", ckpt, "--out_dir", out, "--iterations", 1, *FAST)
+    evaluation = ["--eval_interval", 1, "--eval_episodes", 2]
+    r = run("rl.py", "--checkpoint", ckpt, "--out_dir", out, "--iterations", 1, *FAST, *evaluation)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert any(ln.startswith("iter 1/1 | success 0.00 (0/4) | stage 0.00 | std 0.100 | groups 0/2 |") for ln in lines)
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    # the mean on the evaluation seeds, before the first iteration and after the last, through evaluate.py's loop
+    evals = [ln for ln in lines if ln.startswith("eval iter")]
+    assert evals == [
+        f"eval iter {i} | 0/2 = 0% success on seeds 1000.. (95% CI 0-66%) | stages 1-4: 0% 0% 0% 0%" for i in (0, 1)
+    ]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval_success" in r) for r in rows] == [(0, True), (1, False), (1, True)]
+    assert rows[0]["eval_ci95"] == pytest.approx(rl.evaluate.wilson(0, 2))
+    row = rows[1]
     assert row["step"] == 1 and row["episodes"] == 4 and row["seeds"] == [20000, 20001]
     # 30 steps, a chunk every 8: 4 decisions an episode
     assert row["decisions"] == 16 and row["env_steps"] == 120
