@@ -201,7 +201,9 @@ def add_flags(p):
     p.add_argument("--eval_ensemble", action="store_true", help="evaluate with ACT's temporal ensembling")
     p.add_argument("--save_interval", type=int, default=10)
     p.add_argument("--keep_last", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
-    p.add_argument("--progress", type=int, default=8, help="a line every N finished episodes (0: none)")
+    p.add_argument(
+        "--progress", type=int, default=8, help="a line every N finished episodes and every 100 steps (0: none)"
+    )
     p.add_argument("--vla_path", help="the base, overriding the one the checkpoint names")
     p.add_argument("--grad_ckpt", action="store_true", help="recompute activations in backward (7B on small GPUs)")
     p.add_argument("--device", default="auto")
@@ -564,9 +566,13 @@ def collect(pool, sampler, jobs, args, stop, progress):
     stage (success) or after --steps. -> the episodes in job order, or None as soon as a stop is asked."""
     pending, running, finished = deque(jobs), {}, []
     observations = start_episodes(pool, range(pool.n), pending, running, finished)
+    steps = 0
     while running:
         if stop:
             return None
+        steps += 1
+        if steps % 100 == 0:
+            progress(finished, steps)
         actions = sampler.act(observations, running)
         # frames only where the next step samples a chunk
         render = {i: not e.plan for i, e in running.items()}
@@ -582,7 +588,7 @@ def collect(pool, sampler, jobs, args, stop, progress):
             episode = running.pop(i)
             episode.finish(args.execute)
             finished.append(episode)
-            progress(finished)
+            progress(finished, None)
         observations |= start_episodes(pool, ended, pending, running, finished)
     return sorted(finished, key=lambda e: e.index)
 
@@ -1015,13 +1021,18 @@ def vote(stopped, stop, proc):
 
 
 def progress_printer(it, total, t0, args, proc, max_stage):
-    """A line every --progress finished episodes of this rank (rank 0 prints), so a long iteration shows life."""
+    """progress(finished, steps): a line (rank 0's) every --progress finished episodes of this rank, and every 100
+    lockstep steps (steps given), so that a long iteration shows life."""
 
-    def progress(finished):
+    def progress(finished, steps):
         n = len(finished)
-        if proc.master and args.progress and (n % args.progress == 0 or n == total):
+        due = steps is not None or n % args.progress == 0 or n == total
+        if proc.master and args.progress and due:
             wins = sum(succeeded(e, max_stage) for e in finished)
-            print(f"  iter {it} | {n}/{total} episodes | {wins} successes | {time.time() - t0:.0f} s", flush=True)
+            at = f" | step {steps}" if steps is not None else ""
+            print(
+                f"  iter {it}{at} | {n}/{total} episodes done, {wins} successes | {time.time() - t0:.0f} s", flush=True
+            )
 
     return progress
 
