@@ -1026,8 +1026,9 @@ def progress_printer(it, total, t0, args, proc, max_stage):
 
     def progress(finished, steps):
         n = len(finished)
-        due = steps is not None or n % args.progress == 0 or n == total
-        if proc.master and args.progress and due:
+        if not (proc.master and args.progress):
+            return
+        if steps is not None or n % args.progress == 0 or n == total:
             wins = sum(succeeded(e, max_stage) for e in finished)
             at = f" | step {steps}" if steps is not None else ""
             print(
