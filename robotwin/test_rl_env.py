@@ -146,6 +146,7 @@ def test_check_inputs_one_line_each(tmp_path):
         rl_env.check_inputs(str(tmp_path), "place_shoe", "demo_clean", cams)
 
 
+@pytest.mark.slow
 def test_pool_steps_task_envs_in_spawned_processes(tmp_path):
     root = fake_root(tmp_path / "RoboTwin")
     with rl_env.RoboTwinPool(2, str(root), "place_shoe", "demo_clean", CAMERAS, FACTORY) as pool:
