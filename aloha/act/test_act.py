@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate_act  # noqa: E402  (this folder)
-import to_lerobot  # noqa: E402
-
 import compare  # noqa: E402  (aloha/)
 import envs  # noqa: E402
 import evaluate  # noqa: E402
+import evaluate_act  # noqa: E402  (this folder)
+import to_lerobot  # noqa: E402
 
 
 def test_summary_is_evaluate_pys():
