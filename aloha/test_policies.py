@@ -1,0 +1,123 @@
+"""
+Tests of the policies shipped in aloha/policies/ and of aloha/ship.py, which puts them there: a shipped policy loads
+from any working directory against the tiny twin `python demo.py --tiny out/tiny-openvla` writes, refuses another
+base, and still succeeds closed loop where it did when it was measured.
+
+    python -m pytest -q aloha/test_policies.py
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import evaluate
+import infer
+import model
+import record
+import ship
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "aloha", "policies", "transfer_cube")
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tiny_dir, tmp_path_factory):
+    """Two steps of the recipe's flags on three tiny demos."""
+    demos, out = tmp_path_factory.mktemp("demos"), tmp_path_factory.mktemp("run")
+    record.main([str(demos), "--episodes", "3", "--seed", "0", "--size", "48x64"])
+    flags = ["--vla_path", tiny_dir, "--data_dir", demos, "--out_dir", out, "--cameras", "observations/images/top"]
+    flags += ["--instruction", "transfer the cube", "--attention", "full", "--no-image_aug", "--num_workers", "0"]
+    flags += [
+        "--val_episodes",
+        "0",
+        "--batch_size",
+        "2",
+        "--lora_rank",
+        "4",
+        "--max_steps",
+        "2",
+        "--save_interval",
+        "2",
+    ]
+    train.main(list(map(str, flags)))
+    return out / "step_000002"
+
+
+def fresh_clone(tmp_path, tiny_dir, policy):
+    """A repository's layout in tmp_path: the policy shipped under aloha/policies/, the tiny twin in out/."""
+    clone = tmp_path / "clone"
+    shutil.copytree(policy, clone / "aloha" / "policies" / "transfer_cube")
+    (clone / "out").mkdir()
+    os.symlink(tiny_dir, clone / "out" / "tiny-openvla")
+    return clone / "aloha" / "policies" / "transfer_cube"
+
+
+@pytest.mark.slow
+def test_ship_writes_a_policy_that_loads_from_anywhere(small_checkpoint, tiny_dir, tmp_path, monkeypatch):
+    policies = tmp_path / "repo" / "aloha" / "policies"
+    base = tmp_path / "repo" / "out" / "tiny-openvla"
+    base.parent.mkdir(parents=True)
+    os.symlink(tiny_dir, base)
+    out = ship.ship(str(small_checkpoint), "tc", str(base), policies=str(policies))
+    assert sorted(os.listdir(out)) == sorted(model.ADAPTER_FILES + model.POLICY_FILES)
+    run = json.loads(open(os.path.join(out, "args.json")).read())
+    assert run["vla_path"] == "../../../out/tiny-openvla"
+    # the same predictions as the checkpoint it came from, loaded from another working directory
+    monkeypatch.chdir(tmp_path)
+    frames = {"observations/images/top": np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)}
+    shipped = infer.Policy.from_checkpoint(out, device="cpu").predict(frames)
+    original = infer.Policy.from_checkpoint(str(small_checkpoint), device="cpu").predict(frames)
+    np.testing.assert_allclose(shipped, original, atol=1e-6)
+    with pytest.raises(ValueError, match="already holds a policy: pass --overwrite"):
+        ship.ship(str(small_checkpoint), "tc", str(base), policies=str(policies))
+
+
+@pytest.mark.slow
+def test_a_shipped_policy_refuses_another_base(small_checkpoint, tmp_path):
+    other = tmp_path / "other-base"
+    shutil.copytree(json.loads(open(small_checkpoint / "args.json").read())["vla_path"], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"norm_stats": {"x": 1}}))
+    with pytest.raises(ValueError, match="was trained on another base"):
+        ship.ship(str(small_checkpoint), "tc", str(other), policies=str(tmp_path / "p"))
+
+
+def test_the_reference_policy_ships_with_its_files():
+    """aloha/policies/transfer_cube: the files a policy needs, its base named relative to itself, and the demos it
+    trained on described (task, scene, seeds) so that evaluate.py renders what it saw."""
+    assert sorted(os.listdir(SHIPPED)) == sorted(model.ADAPTER_FILES + model.POLICY_FILES + ["README.md"])
+    run = model.check_checkpoint(SHIPPED)
+    assert run["vla_path"] == "../../../out/tiny-openvla"
+    attrs = run["episode_attrs"]
+    assert attrs["task"] == "transfer_cube" and attrs["render"] == "fast" and attrs["zoom"] == 1.0
+    assert min(attrs["seed"]) == 0 and max(attrs["seed"]) == 199
+    size = sum(os.path.getsize(os.path.join(SHIPPED, f)) for f in os.listdir(SHIPPED))
+    assert size < 4e6
+
+
+@pytest.mark.slow
+def test_the_reference_policy_loads_in_a_fresh_clone_and_hands_the_cube_over(tiny_dir, tmp_path, monkeypatch):
+    """After the one documented command (the tiny twin in out/), the shipped policy loads from any directory and
+    succeeds closed loop on an unseen seed where its measurement saw it succeed."""
+    policy_dir = fresh_clone(tmp_path, tiny_dir, SHIPPED)
+    monkeypatch.chdir(tmp_path)
+    readme = open(os.path.join(SHIPPED, "README.md")).read()
+    seed = int(readme.split("succeeds on unseen seed ")[1].split(" ")[0])
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "aloha", "evaluate.py"), "--checkpoint", policy_dir, "--episodes", "1"]
+        + ["--seed", str(seed), "--ensemble", "--envs", "1", "--gif", "0", "--out", str(tmp_path / "eval")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["policy"]["per_episode"][0]["success"], report["policy"]["per_episode"]
+    assert evaluate.summarize(report["policy"]["per_episode"])["success"] == 1
