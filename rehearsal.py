@@ -4,7 +4,7 @@ the published layout, then the real commands against it, each in its own process
 train.py, train.py --resume auto, merge.py, Policy.predict on the training checkpoint and on the merged export, and
 serve.py answering one openpi-client request over loopback. bench.py prints the table (see docs/rehearsal.md).
 
-    python bench.py --what rehearsal                      # OpenVLA-7B: ~33 GB of disk under out/rehearsal, ~19 GB RAM
+    python bench.py --what rehearsal                      # OpenVLA-7B: ~33 GB of disk under out/rehearsal, ~18 GB RAM
     python bench.py --what rehearsal --dir /big/r --keep  # keep the checkpoint, the runs and the logs
     python bench.py --what rehearsal --llm_layers 2       # 7B width, full towers, 2 LLM layers: ~3 GB of weights
     python bench.py --what rehearsal --model tiny         # the tiny twin through the same path (the CI test)
@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 import data
 import demo
+import infer
 import merge
 import model
 
@@ -47,28 +48,12 @@ RUNTIME = 1 * GB  # what a process holds besides its tensors (Python, torch, tra
 # otherwise fails it: at 7B width with 2 LLM layers, the LoRA left unmerged moved the chunk by 0.065, fp32 weights
 # instead of bf16 by 0.057
 TOLERANCE = 2**-7
-# train.py's flags for both runs: the brief's, plus one validation episode and batch (the evaluation path, cheaply)
 BF16 = ["--dtype", "bfloat16"]  # on a CPU, train.py and serve.py would load float32 weights: 30 GB at 7B
+# train.py's flags for both runs: the brief's, plus one validation episode and batch (the evaluation path, cheaply)
 TRAIN_FLAGS = BF16 + [
-    "--grad_ckpt",
-    "on",
-    "--batch_size",
-    "1",
-    "--save_interval",
-    "2",
-    "--device",
-    "cpu",
-    "--num_workers",
-    "0",
-    "--val_episodes",
-    "1",
-    "--eval_batches",
-    "1",
-    "--log_interval",
-    "1",
+    *"--grad_ckpt on --batch_size 1 --save_interval 2 --device cpu --num_workers 0".split(),
+    *"--val_episodes 1 --eval_batches 1 --log_interval 1".split(),
 ]
-
-
 RESUME = "train.py --resume auto"
 STEPS = [  # in order; the rehearsal stops at the first that fails
     "write checkpoint",
@@ -254,8 +239,6 @@ def observation(cameras):
 def predict_main(ckpt, out):
     """The Policy.predict step: load (bf16 on the CPU; merging a training checkpoint's LoRA), one chunk -> OUT.npy,
     and the seconds of each part -> OUT.json."""
-    import infer  # only this child needs it
-
     t0 = time.perf_counter()
     policy = infer.Policy.from_checkpoint(ckpt, device="cpu", dtype=torch.bfloat16)
     t1 = time.perf_counter()
