@@ -239,6 +239,7 @@ def observation(cameras):
 def predict_main(ckpt, out):
     """The Policy.predict step: load (bf16 on the CPU; merging a training checkpoint's LoRA), one chunk -> OUT.npy,
     and the seconds of each part -> OUT.json."""
+    torch.set_num_threads(infer.cpu_threads())  # as serve.py does: pinned to one core, both take one thread
     t0 = time.perf_counter()
     policy = infer.Policy.from_checkpoint(ckpt, device="cpu", dtype=torch.bfloat16)
     t1 = time.perf_counter()
@@ -250,10 +251,13 @@ def predict_main(ckpt, out):
 
 # Each command runs under this small launcher, which reads its peak RSS: Linux starts a child's ru_maxrss at the RSS
 # of the process it was spawned from (exec keeps the larger), and the rehearsal's own process holds torch and the
-# demo's buffers; the launcher holds ~10 MB. SIGTERM is passed on (serve.py's stop); a killed command exits 128 + N.
+# demo's buffers; the launcher holds ~10 MB. It pins the command to the cores given ("" for all), passes SIGTERM on
+# (serve.py's stop), and a command killed by signal N exits 128 + N.
 LAUNCHER = """
 import os, signal, subprocess, sys
-child = subprocess.Popen(sys.argv[2:])
+if sys.argv[2]:
+    os.sched_setaffinity(0, [int(c) for c in sys.argv[2].split(",")])
+child = subprocess.Popen(sys.argv[3:])
 signal.signal(signal.SIGTERM, lambda sig, frame: child.send_signal(sig))
 _, status, usage = os.wait4(child.pid, 0)
 with open(sys.argv[1], "w") as f:
@@ -261,6 +265,10 @@ with open(sys.argv[1], "w") as f:
 code = os.waitstatus_to_exitcode(status)
 sys.exit(code if code >= 0 else 128 - code)
 """
+# The chunks compared must come from the same sums, and a bf16 forward's sums depend on the thread count (at 7B width
+# with 2 LLM layers, 1 and 2 threads differ by 0.06): serve.py picks its threads from the free cores
+# (infer.cpu_threads), so Policy.predict and serve.py run pinned to one core, where both take one thread.
+ONE_CORE = str(min(os.sched_getaffinity(0)))
 
 
 class Step:
@@ -269,9 +277,9 @@ class Step:
     def __init__(self, name, log):
         self.name, self.log, self.wall, self.rss, self.rc, self.note, self.last_lines = name, log, 0.0, 0, None, "", []
 
-    def start(self, cmd):
+    def start(self, cmd, cores=""):
         self.t0 = time.perf_counter()
-        launch = [sys.executable, "-S", "-c", LAUNCHER, self.log + ".rss", sys.executable, *map(str, cmd)]
+        launch = [sys.executable, "-S", "-c", LAUNCHER, self.log + ".rss", cores, sys.executable, *map(str, cmd)]
         with open(self.log, "w") as f:
             env = os.environ | {"PYTHONUNBUFFERED": "1"}
             self.proc = subprocess.Popen(launch, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -305,9 +313,9 @@ class Step:
         return self.rc == 0 and not self.note
 
 
-def run(name, cmd, logs):
+def run(name, cmd, logs, cores=""):
     """One command to its end, its output in logs/<name>.log."""
-    return Step(name, os.path.join(logs, re.sub(r"\W+", "-", name).strip("-") + ".log")).start(cmd).wait()
+    return Step(name, os.path.join(logs, re.sub(r"\W+", "-", name).strip("-") + ".log")).start(cmd, cores).wait()
 
 
 def serve_step(export, logs, cameras, deadline=3600):
@@ -315,7 +323,8 @@ def serve_step(export, logs, cameras, deadline=3600):
     from openpi_client import websocket_client_policy  # requirements-serve.txt; only this step needs it
 
     step = Step(STEPS[-1], os.path.join(logs, "serve.log"))
-    step.start([os.path.join(HERE, "serve.py"), "--checkpoint", export, "--port", "0", "--device", "cpu"] + BF16)
+    serve = [os.path.join(HERE, "serve.py"), "--checkpoint", export, "--port", "0", "--device", "cpu"] + BF16
+    step.start(serve, ONE_CORE)
     actions = None
     try:
         while not (port := re.search(r" on ws://127\.0\.0\.1:(\d+) ", step.output())):
@@ -362,7 +371,7 @@ def predict_steps(ckpt, export, root, logs, rows, found):
     chunks = {}
     for name, path in [("checkpoint", ckpt), ("export", export)]:
         out = os.path.join(root, f"predict-{name}")
-        rows.append(run(f"Policy.predict ({name})", [os.path.abspath(__file__), "predict", path, out], logs))
+        rows.append(run(f"Policy.predict ({name})", [os.path.abspath(__file__), "predict", path, out], logs, ONE_CORE))
         if not rows[-1].ok:
             return None
         chunks[name] = np.load(out + ".npy")
