@@ -881,8 +881,9 @@ def rehearsal_notes(report, estimate):
         f"{rehearsal.TARGET[0]} x weights + {rehearsal.TARGET[1] / GB:.0f} GB = {report['target'] / GB:.1f} GB; "
         "GB = 2^30 B",
         "peak RSS: ru_maxrss of each command's own process (spawned by a 10 MB launcher, so that it starts from 0); "
-        "the checkpoint is written by this process (its high-water mark, the memory model's run included); checked "
-        f"first: {report['ram'] / GB:.1f} GB of memory available, {report['disk'] / GB:.1f} GB of disk free",
+        "the checkpoint is written by this process (its high-water mark, the memory model's run included); "
+        "Policy.predict and serve.py pinned to one core (comparable sums); checked first: "
+        f"{report['ram'] / GB:.1f} GB of memory available, {report['disk'] / GB:.1f} GB of disk free",
     ]
     train_row = next((r for r in rows if r.name == "train.py" and r.rc == 0), None)
     if train_row:
