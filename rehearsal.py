@@ -269,10 +269,13 @@ with open(sys.argv[1], "w") as f:
 code = os.waitstatus_to_exitcode(status)
 sys.exit(code if code >= 0 else 128 - code)
 """
-# The chunks compared must come from the same sums, and a bf16 forward's sums depend on the thread count (at 7B width
-# with 2 LLM layers, 1 and 2 threads differ by 0.06): serve.py picks its threads from the free cores
-# (infer.cpu_threads), so Policy.predict and serve.py run pinned to one core, where both take one thread.
-ONE_CORE = str(min(os.sched_getaffinity(0)))
+
+
+def one_core():
+    """The core Policy.predict and serve.py are pinned to. The chunks compared must come from the same sums, and a
+    bf16 forward's sums depend on the thread count (at 7B width with 2 LLM layers, 1 and 2 threads differ by 0.06):
+    serve.py picks its threads from the free cores (infer.cpu_threads), and on one core both take one thread."""
+    return str(min(os.sched_getaffinity(0)))
 
 
 class Step:
@@ -328,7 +331,7 @@ def serve_step(export, logs, cameras, deadline=3600):
 
     step = Step(STEPS[-1], os.path.join(logs, "serve.log"))
     serve = [os.path.join(HERE, "serve.py"), "--checkpoint", export, "--port", "0", "--device", "cpu"] + BF16
-    step.start(serve, ONE_CORE)
+    step.start(serve, one_core())
     actions = None
     try:
         while not (port := re.search(r" on ws://127\.0\.0\.1:(\d+) ", step.output())):
@@ -375,7 +378,8 @@ def predict_steps(ckpt, export, root, logs, rows, found):
     chunks = {}
     for name, path in [("checkpoint", ckpt), ("export", export)]:
         out = os.path.join(root, f"predict-{name}")
-        rows.append(run(f"Policy.predict ({name})", [os.path.abspath(__file__), "predict", path, out], logs, ONE_CORE))
+        cmd = [os.path.abspath(__file__), "predict", path, out]
+        rows.append(run(f"Policy.predict ({name})", cmd, logs, one_core()))
         if not rows[-1].ok:
             return None
         chunks[name] = np.load(out + ".npy")
@@ -434,7 +438,10 @@ def rehearse(config, tok, root, keep, estimate):
     try:
         write = Step(STEPS[0], None)
         write.t0 = time.perf_counter()
-        write_checkpoint(config, tok, base)
+        try:
+            write_checkpoint(config, tok, base)
+        except OSError as e:  # the disk filled after all (another writer), or --dir went away: what was written goes
+            raise SystemExit(f"error: writing the checkpoint into {base}: {e}") from None
         write.wall, write.rc = time.perf_counter() - write.t0, 0
         write.rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this process's high-water mark
         report["rows"].append(write)

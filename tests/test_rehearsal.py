@@ -157,3 +157,18 @@ def test_remove_written(tmp_path):
         (root / "predict-export.npy").write_text("")
         rehearsal.remove_written(str(root), made)
         assert (not root.exists()) if made else os.listdir(root) == []
+
+
+def test_a_disk_that_fills_while_writing(tmp_path, monkeypatch):
+    """The write failing part way (another writer filled the disk): one line, and what was written is gone."""
+    monkeypatch.setattr(bench, "estimate_memory", lambda *a, **k: TINY_ESTIMATE)
+
+    def full(path, *a, **k):
+        open(path, "wb").close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rehearsal, "write_safetensors", full)
+    root = tmp_path / "r"
+    with pytest.raises(SystemExit, match=r"^error: writing the checkpoint into \S+/base: \[Errno 28\] No space left"):
+        bench.main(["--what", "rehearsal", "--model", "tiny", "--dir", str(root)])
+    assert not root.exists()
