@@ -14,8 +14,16 @@ Measure nanoOFT: data loader throughput, training step time / memory / MFU, infe
     python bench.py --what memory --measure                   # check the memory model against real CPU peaks
     OMP_NUM_THREADS=2 python bench.py --what all              # data, train and infer with 2 CPU threads
     python bench.py --what serve --cameras 1 --iters 100      # serve.py round trip vs Policy.predict (loopback)
+    python bench.py --what rehearsal --dir out/rehearsal      # OpenVLA-7B's shapes through train, resume, merge,
+                                                              # predict and serve, each command's peak RSS (CPU)
+    python bench.py --what rehearsal --llm_layers 2           # the same at 7B width with 2 LLM layers (minutes)
 
 Without --vla_path the model is a random-weight twin built on the device (no download): tiny on CPU, 7B on CUDA.
+--what rehearsal writes a random-weight checkpoint in openvla/openvla-7b's layout (--model tiny: the tiny twin's
+shapes) under --dir, runs the real commands against it (rehearsal.py; docs/rehearsal.md) and removes it unless
+--keep; it checks memory and disk first, prints one row per command and ends with
+`rehearsal: N of N steps ok, peak RSS X GB (weights Y GB)`, exiting 0 only when every step ran, stayed within
+1.3 x the weights + 2 GB and agreed.
 """
 
 import argparse
@@ -49,6 +57,7 @@ import data
 import demo
 import infer
 import model
+import rehearsal
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -70,7 +79,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--what",
-        choices=["data", "train", "recipe", "infer", "flops", "memory", "serve", "all"],
+        choices=["data", "train", "recipe", "infer", "flops", "memory", "serve", "rehearsal", "all"],
         default="all",
         help="all: data, train and infer",
     )
@@ -79,7 +88,8 @@ def get_args(argv=None):
         "--model",
         choices=["auto", "tiny", "7b"],
         default="auto",
-        help="the random twin without --vla_path (and always for --what flops); auto: 7b on CUDA",
+        help="the random twin without --vla_path (and always for --what flops and rehearsal); auto: 7b on CUDA "
+        "and for --what rehearsal",
     )
     p.add_argument("--vla_path", help="an OpenVLA-format checkpoint (directory or hub id) instead of a random twin")
     p.add_argument(
@@ -113,6 +123,17 @@ def get_args(argv=None):
         "--measure",
         action="store_true",
         help="--what memory: also run real steps on this CPU and compare their peak with the model's",
+    )
+    p.add_argument(
+        "--dir",
+        default=os.path.join(HERE, "out", "rehearsal"),
+        help="--what rehearsal: a new or empty directory for the checkpoint, the runs and the export (~33 GB at 7B)",
+    )
+    p.add_argument("--keep", action="store_true", help="--what rehearsal: keep what it wrote under --dir")
+    p.add_argument(
+        "--llm_layers",
+        type=int,
+        help="--what rehearsal: only this many LLM layers (every width and both towers stay): a quicker check",
     )
     p.add_argument(
         "--peak_tflops",
@@ -847,10 +868,85 @@ def bench_serve(args, device):
     )
 
 
+# -----------------------------------------------------------------------------
+# the rehearsal: OpenVLA-7B's shapes through every command, each command's peak RSS
+
+
+def rehearsal_notes(report, estimate):
+    """What the rows do not show: the target, the training step against the memory model, Policy's seconds and
+    the agreements."""
+    weights, rows = report["weights"], report["rows"]
+    notes = [
+        f"weights: {weights / GB:.2f} GB of bf16 tensors in {rehearsal.SHARDS} shards; target: every peak RSS <= "
+        f"{rehearsal.TARGET[0]} x weights + {rehearsal.TARGET[1] / GB:.0f} GB = {report['target'] / GB:.1f} GB; "
+        "GB = 2^30 B",
+        "peak RSS: ru_maxrss of each command's own process (spawned by a 10 MB launcher, so that it starts from 0); "
+        "the checkpoint is written by this process (its high-water mark, the memory model's run included); "
+        "Policy.predict and serve.py pinned to one core (comparable sums); checked first: "
+        f"{report['ram'] / GB:.1f} GB of memory available, {report['disk'] / GB:.1f} GB of disk free",
+    ]
+    train_row = next((r for r in rows if r.name == "train.py" and r.rc == 0), None)
+    if train_row:
+        trains = sum(estimate[k] for k in ("trainable weights", "gradients", "AdamW state"))
+        notes += [
+            f"train.py: step seconds {', '.join(f'{s:.1f}' for s in report['step seconds'])} (steps 1-2, then 3 "
+            f"resumed); the memory model's estimate of its step (batch 1, grad ckpt, 2 cameras, {PROMPT_LEN}-token "
+            f"prompt, LoRA r32, bf16 base): {estimate['total'] / GB:.2f} GB (weights "
+            f"{estimate['frozen weights'] / GB:.2f}, LoRA + head with gradients and AdamW {trains / GB:.2f}, "
+            f"activations {estimate['activations'] / GB:.2f})",
+            f"train.py's measured peak RSS {train_row.rss / GB:.2f} GB: {(train_row.rss - estimate['total']) / GB:+.2f}"
+            " GB beside the estimate, the process's own (Python, torch, transformers, the data, allocator slack)",
+        ]
+    for name in ("checkpoint", "export"):
+        if f"{name} seconds" in report:
+            t = report[f"{name} seconds"]
+            notes.append(f"Policy ({name}): loads in {t['load_s']:.1f} s, one chunk in {t['predict_s']:.1f} s")
+    for key, what in [("predict diff", "checkpoint vs export"), ("serve diff", "serve.py vs Policy.predict")]:
+        if key in report:
+            notes.append(
+                f"{what}: max |difference| {report[key]:.3g} in normalized action units "
+                f"(tolerance {rehearsal.TOLERANCE:.3g})"
+            )
+    for row in rows:
+        if row.last_lines:
+            notes.append(f"{row.name} failed; the end of its output:\n" + "\n".join(row.last_lines))
+    return notes
+
+
+def bench_rehearsal(args, device):
+    """rehearsal.py's commands on this CPU, one row each; exits 1 unless every step ran, fit and agreed."""
+    config, tok = rehearsal.base_config(args.model, args.llm_layers)
+    # train.py's step as the rehearsal runs it (LoRA rank 32 is its default; augmentation is on by default)
+    estimate = estimate_memory(config, 1, True, 2, PROMPT_LEN, 32, image_aug=True)
+    report = rehearsal.rehearse(config, tok, args.dir, args.keep, estimate)
+    rows = report["rows"]
+    layers = model.LlamaConfig(**config["text_config"]).num_hidden_layers
+    table(
+        f"rehearsal: random {args.model} twin ({layers} LLM layers), bf16, CPU, {args.dir}"
+        f"{' (kept)' if args.keep else ' (removed)'}",
+        ["step", "wall s", "peak RSS GB", "weights GB", "RSS / weights", "status"],
+        [
+            [r.name, r.wall, r.rss / GB, report["weights"] / GB, r.rss / report["weights"], "ok" if r.ok else r.note]
+            for r in rows
+        ]
+        + [[name, "not run"] for name in rehearsal.STEPS[len(rows) :]],
+        rehearsal_notes(report, estimate),
+    )
+    n = len(rehearsal.STEPS)
+    ok = sum(r.ok for r in rows)
+    peak = max(r.rss for r in rows) / GB
+    print(f"rehearsal: {ok} of {n} steps ok, peak RSS {peak:.1f} GB (weights {report['weights'] / GB:.1f} GB)")
+    if ok != n:
+        sys.exit(1)
+
+
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    args.model = ("7b" if device.type == "cuda" else "tiny") if args.model == "auto" else args.model
+    if args.model == "auto":
+        args.model = "7b" if device.type == "cuda" or args.what == "rehearsal" else "tiny"
+    if args.llm_layers is not None and args.llm_layers < 1:
+        raise SystemExit(f"error: --llm_layers must be at least 1, got {args.llm_layers}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py
     source = "--peak_tflops"
@@ -874,6 +970,7 @@ def main(argv=None):
                 recipe=bench_recipe,
                 infer=bench_infer,
                 serve=bench_serve,
+                rehearsal=bench_rehearsal,
             )[what](args, device)
         except data.DataError as e:  # no episodes: say how to make some, measure the rest
             print(f"\n## data loader: {e}\n(make episodes with: python demo.py {args.data_dir})")

@@ -52,25 +52,27 @@ def save_pretrained(vla, out_dir, max_shard_bytes=4 << 30):
             weight_map={k: name for name, s in zip(names, shards) for k in s},
         )
         _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-    vla.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    write_tokenizer_files(vla.tokenizer, vla.config, out_dir)
+    for name, obj in [("config.json", vla.config), ("preprocessor_config.json", vla.preprocessor)]:
+        _write_json(os.path.join(out_dir, name), obj)
+    model.save_head(vla, os.path.join(out_dir, "action_head.safetensors"))
+
+
+def write_tokenizer_files(tokenizer, config, out_dir):
+    """tokenizer.json and the Llama tokenizer's config files beside it, as an OpenVLA checkpoint has them."""
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
     special = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<PAD>")
     tokenizer_config = dict(
         tokenizer_class="LlamaTokenizer",
         add_bos_token=True,
         add_eos_token=False,
         legacy=False,
-        model_max_length=vla.config["llm_max_length"],
+        model_max_length=config["llm_max_length"],
         padding_side="right",
         **special,
     )
-    for name, obj in [
-        ("config.json", vla.config),
-        ("preprocessor_config.json", vla.preprocessor),
-        ("special_tokens_map.json", special),
-        ("tokenizer_config.json", tokenizer_config),
-    ]:
-        _write_json(os.path.join(out_dir, name), obj)
-    model.save_head(vla, os.path.join(out_dir, "action_head.safetensors"))
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config)
 
 
 def _write_json(path, obj):

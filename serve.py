@@ -3,6 +3,7 @@ Serve a trained policy over openpi's websocket protocol, so robot code written f
 
     python serve.py --checkpoint out/demo/step_000500                   # ws://127.0.0.1:8000, GPU when there is one
     python serve.py --checkpoint CKPT --host 0.0.0.0 --api_key SECRET   # reachable from the robot, key required
+    python serve.py --checkpoint CKPT --device cpu --dtype bfloat16     # a 7B policy on a CPU (15 GB, not 30)
 
 On connect the server sends one binary frame, the msgpack'd metadata (cameras, chunk, action_dim, ...); then every
 binary frame from the client is a msgpack-numpy observation {"images": {camera: HxWx3 uint8}, "prompt": str,
@@ -358,6 +359,13 @@ def main(argv=None):
         "out of the process list)",
     )
     p.add_argument("--vla_path", help="base model, overriding the one named in the checkpoint's args.json")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the weights' dtype (and autocast's); auto: bfloat16 on CUDA, float32 on CPU, where a 7B policy "
+        "needs bfloat16 to fit in 24 GB (30 GB in float32)",
+    )
     add_limits(p)
     args = p.parse_args(argv)
     key = api_key(args)
@@ -393,7 +401,10 @@ def main(argv=None):
     # the cores other work leaves free, not torch's default of all of them (oversubscribed, a chunk takes ~4x longer)
     torch.set_num_threads(infer.cpu_threads())
     try:
-        policy = infer.Policy.from_checkpoint(args.checkpoint, device=args.device, vla_path=args.vla_path, merge=True)
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        policy = infer.Policy.from_checkpoint(
+            args.checkpoint, device=args.device, vla_path=args.vla_path, dtype=dtype, merge=True
+        )
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
