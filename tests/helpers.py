@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+from demo import write_aloha
 from model import VLA, add_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py, infer.py... are here
@@ -34,6 +35,42 @@ def write_episode(path, T=20, cameras=data.ALL_CAMERAS, res=8, width=14, frames=
         if seen is not None:
             f.create_dataset("seen", data=list(seen), dtype=h5py.string_dtype())
     return str(path)
+
+
+def write_broken(directory):
+    """One directory with every kind of broken file, named by the problem it has (BROKEN), and a good one."""
+    good = write_episode(directory / "episode_0.hdf5")
+    (directory / "episode_1.hdf5").write_text("this is not HDF5")
+    with open(good, "rb") as f:
+        (directory / "episode_2.hdf5").write_bytes(f.read()[:3000])  # truncated
+    write_episode(directory / "episode_3.hdf5", cameras=["head_camera_image"])  # no left_wrist_image
+    write_episode(directory / "episode_4.hdf5", width=0)  # no action
+    write_episode(directory / "episode_5.hdf5", frames=19)  # 19 frames, 20 actions
+    write_episode(directory / "episode_6.hdf5", width=13)
+    write_episode(directory / "episode_7.hdf5", T=5)  # too short: a warning, skipped
+    return directory
+
+
+# write_broken's episode_i: what the check says about it
+BROKEN = {
+    1: "not a readable HDF5",
+    2: "truncated file",
+    3: "missing left_wrist_image",
+    4: "missing action",
+    5: "differ in length: action 20, head_camera_image 19",
+    6: "expected (T, 14)",
+}
+
+
+def write_blank_instructions(directory):
+    """A good episode, then seen missing, empty, all blank, and unseen present but blank."""
+    paths = [
+        write_episode(directory / f"episode_{i}.hdf5", seen=seen)
+        for i, seen in enumerate([("pick it",), None, (), (" ", ""), ("pick it",)])
+    ]
+    with h5py.File(paths[4], "a") as f:
+        f.create_dataset("unseen", data=["  "], dtype=h5py.string_dtype())
+    return paths
 
 
 def actions_of(path):
@@ -132,7 +169,7 @@ P_FLAGS = [
     "--eval_interval",
     2,
     "--grad_ckpt",
-    "auto",
+    "on",
 ]
 
 
@@ -144,3 +181,76 @@ def edit_json(path, edit):
     obj = json.load(open(path))
     edit(obj)
     json.dump(obj, open(path, "w"))
+
+
+# -----------------------------------------------------------------------------
+# the other layouts, written the way their recorders write them
+
+RED = (220, 20, 20)
+LIBERO_TASK = "put the black bowl on the plate"
+
+
+def scene(rng, T, h, w):
+    """Smooth random scenes (JPEG keeps them close) with a red square in the top-left corner of every frame."""
+    small = rng.integers(40, 200, (T, h // 8, w // 8, 3)).astype(np.uint8)
+    frames = np.stack([np.asarray(Image.fromarray(x).resize((w, h), Image.BILINEAR)) for x in small])
+    frames[:, 2 : h // 3, 2 : w // 3] = RED
+    return frames
+
+
+def joints(rng, T, width=14):
+    return np.cumsum(rng.normal(0, 0.05, (T, width)), 0)
+
+
+def write_act_sim(path, T, rng, cameras=("top",), h=48, w=64):
+    """As ACT's record_sim_episodes.py: datasets created without a dtype (float32), one-frame image chunks."""
+    qpos = joints(rng, T)
+    with h5py.File(path, "w", rdcc_nbytes=1024**2 * 2) as root:
+        root.attrs["sim"] = True
+        obs = root.create_group("observations")
+        image = obs.create_group("images")
+        for cam in cameras:
+            image.create_dataset(cam, (T, h, w, 3), dtype="uint8", chunks=(1, h, w, 3))
+        obs.create_dataset("qpos", (T, 14))
+        obs.create_dataset("qvel", (T, 14))
+        root.create_dataset("action", (T, 14))
+        root["/observations/qpos"][...] = qpos
+        root["/observations/qvel"][...] = np.gradient(qpos, axis=0)
+        root["/action"][...] = qpos + 0.01
+        for cam in cameras:
+            root[f"/observations/images/{cam}"][...] = scene(rng, T, h, w)
+    return str(path)
+
+
+def write_aloha_jpeg(path, T, rng, cameras=("cam_high", "cam_low", "cam_left_wrist"), h=48, w=64):
+    """Mobile ALOHA's compressed layout, its camera order not alphabetical (as the static ALOHA's cam_high, cam_low)."""
+    rgb = {cam: scene(rng, T, h, w) for cam in cameras}
+    qpos = joints(rng, T)
+    return write_aloha(path, rgb, qpos, qpos + 0.01), rgb
+
+
+def write_libero(path, lengths, rng, size=32, drop=None):
+    """A robomimic/LIBERO task file: data/demo_i with obs/agentview_rgb, obs/eye_in_hand_rgb, joint and gripper
+    states, 7-D actions; the instruction in data.attrs['problem_info']."""
+    with h5py.File(path, "w") as f:
+        grp = f.create_group("data")
+        grp.attrs["problem_info"] = json.dumps(
+            {
+                "problem_name": "libero_tabletop_manipulation",
+                "domain_name": "kitchen",
+                "language_instruction": LIBERO_TASK,
+            }
+        )
+        grp.attrs["macros_image_convention"] = "opengl"
+        for i, T in enumerate(lengths):
+            demo = grp.create_group(f"demo_{i}")
+            demo.attrs["num_samples"] = T
+            obs = demo.create_group("obs")
+            obs["agentview_rgb"], obs["eye_in_hand_rgb"] = scene(rng, T, size, size), scene(rng, T, size, size)
+            obs["joint_states"], obs["gripper_states"] = joints(rng, T, 7), joints(rng, T, 2)
+            obs["ee_states"] = joints(rng, T, 6)
+            if drop != "actions":
+                demo["actions"] = np.clip(joints(rng, T, 7), -1, 1)
+            demo["rewards"], demo["dones"] = np.zeros(T), np.zeros(T, np.uint8)
+            demo["states"] = joints(rng, T, 30)
+    return str(path)

@@ -7,8 +7,8 @@ import torch
 
 import bench
 import model
-from demo import SEEN, make_tokenizer, tiny_config
-from model import VLA, add_lora, openvla_7b_config
+from demo import SEEN, make_tokenizer, openvla_7b_config, tiny_config
+from model import VLA, add_lora
 
 
 def test_bench_flops_match_a_hand_count_and_a_train_row(tiny_dir, capsys):

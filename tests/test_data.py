@@ -1,14 +1,11 @@
 """
-data.py: episodes read, checked, normalized and split, and its command line (python data.py DIR), which checks and
-summarizes a data directory.
+data.py: episodes read, checked, normalized and split. Its command line, the data check, is a leaf with tests of its
+own (tests/test_check_data.py); the RoboTwin arm check is robotwin/check.py's (robotwin/test_check.py).
 """
 
 import json
 import os
 import pickle
-import shutil
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -16,19 +13,7 @@ import pytest
 import torch
 
 import data
-import model
-from helpers import ROOT, actions_of, write_episode
-
-
-def run_cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "data.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+from helpers import BROKEN, actions_of, write_blank_instructions, write_broken, write_episode
 
 
 @pytest.mark.parametrize("offset", [0, 1])
@@ -67,7 +52,7 @@ def test_q99_dataset_round_trip_clips(demo):
     rows = actions_of(demo[e])[t : t + 8]
     flat = hi - lo < 1e-8
     expect = np.where(flat, lo, np.clip(rows, lo, hi))
-    np.testing.assert_allclose(data.unnormalize(s["actions"], ds.stats, "q99").numpy(), expect, atol=1e-5)
+    np.testing.assert_allclose(data.unnormalize(s["actions"].numpy(), ds.stats, "q99"), expect, atol=1e-5)
 
 
 def test_normalize_modes_zero_range_mask_and_types():
@@ -90,13 +75,15 @@ def test_normalize_modes_zero_range_mask_and_types():
     clipped = np.clip(a, stats["q01"], stats["q99"])
     np.testing.assert_allclose(data.unnormalize(q, stats, "q99"), clipped, atol=1e-12)
     assert (np.abs(a - clipped).max(0)[[0, 1, 3]] > 0).all()  # the clipping really happened
-    t = torch.tensor(a, dtype=torch.float32)
-    nt = data.normalize(t, stats)
-    assert torch.is_tensor(nt) and nt.dtype == torch.float32
-    np.testing.assert_allclose(nt.numpy(), n, atol=1e-5)
-    back = data.unnormalize(nt, stats)
-    assert torch.is_tensor(back) and torch.allclose(back, t, atol=1e-5) and (back[:, 2] == 0.25).all()
-    assert data.normalize(a.astype(np.float32), stats).dtype == np.float32
+    # float32 in, float32 out (computed in float64): what a model's output or a batch of actions is
+    a32 = a.astype(np.float32)
+    n32 = data.normalize(a32, stats)
+    assert isinstance(n32, np.ndarray) and n32.dtype == np.float32
+    np.testing.assert_allclose(n32, n, atol=1e-5)
+    back = data.unnormalize(n32, stats)
+    assert back.dtype == np.float32 and np.allclose(back, a32, atol=1e-5) and (back[:, 2] == 0.25).all()
+    # any leading shape: a (B, chunk, D) batch of chunks
+    np.testing.assert_array_equal(data.normalize(a.reshape(50, 10, 4), stats), n.reshape(50, 10, 4))
     raw = {**stats, "mask": [True, False, True, True]}  # OpenVLA's mask leaves False dims untouched
     np.testing.assert_array_equal(data.normalize(a, raw)[:, 1], a[:, 1])
     np.testing.assert_array_equal(data.unnormalize(n, raw)[:, 1], n[:, 1])
@@ -256,26 +243,7 @@ def test_read_episode(demo):
 @pytest.fixture
 def broken(tmp_path):
     """One directory with every kind of broken file, named by the problem it has."""
-    good = write_episode(tmp_path / "episode_0.hdf5")
-    (tmp_path / "episode_1.hdf5").write_text("this is not HDF5")
-    with open(good, "rb") as f:
-        (tmp_path / "episode_2.hdf5").write_bytes(f.read()[:3000])  # truncated
-    write_episode(tmp_path / "episode_3.hdf5", cameras=["head_camera_image"])  # no left_wrist_image
-    write_episode(tmp_path / "episode_4.hdf5", width=0)  # no action
-    write_episode(tmp_path / "episode_5.hdf5", frames=19)  # 19 frames, 20 actions
-    write_episode(tmp_path / "episode_6.hdf5", width=13)
-    write_episode(tmp_path / "episode_7.hdf5", T=5)  # too short: a warning, skipped
-    return tmp_path
-
-
-EXPECTED = {
-    1: "not a readable HDF5",
-    2: "truncated file",
-    3: "missing left_wrist_image",
-    4: "missing action",
-    5: "differ in length: action 20, head_camera_image 19",
-    6: "expected (T, 14)",
-}
+    return write_broken(tmp_path)
 
 
 def test_check_names_every_broken_file(broken, capsys):
@@ -283,8 +251,8 @@ def test_check_names_every_broken_file(broken, capsys):
     with pytest.raises(data.DataError) as err:
         data.check_episodes(paths, data.DEFAULT_CAMERAS, 8, 14)
     lines = str(err.value).splitlines()
-    assert len(lines) == len(EXPECTED)
-    for line, (i, problem) in zip(lines, EXPECTED.items()):
+    assert len(lines) == len(BROKEN)
+    for line, (i, problem) in zip(lines, BROKEN.items()):
         assert line.startswith(str(broken / f"episode_{i}.hdf5") + ":") and problem in line
     assert "episode_7.hdf5" in capsys.readouterr().err
     with pytest.raises(data.DataError, match="episode_5.hdf5"):
@@ -306,46 +274,8 @@ def test_short_episodes_are_skipped_until_none_is_left(tmp_path, capsys):
         data.EpisodeDataset([good], instructions="unseen")
 
 
-@pytest.mark.slow
-def test_cli_reports_problems_without_traceback(broken, tmp_path):
-    r = run_cli(broken)
-    assert r.returncode != 0 and "Traceback" not in r.stdout + r.stderr
-    for i in EXPECTED:
-        assert str(broken / f"episode_{i}.hdf5") in r.stderr
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    r = run_cli(empty, "--cameras", "head_camera_image,wrist_cam")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "no episode_*.hdf5 (or other .hdf5) files" in r.stderr
-    r = run_cli(broken / "episode_0.hdf5", "--cameras", "head_camera_image,wrist_cam")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "missing wrist_cam" in r.stderr
-
-
-@pytest.mark.slow
-def test_cli_summary(tmp_path):
-    write_episode(tmp_path / "episode_0.hdf5", T=30)
-    write_episode(tmp_path / "episode_1.hdf5", T=5)
-    r = run_cli(tmp_path, "--action_offset", "1")
-    assert r.returncode == 0, r.stderr
-    assert "warning" in r.stderr and "episode_1.hdf5" in r.stderr
-    out = r.stdout
-    assert "1 episodes, 30 frames" in out and "22 samples" in out and "at 8x8" in out
-    assert "right_gripper" in out and "seen: 2-2 variants per episode, e.g. pick it | place it" in out
-
-
-def blank_instructions(tmp_path):
-    """A good episode, then seen missing, empty, all blank, and unseen present but blank."""
-    paths = [
-        write_episode(tmp_path / f"episode_{i}.hdf5", seen=seen)
-        for i, seen in enumerate([("pick it",), None, (), (" ", ""), ("pick it",)])
-    ]
-    with h5py.File(paths[4], "a") as f:
-        f.create_dataset("unseen", data=["  "], dtype=h5py.string_dtype())
-    return paths
-
-
-@pytest.mark.slow
 def test_check_refuses_missing_empty_and_blank_instructions(tmp_path):
-    paths = blank_instructions(tmp_path)
+    paths = write_blank_instructions(tmp_path)
     with pytest.raises(data.DataError) as err:
         data.check_episodes(paths, data.DEFAULT_CAMERAS, 8, 14)
     lines = str(err.value).splitlines()
@@ -355,76 +285,4 @@ def test_check_refuses_missing_empty_and_blank_instructions(tmp_path):
     )
     assert all(line.endswith(": seen instructions missing, empty or all blank") for line in lines[1:3])
     assert lines[3].endswith(": unseen instructions missing, empty or all blank")
-    r = run_cli(tmp_path)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().splitlines() == lines
     assert data.check_episodes(paths[:1], data.DEFAULT_CAMERAS, 8, 14) == paths[:1]
-
-
-@pytest.mark.slow
-def test_check_measures_prompts_with_the_models_tokenizer(tmp_path, tiny_dir, capsys):
-    """A 5,000-word instruction is ~5,000 tokens: with the image patches, past Llama-2's 2,048 positions."""
-    good = write_episode(tmp_path / "episode_0.hdf5", seen=("pick it", "put the shoe on the mat"))
-    config, tok = model.load_tokenizer(tiny_dir)
-    n = model.check_sequence_length(config, tok, "put the shoe on the mat", 2, True, 8)
-    assert n == len(model.prompt_ids(tok, "put the shoe on the mat")) + 2 * 256 + 1 + 8
-
-    def summarize(**kw):
-        return data.summarize(str(tmp_path), data.DEFAULT_CAMERAS, 8, 14, 0, **kw)
-
-    summarize(vla_path=tiny_dir, proprio=True)
-    assert f"prompts: the longest instruction fills {n} of the LLM's 2048 positions" in capsys.readouterr().out
-    long = write_episode(tmp_path / "episode_1.hdf5", seen=("pick it", "place the shoe " * 1700))
-    summarize()  # without --vla_path there is no tokenizer to measure with
-    with pytest.raises(data.DataError, match="nowhere: no such checkpoint directory"):
-        summarize(vla_path=str(tmp_path / "nowhere"))
-    r = run_cli(tmp_path, "--vla_path", tiny_dir)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert r.stderr.startswith(f"{long}: the instruction is too long: ") and "2048" in r.stderr and good not in r.stderr
-
-
-def test_arm_check_flags_instructions_of_other_episodes(demo, tmp_path, capsys):
-    """Demo episodes move one arm and hold the other still; give them instructions that name the moving arm or,
-    in some, the other one (as RoboTwin's OFT conversion did by pairing episodes with other episodes' texts)."""
-    moving = {}
-    for src in demo:
-        shutil.copy(src, tmp_path / os.path.basename(src))
-        still = [np.ptp(actions_of(src)[:, arm], 0).max() == 0 for arm in (slice(0, 7), slice(7, 14))]
-        assert sum(still) == 1
-        moving[os.path.basename(src)] = "right" if still[0] else "left"
-    assert set(moving.values()) == {"left", "right"}
-
-    def check(wrong):
-        for name, arm in moving.items():
-            other = {"left": "right", "right": "left"}[arm]
-            said, against = (other, arm) if name in wrong else (arm, other)
-            seen = [
-                f"Put the shoe down with the {said} arm.",
-                f"{said.upper()} gripper: place the shoe",
-                f"Use the {against} arm.",
-                "Place it using the left and right arms.",
-                "Put the shoe on the leftmost mat.",
-            ]
-            with h5py.File(tmp_path / name, "a") as f:
-                del f["seen"]
-                f.create_dataset("seen", data=seen, dtype=h5py.string_dtype())
-        data.summarize(str(tmp_path), data.DEFAULT_CAMERAS, 8, 14, 0)
-        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("arms:")]
-
-    assert check(set()) == ["arms: all 6 episodes whose instructions name an arm move that arm most"]
-    lines = check({"episode_1.hdf5", "episode_4.hdf5"})
-    assert lines == [
-        "arms: in 2 of 6 episodes the instructions name one arm and the other arm moves most: "
-        "episode_1.hdf5, episode_4.hdf5"
-    ]
-    lines = check({f"episode_{i}.hdf5" for i in (0, 1, 2, 4, 5)})
-    assert len(lines) == 2 and lines[0].startswith("arms: in 5 of 6 episodes") and "episode_3" not in lines[0]
-    assert "RoboTwin's OFT conversion" in lines[1] and "python robotwin/convert.py" in lines[1]
-    assert data.named_arm(["Use the left and the right arm.", "no arm here", "Rightly placed"]) is None
-    assert data.named_arm(["LEFT arm", "right arm", "the left one"]) == "left"
-    assert data.moving_arm(np.zeros((5, 14))) is None
-
-    other = tmp_path / "thirteen"  # only the 14-D two-arm layout is checked
-    other.mkdir()
-    write_episode(other / "episode_0.hdf5", T=30, width=13, seen=("use the left arm", "the left arm"))
-    data.summarize(str(other), data.DEFAULT_CAMERAS, 8, 13, 0)
-    assert "arms:" not in capsys.readouterr().out

@@ -17,82 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
+import check_data
 import data
 import infer
 import train
-from demo import write_aloha
+from demo import cv2_jpeg
+from helpers import LIBERO_TASK, write_act_sim, write_aloha_jpeg, write_libero
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RED = (220, 20, 20)
-LIBERO_TASK = "put the black bowl on the plate"
 pytestmark = pytest.mark.filterwarnings("ignore:Creating a dataset without passing data or dtype")  # as ACT does
-
-
-def scene(rng, T, h, w):
-    """Smooth random scenes (JPEG keeps them close) with a red square in the top-left corner of every frame."""
-    small = rng.integers(40, 200, (T, h // 8, w // 8, 3)).astype(np.uint8)
-    frames = np.stack([np.asarray(Image.fromarray(x).resize((w, h), Image.BILINEAR)) for x in small])
-    frames[:, 2 : h // 3, 2 : w // 3] = RED
-    return frames
-
-
-def joints(rng, T, width=14):
-    return np.cumsum(rng.normal(0, 0.05, (T, width)), 0)
-
-
-def write_act_sim(path, T, rng, cameras=("top",), h=48, w=64):
-    """As ACT's record_sim_episodes.py: datasets created without a dtype (float32), one-frame image chunks."""
-    qpos = joints(rng, T)
-    with h5py.File(path, "w", rdcc_nbytes=1024**2 * 2) as root:
-        root.attrs["sim"] = True
-        obs = root.create_group("observations")
-        image = obs.create_group("images")
-        for cam in cameras:
-            image.create_dataset(cam, (T, h, w, 3), dtype="uint8", chunks=(1, h, w, 3))
-        obs.create_dataset("qpos", (T, 14))
-        obs.create_dataset("qvel", (T, 14))
-        root.create_dataset("action", (T, 14))
-        root["/observations/qpos"][...] = qpos
-        root["/observations/qvel"][...] = np.gradient(qpos, axis=0)
-        root["/action"][...] = qpos + 0.01
-        for cam in cameras:
-            root[f"/observations/images/{cam}"][...] = scene(rng, T, h, w)
-    return str(path)
-
-
-def write_aloha_jpeg(path, T, rng, cameras=("cam_high", "cam_low", "cam_left_wrist"), h=48, w=64):
-    """Mobile ALOHA's compressed layout, its camera order not alphabetical (as the static ALOHA's cam_high, cam_low)."""
-    rgb = {cam: scene(rng, T, h, w) for cam in cameras}
-    qpos = joints(rng, T)
-    return write_aloha(path, rgb, qpos, qpos + 0.01), rgb
-
-
-def write_libero(path, lengths, rng, size=32, drop=None):
-    """A robomimic/LIBERO task file: data/demo_i with obs/agentview_rgb, obs/eye_in_hand_rgb, joint and gripper
-    states, 7-D actions; the instruction in data.attrs['problem_info']."""
-    with h5py.File(path, "w") as f:
-        grp = f.create_group("data")
-        grp.attrs["problem_info"] = json.dumps(
-            {
-                "problem_name": "libero_tabletop_manipulation",
-                "domain_name": "kitchen",
-                "language_instruction": LIBERO_TASK,
-            }
-        )
-        grp.attrs["macros_image_convention"] = "opengl"
-        for i, T in enumerate(lengths):
-            demo = grp.create_group(f"demo_{i}")
-            demo.attrs["num_samples"] = T
-            obs = demo.create_group("obs")
-            obs["agentview_rgb"], obs["eye_in_hand_rgb"] = scene(rng, T, size, size), scene(rng, T, size, size)
-            obs["joint_states"], obs["gripper_states"] = joints(rng, T, 7), joints(rng, T, 2)
-            obs["ee_states"] = joints(rng, T, 6)
-            if drop != "actions":
-                demo["actions"] = np.clip(joints(rng, T, 7), -1, 1)
-            demo["rewards"], demo["dones"] = np.zeros(T), np.zeros(T, np.uint8)
-            demo["states"] = joints(rng, T, 30)
-    return str(path)
 
 
 def make_layout(name, directory, rng):
@@ -112,8 +46,9 @@ def make_layout(name, directory, rng):
 
 
 def run_data_cli(*args):
+    """The data check, as a user runs it: python check_data.py DIR ..."""
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "data.py"), *map(str, args)],
+        [sys.executable, os.path.join(ROOT, "check_data.py"), *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -196,6 +131,9 @@ def test_each_layout_is_detected_and_its_flags_line_trains_and_replays(layout, f
         == {"act": "transfer the cube", "aloha": "fold the towel", "libero": LIBERO_TASK}[layout]
     )
     assert np.isfinite(report["l1"])
+    # the actions' names: ALOHA's 14 joints, else generic dim_i (LIBERO's 7-D end-effector actions)
+    names = [f"dim_{i}" for i in range(7)] if layout == "libero" else data.ACTION_NAMES
+    assert report["names"] == names and list(report["l1_per_dim_raw"]) == names
 
 
 def test_aloha_jpegs_decode_in_true_colours_each_camera_with_its_own_lengths(tmp_path):
@@ -246,7 +184,7 @@ def test_broken_variants_are_one_line_naming_the_file_and_the_demo(tmp_path):
         f["joints"], f.create_group("camera")["rgb"] = np.zeros((10, 14)), np.zeros((10, 4, 4, 3), np.uint8)
     cams = ["observations/images/cam_high"]
     cases = {
-        jpeg_bad: (cams, "action", "observations/images/cam_high: its frames do not read (cannot identify "),
+        jpeg_bad: (cams, "action", "observations/images/cam_high: frame 9 is not a JPEG (no JPEG header)"),
         too_long: (cams, "action", "no row of compress_len (3, 10) gives the lengths of its JPEG frames"),
         f"{no_actions}:demo_1": (["obs/agentview_rgb"], "actions", "missing actions (a robomimic/LIBERO episode"),
         str(tmp_path / "episode_2.hdf5"): (
@@ -339,15 +277,86 @@ def test_open_files_stay_bounded_per_process(tmp_path, monkeypatch):
         np.testing.assert_array_equal(ds[1]["images"][0].permute(1, 2, 0).numpy(), f["observations/images/top"][1])
 
 
-def test_handover_does_not_raise_the_arm_alarm(tmp_path, capsys):
-    """Both arms travel far in a handover: the arm an instruction names (the receiving one) is no evidence."""
-    rng = np.random.default_rng(6)
-    for i in range(4):
-        path = write_act_sim(tmp_path / f"episode_{i}.hdf5", 30, rng)
-        with h5py.File(path, "a") as f:
-            a = f["action"][()]
-            a[:, 7:13] *= 1.3  # the giving (right) arm travels a little further than the receiving (left) one
-            f["action"][...] = a
-    data.summarize(str(tmp_path), instruction="hand the cube to the left arm")
-    assert "arms:" not in capsys.readouterr().out
-    assert data.moving_arm(np.stack([np.linspace(0, 1, 9)] * 6 + [np.zeros(9)] * 8, 1)) == "left"
+def break_a_middle_frame(path, rgb, how):
+    """Frame 3 of cam_low (neither the first, the middle nor the last frame) broken in a real-ALOHA file: its
+    compress_len cut short, or a JPEG of another size stored in its place (a camera that changed resolution)."""
+    with h5py.File(path, "a") as f:
+        d, lengths = f["observations/images/cam_low"], f["compress_len"]
+        # the recorder's camera order: cam_high, cam_low, cam_left_wrist
+        row = 1
+        if how == "cut":
+            lengths[row, 3] = lengths[row, 3] - 10
+            return
+        jpeg = cv2_jpeg(rgb["cam_low"][3][:40])
+        assert len(jpeg) <= d.shape[1]
+        padded = np.zeros(d.shape[1], np.uint8)
+        padded[: len(jpeg)] = jpeg
+        d[3] = padded
+        lengths[row, 3] = len(jpeg)
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("cut", "frame 3 does not end at its compress_len {n} (cut off, or a wrong length)"),
+        ("size", "frame 3 is 40x64, frame 0 48x64"),
+    ],
+)
+def test_a_broken_jpeg_frame_in_the_middle_is_named_by_the_check(how, message, tmp_path):
+    """The check reads every JPEG frame's header and end (not only the first and last frames, which decode): a broken
+    frame in the middle is one line naming the file, the camera and the frame, before a run starts."""
+    path, rgb = write_aloha_jpeg(tmp_path / "episode_0.hdf5", 10, np.random.default_rng(7))
+    good, _ = write_aloha_jpeg(tmp_path / "episode_1.hdf5", 10, np.random.default_rng(8))
+    break_a_middle_frame(path, rgb, how)
+    cameras = [f"observations/images/{c}" for c in ("cam_high", "cam_low")]
+    with h5py.File(path) as f:
+        read = data.camera_reader(f, f, cameras[1], path)
+        assert read(0).shape == read(9).shape == (48, 64, 3)
+        n = int(f["compress_len"][1, 3])
+    with pytest.raises(data.DataError) as e:
+        data.check_episodes([path, good], cameras, 4, 14, instruction="fold the towel")
+    assert str(e.value) == f"{path}: observations/images/cam_low: " + message.format(n=n)
+    with pytest.raises(data.DataError, match="frame 3"):
+        data.EpisodeDataset([path], cameras=cameras, chunk=4, instruction="fold the towel")
+    assert data.check_episodes([good], cameras, 4, 14, instruction="fold the towel") == [good]
+
+
+def write_empty_libero(path):
+    """A robomimic/LIBERO file whose data/ group holds no demos (a recording that saved none)."""
+    with h5py.File(path, "w") as f:
+        f.create_group("data").attrs["problem_info"] = json.dumps({"language_instruction": LIBERO_TASK})
+    return str(path)
+
+
+def test_a_libero_file_without_demos_is_named_and_its_neighbours_pass(tmp_path):
+    """An empty data/ group is refused by name, as what it is; the demos of the good file beside it are not broken.
+    The empty file sorts first: the layout (and so the cameras and action key) still comes from the good one."""
+    empty = write_empty_libero(tmp_path / "A_empty_demo.hdf5")
+    good = write_libero(tmp_path / "KITCHEN_SCENE1_demo.hdf5", (12, 14), np.random.default_rng(9))
+    refs = data.list_episodes(str(tmp_path))
+    assert refs == [empty, f"{good}:demo_0", f"{good}:demo_1"]
+    with pytest.raises(data.DataError) as e:
+        data.check_episodes(refs, ["obs/agentview_rgb"], 4, 7, action_key="actions")
+    assert str(e.value) == f"{empty}: a robomimic/LIBERO file whose data/ group holds no demo_N groups"
+    assert data.check_episodes(refs[1:], ["obs/agentview_rgb"], 4, 7, action_key="actions") == refs[1:]
+    layout, width, texts = check_data.first_layout(refs, None)
+    assert layout == ("robomimic/LIBERO", ["obs/agentview_rgb", "obs/eye_in_hand_rgb"], "actions")
+    assert (width, texts) == (7, True)
+
+
+def test_a_group_named_as_a_camera_is_one_line(tiny_dir, tmp_path, monkeypatch):
+    """--cameras observations/images (the group, not a camera inside it): one line that names the datasets inside."""
+    path = write_act_sim(tmp_path / "episode_0.hdf5", 12, np.random.default_rng(10), cameras=("top", "left_wrist"))
+    with pytest.raises(data.DataError) as e:
+        data.check_episodes([path], ["observations/images"], 4, 14, instruction="go")
+    assert str(e.value) == (
+        f"{path}: observations/images is a group, not a dataset: name the datasets inside it "
+        "(e.g. observations/images/left_wrist, observations/images/top)"
+    )
+    monkeypatch.setattr(train.model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    flags = ["--vla_path", tiny_dir, "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        train.main(flags + ["--cameras", "observations/images", "--instruction", "go", "--val_episodes", "0"])
+    assert str(e.value.code) == f"error: {path}: observations/images is a group, not a dataset: " + (
+        "name the datasets inside it (e.g. observations/images/left_wrist, observations/images/top)"
+    )

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import model
+from demo import openvla_7b_config, param_report
 from helpers import INSTR, images, lora_vla, pil_resized, tower_input
 from merge import save_pretrained
 from model import (
@@ -29,8 +30,6 @@ from model import (
     check_keys,
     enable_grad_ckpt,
     load_trained,
-    openvla_7b_config,
-    param_report,
     save_trained,
     skipped_prefixes,
 )
@@ -382,14 +381,26 @@ def tower_outputs(vla, x, instructions):
 
 def test_film_is_ofts_formula_on_each_samples_prompt_and_listens_to_it(tiny_dir):
     """--film against an independent implementation: timm-style blocks with OFT's FiLM, the same weights (read by
-    their names film_layers.{tower}.{block}), e = the mean input embedding of each sample's own prompt (BOS, prompt,
-    "▁") taken row by row, so the batch's padding cannot enter. Then: another instruction, other image features."""
+    their names film_layers.{tower}.{block}), e = OFT's language vector: the mean input embedding of every non-action
+    token of its LLM input, i.e. each sample's own prompt (BOS, prompt, "▁") and the stop token </s>, taken row by
+    row, so the batch's padding cannot enter. Then: another instruction, other image features."""
     torch.manual_seed(0)
     vla = VLA.from_pretrained(tiny_dir, film=True).eval()
     x, tok = images(3, 2), vla.tokenizer
     assert len({len(t) for t in vla.tokenize(INSTR)}) == 3  # the two shorter prompts are padded in the batch
     table, sd = vla.llm.model.embed_tokens.weight.detach(), vla.state_dict()
-    e = torch.stack([table[model.prompt_ids(tok, s)].mean(0) for s in INSTR]).repeat_interleave(2, 0)  # per camera
+    stop = tok.token_to_id("</s>")
+    assert stop is not None and stop not in model.prompt_ids(tok, INSTR[0])
+    per_sample = torch.stack([table[model.prompt_ids(tok, s) + [stop]].mean(0) for s in INSTR])
+    # the model's own language vector, from the batch's right-padded embeddings, is that formula
+    ids = vla.tokenize(INSTR)
+    n, T = torch.tensor([len(t) for t in ids]), max(len(t) for t in ids)
+    padded = torch.tensor([t + [vla.config["pad_token_id"]] * (T - len(t)) for t in ids])
+    with torch.no_grad():
+        torch.testing.assert_close(vla.language_vector(vla.llm.model.embed_tokens(padded), n), per_sample)
+    without_stop = torch.stack([table[model.prompt_ids(tok, s)].mean(0) for s in INSTR])
+    assert (per_sample - without_stop).abs().max() > 1e-3  # </s> counts: the formula is not the prompt's mean
+    e = per_sample.repeat_interleave(2, 0)  # per camera
     seen = tower_outputs(vla, x, INSTR)
     for name, tid in zip(model.TOWERS, vla.config["timm_model_ids"]):
         (pixels, out), tower, spec = seen[name], vla.vision_backbone[name], model.VIT[tid]
@@ -563,15 +574,11 @@ def test_save_and_load_trained_reproduce_outputs(tiny_dir, tmp_path):
     assert torch.equal(fresh.eval()(x, INSTR[:2], state), out)
     again = add_lora(VLA.from_pretrained(tiny_dir, chunk=4, action_dim=7, proprio_dim=3, film=True))  # resume
     assert torch.equal(load_trained(again, str(tmp_path)).eval()(x, INSTR[:2], state), out)
-    # a head saved before --attention replaced --bidirectional (and before proprio / augmentation / FiLM) still loads
-    head, old = str(tmp_path / "old_head.safetensors"), lora_vla(tiny_dir, chunk=4, action_dim=7)
-    save_file(
-        {k: v.contiguous() for k, v in old.state_dict().items() if k.startswith(model.HEAD)},
-        head,
-        metadata={"chunk": "4", "action_dim": "7", "hidden": "128", "bidirectional": "true"},
-    )
-    model.load_head(fresh, head)
-    assert (fresh.attention, fresh.proprio_dim, fresh.image_aug, fresh.film) == ("queries", 0, False, False)
+    # a head file without the options it was trained with is refused by name, never loaded with guessed ones
+    head, old = str(tmp_path / "bare_head.safetensors"), lora_vla(tiny_dir, chunk=4, action_dim=7)
+    save_file({k: v.contiguous() for k, v in old.state_dict().items() if k.startswith(model.HEAD)}, head)
+    with pytest.raises(ValueError, match="bare_head.safetensors: no action-head config in its metadata"):
+        model.load_head(fresh, head)
 
 
 def test_broken_checkpoints_give_clear_errors(tiny_dir, tmp_path, monkeypatch):
@@ -633,28 +640,24 @@ def test_broken_checkpoints_give_clear_errors(tiny_dir, tmp_path, monkeypatch):
         load_trained(VLA.from_pretrained(tiny_dir), str(tmp_path / "ckpt"))
 
 
-@pytest.mark.slow
-def test_relative_vla_path_of_older_runs_is_found_from_where_the_run_started(run_a, tiny_dir, tmp_path, monkeypatch):
-    """launch.sh --demo trained with --vla_path out/tiny-openvla --out_dir out/demo, as args.json kept them: used
-    from elsewhere (RoboTwin's root) the base is looked for where the run started, not on the Hub."""
-    start = tmp_path / "nanoOFT"
-    ckpt = start / "out" / "demo" / "step_000006"
-    shutil.copytree(run_a / "step_000006", ckpt)
-    os.symlink(tiny_dir, start / "out" / "tiny-openvla")
-    args = json.load(open(ckpt / "args.json")) | {"vla_path": "out/tiny-openvla", "out_dir": "out/demo"}
+def test_trained_base_is_as_recorded_or_relative_to_the_checkpoint(tmp_path, monkeypatch):
+    """args.json's vla_path: an absolute path (what train.py records for a directory) and a hub id are used as given;
+    a relative one (a policy shipped inside a repository beside its base) is relative to the checkpoint's own
+    directory, whatever the working directory."""
+    repo = tmp_path / "repo"
+    ckpt = repo / "policies" / "shoe" / "step_000100"
+    ckpt.mkdir(parents=True)
+    (repo / "base").mkdir()
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert model.trained_base(str(ckpt), args) == str(start / "out" / "tiny-openvla")
-    assert model.trained_base(os.path.join("..", "nanoOFT", "out", "demo", "step_000006"), args) == str(
-        start / "out" / "tiny-openvla"
-    )
-    assert model.trained_base(str(ckpt), args | {"vla_path": "openvla/openvla-7b"}) == "openvla/openvla-7b"
-    with pytest.raises(FileNotFoundError, match="vla_path tiny-openvla is not found from here: pass the base"):
-        model.trained_base(str(ckpt), args | {"vla_path": "tiny-openvla"})
-    with pytest.raises(FileNotFoundError, match="vla_path ./out/tiny-openvla is not found"):  # an absolute out_dir
-        model.trained_base(str(ckpt), args | {"vla_path": "./out/tiny-openvla", "out_dir": "/elsewhere"})
-    monkeypatch.chdir(start)  # the working directory comes first
-    assert model.trained_base(str(ckpt), args) == "out/tiny-openvla"
-    (start / "out" / "demo" / "step_000006").rename(start / "step_000006")  # moved: no start directory to find
-    with pytest.raises(FileNotFoundError, match="not found from here"):
-        model.trained_base(str(start / "step_000006"), args | {"vla_path": "./tiny-openvla"})
+    assert model.trained_base(str(ckpt), {"vla_path": "/models/openvla-7b"}) == "/models/openvla-7b"
+    assert model.trained_base(str(ckpt), {"vla_path": "openvla/openvla-7b"}) == "openvla/openvla-7b"
+    home = os.path.expanduser("~")
+    assert model.trained_base(str(ckpt), {"vla_path": "~/models/openvla-7b"}) == f"{home}/models/openvla-7b"
+    for relative in ("../../../base", "./../../../base", "../../../base/"):
+        assert model.trained_base(str(ckpt), {"vla_path": relative}) == str(repo / "base"), relative
+    assert model.trained_base(str(ckpt), {"vla_path": "base"}) == str(ckpt / "base")  # one name: a directory there
+    # the checkpoint named relative to the working directory: the base is found from there too
+    monkeypatch.chdir(repo)
+    found = model.trained_base(os.path.join("policies", "shoe", "step_000100"), {"vla_path": "../../../base"})
+    assert found == "base" and os.path.samefile(found, repo / "base")
