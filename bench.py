@@ -292,6 +292,8 @@ def prepared_step(vla, batch_size, cameras, prompt_len, dtype, grad_ckpt):
     takes them), AdamW's state already made as from the second step on; -> (step, optimizer, inputs)."""
     B = batch_size
     vla.tokenize = lambda instructions: [[1] + [3] * (prompt_len - 1)] * len(instructions)
+    # FiLM's language vector averages the stop token </s> in too: its id comes from a tokenizer (the tiny twin's)
+    vla.tokenizer = demo.make_tokenizer()
     if grad_ckpt:
         model.enable_grad_ckpt(vla)
     vla.train()

@@ -84,11 +84,6 @@ def test_policy_takes_arrays_pil_images_tensors_any_sizes_and_bytes(policy, val_
     mixed = {c: np.asarray(pil[c].resize(sizes[c], Image.BICUBIC)) for c in policy.cameras}
     squashed = {c: np.asarray(Image.fromarray(f).resize((256, 256), Image.BICUBIC)) for c, f in mixed.items()}
     np.testing.assert_array_equal(policy.predict(mixed, "place the shoe"), policy.predict(squashed, "place the shoe"))
-    unrecorded = infer.Policy(
-        policy.vla, policy.stats, {k: v for k, v in policy.args.items() if k != "frame_sizes"}, policy.device
-    )  # an older checkpoint: the model's input size, 224x224
-    at_224 = {c: np.asarray(Image.fromarray(f).resize((224, 224), Image.BICUBIC)) for c, f in mixed.items()}
-    np.testing.assert_array_equal(unrecorded.predict(mixed, "place it"), unrecorded.predict(at_224, "place it"))
 
 
 def bad_predict_input(case, frames):
@@ -191,16 +186,189 @@ def test_ensemble_of_consistent_chunks_is_the_trajectory():
 
 
 @pytest.mark.slow
-def test_act_replans_every_execute_steps(run_a, val_episode):
-    policy = infer.Policy.from_checkpoint(str(run_a / "step_000006"), device="cpu", execute=4)
-    episode = data.read_episode(val_episode, policy.cameras)
+def test_act_replans_every_execute_steps(policy, val_episode):
+    every4 = infer.Policy(policy.vla, policy.stats, policy.args, policy.device, execute=4)
+    episode = data.read_episode(val_episode, every4.cameras)
     calls = []
-    predict = policy.predict
-    policy.predict = lambda images, text, state=None: calls.append(1) or predict(images, text, state)
-    actions = [policy.act(frame_dict(episode, t, policy.cameras), "place the shoe") for t in range(9)]
-    assert len(calls) == 3 and all(a.shape == (14,) for a in actions)
-    first = predict(frame_dict(episode, 0, policy.cameras), "place the shoe")
+
+    def counting(images, instruction=None, state=None):
+        calls.append(len(images))
+        return policy.predict(images, instruction, state)
+
+    every4.predict = counting
+    actions = [every4.act(frame_dict(episode, t, every4.cameras), "place the shoe") for t in range(9)]
+    # one environment: act hands predict a batch of one, at steps 0, 4 and 8
+    assert calls == [1, 1, 1] and all(a.shape == (14,) for a in actions)
+    first = policy.predict(frame_dict(episode, 0, policy.cameras), "place the shoe")
     np.testing.assert_allclose(np.stack(actions[:4]), first[:4], rtol=1e-5, atol=1e-6)
+
+
+TEXTS = ["place the shoe on the mat", "pick it", "Grab the left shoe and put it onto the pad next to the blue mat"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["run_a", "run_p"])
+def test_batched_predict_equals_one_environment_at_a_time(run, request):
+    """Several environments in one call: each row is what its environment alone gets (float32, CPU), with its own
+    frames, instruction and state: for a plain checkpoint (run_a) and one with proprioception, full attention and
+    FiLM (run_p: each row's instruction scales its own vision features)."""
+    ckpt = request.getfixturevalue(run) / ("step_000006" if run == "run_a" else "step_000004")
+    policy = infer.Policy.from_checkpoint(str(ckpt), device="cpu")
+    assert (policy.vla.proprio_dim, policy.vla.film) == ((0, False) if run == "run_a" else (14, True))
+    episode = data.read_episode(json.load(open(ckpt / "args.json"))["val_episode_files"][0], policy.cameras)
+    ts = [0, 17, 40]
+    frames = [frame_dict(episode, t, policy.cameras) for t in ts]
+    states = np.stack([episode["states"][t] for t in ts]) if policy.vla.proprio_dim else None
+
+    def alone(i, text):
+        return policy.predict(frames[i], text, None if states is None else states[i])
+
+    batched = policy.predict(frames, TEXTS, states)
+    assert batched.shape == (3, 8, 14) and batched.dtype == np.float32
+    for i in range(3):
+        np.testing.assert_allclose(batched[i], alone(i, TEXTS[i]), rtol=0, atol=1e-5)
+    assert np.abs(batched[0] - batched[1]).max() > 1e-3  # the rows are not one environment's chunk repeated
+    # one instruction for every environment, the states as a list
+    shared = policy.predict(frames, TEXTS[1], None if states is None else list(states))
+    for i in range(3):
+        np.testing.assert_allclose(shared[i], alone(i, TEXTS[1]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_act_replans_each_environment_and_predicts_only_for_those_that_need_it(policy, val_episode):
+    """Three environments, execute 3: each one's actions are those it gets alone; act predicts only for the
+    environments whose plan is used up (needs_frames), so a simulator renders only those, and passes None for the
+    others."""
+    every3 = infer.Policy(policy.vla, policy.stats, policy.args, policy.device, execute=3)
+    episode = data.read_episode(val_episode, every3.cameras)
+    starts = [0, 30, 60]
+
+    def frames(env, t):
+        return frame_dict(episode, starts[env] + t, every3.cameras)
+
+    alone = []
+    for env in range(3):
+        every3.reset()
+        alone.append([every3.act(frames(env, t), TEXTS[env]) for t in range(8)])
+    calls = []
+
+    def counting(images, instruction=None, state=None):
+        calls.append(len(images))
+        return policy.predict(images, instruction, state)
+
+    every3.predict = counting
+    every3.reset(envs=3)
+    together = []
+    for t in range(7):
+        need = every3.needs_frames()
+        assert need == [t % 3 == 0] * 3
+        together.append(every3.act([frames(env, t) if need[env] else None for env in range(3)], TEXTS))
+        assert [chunk is not None for chunk in every3.last_chunks] == need
+    assert calls == [3, 3, 3] and together[0].shape == (3, 14)
+    np.testing.assert_allclose(np.stack(together, 1), np.array(alone)[:, :7], rtol=0, atol=1e-5)
+    # environment 1 starts a new episode (its plan dropped): only it is predicted for, the others go on with theirs
+    every3.plans[1].clear()
+    assert every3.needs_frames() == [False, True, False]
+    step7 = every3.act([None, frames(1, 0), None], TEXTS)
+    assert calls[-1] == 1 and [chunk is not None for chunk in every3.last_chunks] == [False, True, False]
+    np.testing.assert_allclose(step7[[0, 2]], np.array(alone)[[0, 2], 7], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(step7[1], alone[1][0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_act_ensembles_each_environment_as_alone(policy, val_episode):
+    ensembled = infer.Policy(policy.vla, policy.stats, policy.args, policy.device, ensemble=True)
+    episode = data.read_episode(val_episode, ensembled.cameras)
+    starts = [5, 50]
+
+    def frames(env, t):
+        return frame_dict(episode, starts[env] + t, ensembled.cameras)
+
+    alone = []
+    for env in range(2):
+        ensembled.reset()
+        alone.append([ensembled.act(frames(env, t), TEXTS[env]) for t in range(5)])
+    ensembled.reset(envs=2)
+    together = []
+    for t in range(5):
+        assert ensembled.needs_frames() == [True, True]  # ensembling predicts every step
+        together.append(ensembled.act([frames(0, t), frames(1, t)], TEXTS[:2]))
+    np.testing.assert_allclose(np.stack(together, 1), np.array(alone), rtol=0, atol=1e-5)
+    assert np.abs(np.array(alone)[0, 4] - policy.predict(frames(0, 4), TEXTS[0])[0]).max() > 1e-6  # an average
+
+
+@pytest.mark.slow
+def test_several_environments_refuse_bad_input_in_one_line(policy, val_episode):
+    episode = data.read_episode(val_episode, policy.cameras)
+    frames = frame_dict(episode, 0, policy.cameras)
+    several = infer.Policy(policy.vla, policy.stats, policy.args, policy.device, envs=3)
+    cases = [
+        (lambda: several.act([frames, frames], "x"), "act: 2 environments, but reset(envs=3) was for fewer or more"),
+        (lambda: several.act(frames, "x"), "act: 1 environments, but reset(envs=3) was for fewer or more"),
+        (lambda: several.predict([frames] * 3, ["a", "b"]), "predict: 2 instructions for 3 environments"),
+        (lambda: several.predict([frames] * 2, "x", [None] * 3), "predict: 3 states for 2 environments"),
+        (
+            lambda: several.act([frames, None, frames], "x"),
+            "predict: expected a dict camera name -> frame for head_camera_image, left_wrist_image, got NoneType",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == message
+
+
+@pytest.mark.slow
+def test_replay_steps_through_act_and_reports_the_chunks_it_predicted(policy, val_episode):
+    """infer.replay with execute 4 on the first 13 frames: a chunk at steps 0, 4, 8 and 12, each what predict gives,
+    the executed actions their first 4 rows; the per-position L1 is over those chunks, each position scored where
+    the episode records the action it predicts."""
+    every4 = infer.Policy(policy.vla, policy.stats, policy.args, policy.device, execute=4)
+    episode = data.read_episode(val_episode, every4.cameras)
+    first13 = dict(episode, length=13)
+    chunks, executed, recorded, latency = infer.replay(every4, first13, "place it", progress=False)
+    assert [t for t, _ in chunks] == [0, 4, 8, 12] and len(latency) == 3  # the first chunk warms up
+    for t, chunk in chunks:
+        np.testing.assert_allclose(chunk, policy.predict(frame_dict(episode, t, every4.cameras), "place it"), atol=1e-5)
+    np.testing.assert_array_equal(executed, np.concatenate([chunk[:4] for _, chunk in chunks])[:13])
+    np.testing.assert_array_equal(recorded, episode["actions"][:13])
+    result = infer.report(chunks, executed, recorded, latency, policy.stats, policy.args)
+
+    def l1(t, chunk, j):
+        return np.abs(data.normalize(chunk[j], policy.stats) - data.normalize(recorded[t + j], policy.stats)).mean()
+
+    expected = {f"t+{j}": np.mean([l1(t, c, j) for t, c in chunks if t + j < 13]) for j in range(8)}
+    assert result["l1_per_position"] == pytest.approx(expected, rel=1e-6)
+    assert result["l1_raw"] == pytest.approx(np.abs(executed - recorded).mean())
+
+
+def test_report_scores_each_chunk_position_over_the_chunks_predicted():
+    """By hand: 3-D actions (generic names, no gripper) in [-2, 2], chunks of 4 at steps 0, 4 and 8 of 10, each off
+    the recording by its own constant; rows past the episode's end are never scored."""
+    recorded = np.random.default_rng(0).uniform(-1, 1, (10, 3))
+    stats = data.compute_stats([np.array([[-2.0] * 3, [2.0] * 3])])
+    chunks = []
+    for t, off in ((0, 0.1), (4, 0.2), (8, 0.3)):
+        chunk = np.full((4, 3), 99.0)
+        chunk[: min(4, 10 - t)] = recorded[t : t + 4] + off
+        chunks.append((t, chunk))
+    executed = np.concatenate([chunk[:4] for _, chunk in chunks])[:10]
+    result = infer.report(chunks, executed, recorded, np.array([0.01, 0.02, 0.03]), stats, {"norm": "bounds"})
+    # normalized: half the raw error (the range 4 maps to 2)
+    assert result["l1_per_position"] == pytest.approx({"t+0": 0.1, "t+1": 0.1, "t+2": 0.075, "t+3": 0.075})
+    assert result["l1_raw"] == pytest.approx((4 * 0.1 + 4 * 0.2 + 2 * 0.3) / 10)
+    assert result["l1"] == pytest.approx(result["l1_raw"] / 2)
+    assert result["names"] == ["dim_0", "dim_1", "dim_2"] and list(result["l1_per_dim_raw"]) == result["names"]
+    assert result["gripper_agreement"] is None
+    assert result["latency_ms"] == pytest.approx({"mean": 20.0, "p50": 20.0, "p95": 29.0})
+    assert result["chunks_per_s"] == pytest.approx(50.0)
+
+
+def test_cpu_threads_leave_the_busy_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for load, others, threads in [(0.0, 0, 8), (2.6, 0, 5), (2.6, 2, 3), (2.6, 9, 1), (30.0, 0, 1)]:
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert infer.cpu_threads(others) == threads, (load, others)
 
 
 @pytest.mark.slow
@@ -231,18 +399,75 @@ def test_infer_episode_end_to_end(run_a, val_episode, policy, tmp_path):
     instruction = episode["seen"][0]
     assert result["instruction"] == instruction
     # the same numbers, computed directly from the policy and the file
-    executed = np.stack(
-        [policy.predict(frame_dict(episode, t, policy.cameras), instruction)[0] for t in range(episode["length"])]
-    )
-    recorded = episode["actions"]
+    T = episode["length"]
+    chunks = np.stack([policy.predict(frame_dict(episode, t, policy.cameras), instruction) for t in range(T)])
+    executed, recorded = chunks[:, 0], episode["actions"]
     np.testing.assert_allclose(result["executed"], executed, rtol=1e-4, atol=1e-5)
     assert result["l1_raw"] == pytest.approx(np.abs(executed - recorded).mean(), rel=1e-4)
-    assert result["l1"] == pytest.approx(
-        np.abs(data.normalize(executed, policy.stats) - data.normalize(recorded, policy.stats)).mean(), rel=1e-4
-    )
+    normalized, target = data.normalize(chunks, policy.stats), data.normalize(recorded, policy.stats)
+    assert result["l1"] == pytest.approx(np.abs(normalized[:, 0] - target).mean(), rel=1e-4)
     assert list(result["l1_per_dim_raw"]) == data.ACTION_NAMES
-    assert list(result["l1_per_position"]) == [f"t+{j}" for j in range(8)]
+    # execute 1: a chunk every step, position j scored against the action recorded j steps after its frame
+    per_position = {f"t+{j}": np.abs(normalized[: T - j, j] - target[j:]).mean() for j in range(8)}
+    assert result["l1_per_position"] == pytest.approx(per_position, rel=1e-3)
+    assert result["trained_on"] is False and "trained on" not in r.stdout
     assert 0 <= result["gripper_agreement"] <= 1 and result["latency_ms"]["p95"] >= result["latency_ms"]["p50"] > 0
+
+
+@pytest.mark.slow
+def test_infer_says_when_the_episode_is_one_the_checkpoint_trained_on(run_a, demo, tmp_path, capsys):
+    """The run records its files' names and sizes: a training episode (wherever it lies now) is flagged in the
+    report and by a note; a held-out one, or a file of that name with other contents, is not."""
+    ckpt = run_a / "step_000006"
+    run = json.load(open(ckpt / "args.json"))
+    trained = [p for p in demo if p not in run["val_episode_files"]]
+    assert len(trained) == 5 and all(infer.trained_on(run, p) for p in trained)
+    assert not infer.trained_on(run, run["val_episode_files"][0])
+    moved = shutil.copy(trained[0], tmp_path / os.path.basename(trained[0]))
+    assert infer.trained_on(run, moved)
+    edited = tmp_path / "edited" / os.path.basename(trained[0])
+    edited.parent.mkdir()
+    copy_episode(trained[0], edited, drop="unseen")
+    assert not infer.trained_on(run, str(edited))
+    # execute 8: few chunks to predict
+    infer.main(["--checkpoint", str(ckpt), "--episode", moved, "--out", str(tmp_path / "o"), "--execute", "8"])
+    out = capsys.readouterr().out
+    assert f"note: {moved} is one of the episodes the checkpoint trained on: its L1 says little about new ones" in out
+    assert json.load(open(tmp_path / "o" / "report.json"))["trained_on"] is True
+
+
+@pytest.mark.slow
+def test_a_policy_shipped_beside_its_base_loads_from_anywhere(
+    run_a, policy, val_episode, tiny_dir, tmp_path, monkeypatch
+):
+    """A relative vla_path in args.json (a policy shipped inside a repository with its base) is relative to the
+    checkpoint's directory, not to the working directory."""
+    repo = tmp_path / "repo"
+    ckpt = repo / "policies" / "demo"
+    shutil.copytree(run_a / "step_000006", ckpt)
+    os.symlink(tiny_dir, repo / "tiny-openvla")
+    edit_json(ckpt / "args.json", lambda a: a.update(vla_path="../../tiny-openvla"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    shipped = infer.Policy.from_checkpoint(str(ckpt), device="cpu")
+    frames = frame_dict(data.read_episode(val_episode, policy.cameras), 5, policy.cameras)
+    np.testing.assert_array_equal(shipped.predict(frames, "place it"), policy.predict(frames, "place it"))
+    edit_json(ckpt / "args.json", lambda a: a.update(vla_path="../tiny-openvla"))  # one level short: no base there
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(repo / 'policies' / 'tiny-openvla'))}: no such"):
+        infer.Policy.from_checkpoint(str(ckpt), device="cpu")
+
+
+@pytest.mark.slow
+def test_infer_cli_bad_checkpoint_is_one_line_and_exit_status_1(val_episode, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "infer.py", "--checkpoint", str(tmp_path / "nowhere"), "--episode", val_episode],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'nowhere'}: not a directory\n"
 
 
 def copy_episode(src, dst, drop=None, action_width=None):
@@ -352,20 +577,25 @@ def truncate(ckpt):
 def test_checkpoint_files_are_checked_against_each_other_before_the_model_loads(
     case, edit, message, run_a, run_p, val_episode, tmp_path, monkeypatch
 ):
-    """A hand-edited or damaged checkpoint: one line naming the file (and the key) from infer.py and from
-    Policy.from_checkpoint, before any model loads, instead of a traceback or actions from other inputs."""
+    """A hand-edited or damaged checkpoint: one line naming the file (and the key) from model.check_checkpoint, from
+    Policy.from_checkpoint (an OSError or ValueError, for a caller to handle) and from infer.py (`error: ...`, exit
+    status 1), before any model loads, instead of a traceback or actions from other inputs."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree((run_p / "step_000004") if case.startswith("proprio") else (run_a / "step_000006"), ckpt)
     edit(ckpt)
     monkeypatch.setattr(model.VLA, "from_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
     for load in (
-        lambda: infer.main(["--checkpoint", str(ckpt), "--episode", val_episode, "--out", str(tmp_path)]),
+        lambda: model.check_checkpoint(str(ckpt)),
         lambda: infer.Policy.from_checkpoint(str(ckpt), device="cpu"),
     ):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises((OSError, ValueError)) as e:
             load()
-        assert re.search(message, str(e.value.code)) and str(ckpt) in str(e.value.code), e.value.code
-        assert "\n" not in str(e.value.code)
+        assert re.search(message, str(e.value)) and str(ckpt) in str(e.value), e.value
+        assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--checkpoint", str(ckpt), "--episode", val_episode, "--out", str(tmp_path)])
+    assert str(e.value.code).startswith("error: ") and re.search(message, str(e.value.code))
+    assert str(ckpt) in str(e.value.code) and "\n" not in str(e.value.code)
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ train.py: checkpoints, metrics, exact resume, torchrun, flags checked before the
 and errors mid-run that end every process.
 """
 
-import ast
 import glob
 import json
 import os
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
 
 import h5py
 import numpy as np
@@ -31,7 +29,6 @@ from helpers import (
     ROOT,
     actions_of,
     edit_json,
-    lora_vla,
     max_diff,
     run_train,
     train_cmd,
@@ -39,26 +36,31 @@ from helpers import (
     trained_weights,
     write_episode,
 )
-from model import VLA
 
 
 @pytest.mark.slow
-def test_checkpoint_is_complete(run_a):
+def test_checkpoint_is_complete(run_a, tiny_dir):
     ckpts = sorted(glob.glob(str(run_a / "step_*")))
     assert [os.path.basename(c) for c in ckpts] == ["step_000003", "step_000006"]
-    for f in [
+    files = [
         "adapter_model.safetensors",
         "adapter_config.json",
         "action_head.safetensors",
         "dataset_statistics.json",
         "args.json",
         "trainer_state.pt",
-    ]:
-        assert os.path.isfile(os.path.join(ckpts[-1], f)), f
+    ]
+    assert sorted(model.CHECKPOINT_FILES) == sorted(files) and sorted(os.listdir(ckpts[-1])) == sorted(files)
     state = torch.load(os.path.join(ckpts[-1], "trainer_state.pt"), weights_only=True)
     assert state["step"] == 6 and state["optimizer"]["state"]
+    assert model.read_trainer_state(ckpts[-1])["step"] == 6 and not model.is_export(ckpts[-1])
     args = json.load(open(os.path.join(ckpts[-1], "args.json")))
-    assert args["vla_path"] and len(args["val_episode_files"]) == 1
+    assert model.check_checkpoint(ckpts[-1]) == args
+    assert args["vla_path"] == tiny_dir and len(args["val_episode_files"]) == 1
+    # the run record: the flags as typed, then what the run resolved from them
+    assert args["grad_ckpt"] == "off" and args["state_key"] is None and args["world_size"] == 1
+    assert args["frame_sizes"] == {c: [256, 256] for c in data.DEFAULT_CAMERAS}
+    assert args["episode_attrs"] == {}  # the demo episodes carry no root attributes
 
 
 @pytest.mark.slow
@@ -114,7 +116,7 @@ def test_resume_is_exact_with_proprio_full_attention_and_film(run_p, tiny_dir, d
     assert len(film) == 16 and min((straight[k] - before[k]).abs().max() for k in film) > 0
     args = json.load(open(run_p / "step_000004" / "args.json"))
     assert (args["proprio"], args["attention"], args["image_aug"], args["film"]) == (True, "full", True, True)
-    assert args["grad_ckpt"] == "off"  # auto on a CPU
+    assert args["grad_ckpt"] == "on"  # as typed: the resumed run recomputed its activations too
     (stats,) = json.load(open(run_p / "step_000004" / "dataset_statistics.json")).values()
     train_files = [p for p in data.list_episodes(demo_dir) if p not in args["val_episode_files"]]
     assert stats["proprio"] == json.loads(json.dumps(data.compute_stats([actions_of(p) for p in train_files])))
@@ -213,7 +215,10 @@ def test_nan_loss_stops_without_saving(tiny_dir, demo_dir, tmp_path):
         (["--cameras", "head_camera_image,top_cam"], "episode_0.hdf5: missing top_cam"),
         (["--batch_size", "0"], "--batch_size must be positive"),
         (["--chunk", "5000"], "too short"),
-        (["--resume", "/nonexistent/step_000100"], "missing /nonexistent/step_000100/adapter_model.safetensors"),
+        (
+            ["--resume", "/nonexistent/step_000100"],
+            "--resume /nonexistent/step_000100: /nonexistent/step_000100: not a",
+        ),
         (["--lr", "nan"], "--lr must be a finite positive number, got nan"),
         (["--lr", "inf"], "--lr must be a finite positive number, got inf"),
         (["--vla_path", "/"], "--vla_path /: no config.json, tokenizer.json, model*.safetensors there"),
@@ -250,12 +255,64 @@ def test_validation_split_takes_only_usable_episodes(tiny_dir, tmp_path, monkeyp
     """Seed 7 holds out the first of three episodes; a 1-frame one there must not become the validation episode."""
     paths = [write_episode(tmp_path / f"episode_{i}.hdf5", T=T) for i, T in enumerate([1, 20, 24])]
     monkeypatch.setattr(model.VLA, "from_pretrained", stop_at_model_load)
-    with pytest.raises(ModelLoads):
+    with pytest.raises(ModelLoads):  # the data is checked and split before the model loads
         train.main(train_flags(tiny_dir, str(tmp_path), tmp_path / "out"))
-    out = capsys.readouterr()
-    args = json.loads(out.out[out.out.index("{") : out.out.index("\n}") + 2])
-    assert args["val_episode_files"] == [paths[1]] and paths[0] in out.err
-    assert "train: 1 episodes" in out.out and "val: 1 episodes" in out.out
+    assert paths[0] in capsys.readouterr().err  # too short for one chunk: a warning, skipped
+    args = train.get_args(train_flags(tiny_dir, str(tmp_path), tmp_path / "out"))
+    proc = train.Process(args)
+    train_set, val_set, files = train.load_data(args, None, proc)
+    assert (train_set.paths, val_set.paths) == ([paths[2]], [paths[1]])
+    assert files == {os.path.basename(p): os.path.getsize(p) for p in paths[1:]}
+    record = train.run_record(args, None, train_set, val_set, files, proc)
+    assert record["val_episode_files"] == [paths[1]]
+    train.show_run(record, train_set, val_set, args, proc)
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{") : out.index("\n}") + 2])["val_episode_files"] == [paths[1]]
+    assert "train: 1 episodes" in out and "val: 1 episodes" in out
+
+
+def test_run_record_is_the_flags_as_typed_and_what_the_run_resolved(tiny_dir, tmp_path, monkeypatch):
+    """args stays as typed (a relative --vla_path, --state_key's default None): args.json adds what the run resolved,
+    the base by an absolute path, the state key, the files and the split, the frame sizes and the episodes' scalar
+    root attributes (one value when all files agree, the distinct values in natural order when they differ)."""
+    (tmp_path / "data").mkdir()
+    for i, seed in enumerate([11, 3, 5]):
+        path = write_episode(tmp_path / "data" / f"episode_{i}.hdf5", T=20 + i)
+        with h5py.File(path, "a") as f:
+            f.attrs["task"], f.attrs["seed"], f.attrs["sim"], f.attrs["fov"] = "place_shoe", seed, True, 45.0
+            f.attrs["cameras"] = np.arange(3)  # not a scalar: left out
+            if i == 0:
+                f.attrs["operator"] = b"ann"  # in one file only, as bytes
+    monkeypatch.chdir(os.path.dirname(tiny_dir))
+    relative = os.path.basename(tiny_dir)
+    args = train.get_args(train_flags(relative, str(tmp_path / "data"), tmp_path / "out", "--proprio"))
+    typed = dict(vars(args))
+    proc = train.Process(args)
+    train_set, val_set, files = train.load_data(args, None, proc)
+    record = train.run_record(args, None, train_set, val_set, files, proc)
+    assert vars(args) == typed and args.vla_path == relative and args.state_key is None
+    assert {k for k in typed if record[k] != typed[k]} == {"vla_path", "state_key"}
+    assert (record["vla_path"], record["state_key"]) == (tiny_dir, "action")
+    added = {k: record[k] for k in record if k not in typed}
+    assert added == {
+        "data_files": {f"episode_{i}.hdf5": os.path.getsize(tmp_path / "data" / f"episode_{i}.hdf5") for i in range(3)},
+        "val_episode_files": val_set.paths,
+        "frame_sizes": {c: [8, 8] for c in data.DEFAULT_CAMERAS},
+        # the training episodes' (seed 7 holds episode_0 out, the only one with an operator)
+        "episode_attrs": {"task": "place_shoe", "seed": [3, 5], "sim": True, "fov": 45.0},
+        "world_size": 1,
+    }
+    assert val_set.paths == [str(tmp_path / "data" / "episode_0.hdf5")]
+    assert json.loads(json.dumps(record)) == record  # it goes into args.json as it is
+    args = train.get_args(train_flags(relative, str(tmp_path / "data"), tmp_path / "out", "--val_episodes", 0))
+    train_set, val_set, files = train.load_data(args, None, proc)
+    assert val_set is None and train.run_record(args, None, train_set, val_set, files, proc)["episode_attrs"] == {
+        "task": "place_shoe",
+        "seed": [3, 5, 11],
+        "sim": True,
+        "fov": 45.0,
+        "operator": "ann",
+    }
 
 
 @pytest.mark.parametrize(
@@ -323,8 +380,8 @@ def test_broken_checkpoint_is_named_before_the_model_loads_and_auto_skips_it(
         find_resume(tiny_dir, demo_dir, tmp_path / "new", "--resume", ckpt)
     message = str(e.value.code)
     assert message.startswith(f"error: --resume {ckpt}: ") and name in message and "\n" not in message
-    resumed, state = find_resume(tiny_dir, demo_dir, out, "--resume", "auto")
-    assert (resumed, state["step"]) == (str(out / "step_000003"), 3)
+    resume = find_resume(tiny_dir, demo_dir, out, "--resume", "auto")
+    assert (resume.dir, resume.state["step"], resume.args["max_steps"]) == (str(out / "step_000003"), 3, 6)
     note = capsys.readouterr().out
     assert f"note: --resume auto skips {ckpt}: " in note and name in note
 
@@ -375,16 +432,6 @@ def test_resume_refuses_another_base(run_a, tiny_dir, demo_dir, tmp_path):
 @pytest.mark.slow
 def test_resume_rules(run_a, tiny_dir, demo_dir, tmp_path, monkeypatch, capsys):
     ckpt = str(run_a / "step_000003")
-    # an args.json from before --attention: bidirectional meant the queries see each other
-    legacy = shutil.copytree(ckpt, tmp_path / "legacy" / "step_000003")
-    args = json.load(open(legacy / "args.json"))
-    del args["attention"]
-    (legacy / "args.json").write_text(json.dumps(args | {"bidirectional": True}))
-    with pytest.raises(SystemExit, match="trained with --attention queries, not causal"):
-        find_resume(tiny_dir, demo_dir, tmp_path / "a", "--resume", legacy)
-    assert find_resume(tiny_dir, demo_dir, tmp_path / "a", "--resume", legacy, "--attention", "queries")[0] == str(
-        legacy
-    )
     # another batch size only changes the data order: a note
     assert find_resume(tiny_dir, demo_dir, tmp_path / "b", "--resume", ckpt, "--batch_size", 3)[0] == ckpt
     assert "note: " + ckpt + " was trained with --batch_size 2" in capsys.readouterr().out
@@ -417,7 +464,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_dir, demo_di
         )
     assert f"could not save {tmp_path / 'step_000002'} (RuntimeError: " in str(e.value.code)
     assert sorted(os.listdir(tmp_path)) == [".lock", "metrics.jsonl", "step_000001"]
-    assert train.read_checkpoint(str(tmp_path / "step_000001"))[1]["step"] == 1
+    assert model.read_trainer_state(str(tmp_path / "step_000001"))["step"] == 1
 
 
 @pytest.mark.slow
@@ -684,8 +731,8 @@ def test_keep_last_never_deletes_the_resumed_or_the_saved_checkpoint(run_a, tiny
     )
     assert f"note: --resume auto skips {out / 'step_000006'}: " in capsys.readouterr().out
     assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl", "step_000003_v2", "step_000005", "step_000006"]
-    assert train.read_checkpoint(str(out / "step_000005"))[1]["step"] == 5
-    assert train.read_checkpoint(str(out / "step_000003_v2"))[1]["step"] == 3
+    assert model.read_trainer_state(str(out / "step_000005"))["step"] == 5
+    assert model.read_trainer_state(str(out / "step_000003_v2"))["step"] == 3
     assert find_resume(tiny_dir, demo_dir, out, "--resume", "auto")[0] == str(out / "step_000005")
 
 
@@ -704,25 +751,24 @@ def test_resume_keeps_the_validation_split_and_says_what_changed(
     shutil.copy(os.path.join(demo_dir, gone), added := tmp_path / "data" / "episode_99.hdf5")
     with h5py.File(added, "r+") as f:
         f["action"][...] = f["action"][()] * 0.5
+    flags = train_flags(
+        tiny_dir,
+        str(tmp_path / "data"),
+        tmp_path / "out",
+        "--max_steps",
+        9,
+        "--resume",
+        ckpt,
+        "--seed",
+        8,
+        "--val_episodes",
+        2,
+        "--grad_accum",
+        2,
+    )
     monkeypatch.setattr(model.VLA, "from_pretrained", stop_at_model_load)
-    with pytest.raises(ModelLoads):
-        train.main(
-            train_flags(
-                tiny_dir,
-                str(tmp_path / "data"),
-                tmp_path / "out",
-                "--max_steps",
-                9,
-                "--resume",
-                ckpt,
-                "--seed",
-                8,
-                "--val_episodes",
-                2,
-                "--grad_accum",
-                2,
-            )
-        )
+    with pytest.raises(ModelLoads):  # said before the model loads
+        train.main(flags)
     out = capsys.readouterr().out
     assert (
         f"note: --data_dir {tmp_path / 'data'} changed since {ckpt}: added ['episode_99.hdf5'], removed "
@@ -734,38 +780,14 @@ def test_resume_keeps_the_validation_split_and_says_what_changed(
         "--grad_accum 1, not 2: the global batch changes",
     ]:
         assert f"note: {ckpt} was trained with {note}" in out
-    args = json.loads(out[out.index("{") : out.index("\n}") + 2])
-    assert [os.path.basename(p) for p in args["val_episode_files"]] == val and "train: 5 episodes" in out
-
-
-def test_grad_ckpt_auto_tries_a_step_and_leaves_no_trace(tiny_dir, demo, monkeypatch):
-    vla = lora_vla(tiny_dir).train()
-    batch = torch.utils.data.default_collate([data.EpisodeDataset(demo[:1], image_aug=True)[i] for i in range(2)])
-    real = VLA.forward
-
-    def forward(self, *args):  # a model that draws from the global RNG (dropout would)
-        torch.rand(1)
-        return real(self, *args)
-
-    monkeypatch.setattr(VLA, "forward", forward)
-    rng = torch.get_rng_state()
-    assert train.out_of_memory(vla, batch, nullcontext(), torch.device("cpu")) is False
-    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in vla.parameters())
-
-    def oom(self, *args):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    monkeypatch.setattr(VLA, "forward", oom)
-    assert train.out_of_memory(vla, batch, nullcontext(), torch.device("cpu")) is True
-
-
-def test_the_core_imports_no_leaf():
-    """bench.py imports train.py for its memory model: train.py (--grad_ckpt auto) must not import it back."""
-    for name in ["train.py", "model.py", "data.py", "infer.py"]:
-        tree = ast.parse(open(os.path.join(ROOT, name)).read())
-        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert not imported & {"bench", "demo", "serve", "robotwin", "test_smoke"}, name
+    # the run record keeps the checkpoint's split, and its --val_episodes and --seed's split with it
+    args = train.get_args(flags)
+    resume, proc = train.find_resume(args), train.Process(args)
+    train_set, val_set, files = train.load_data(args, resume, proc)
+    record = train.run_record(args, resume, train_set, val_set, files, proc)
+    assert [os.path.basename(p) for p in record["val_episode_files"]] == val and len(train_set.paths) == 5
+    assert (record["val_episodes"], record["seed"], record["grad_accum"]) == (1, 8, 2)
+    assert train_set.stats == data.load_stats(ckpt / "dataset_statistics.json")  # the checkpoint's normalization
 
 
 def run_patched(patch, flags):
@@ -851,7 +873,7 @@ def test_a_data_file_failing_mid_run_saves_the_last_step_and_exits_65(tiny_dir, 
     assert "stopped before step 3: fix or remove the episode named above, then --resume auto" in out
     ckpt = tmp_path / "run" / "step_000002"
     assert sorted(os.listdir(tmp_path / "run")) == [".lock", "metrics.jsonl", "step_000002"]
-    args, state = train.read_checkpoint(str(ckpt))
+    args, state = model.check_checkpoint(str(ckpt)), model.read_trainer_state(str(ckpt))
     assert state["step"] == 2 and state["pos"] == 2 and args["vla_path"] == tiny_dir
     assert args["data_files"] == {os.path.basename(p): os.path.getsize(p) for p in data.list_episodes(demo_dir)}
     monkeypatch.chdir(tmp_path)
@@ -880,7 +902,7 @@ def test_a_validation_file_failing_mid_run_is_one_line_and_keeps_what_was_saved(
     ), out[-3000:]
     assert "step 3/9" in out and "step 4/9" not in out
     assert sorted(os.listdir(tmp_path)) == [".lock", "metrics.jsonl", "step_000002"]
-    assert train.read_checkpoint(str(tmp_path / "step_000002"))[1]["step"] == 2
+    assert model.read_trainer_state(str(tmp_path / "step_000002"))["step"] == 2
 
 
 @pytest.mark.slow
@@ -901,10 +923,20 @@ def test_a_killed_data_worker_ends_every_process(tiny_dir, demo_dir, tmp_path):
     [
         ([], "off"),
         (["--grad_ckpt"], "on"),
-        (["--grad_ckpt", "auto"], "auto"),
         (["--grad_ckpt", "on"], "on"),
+        (["--grad_ckpt", "off"], "off"),
         (["--no-grad_ckpt"], "off"),
     ],
 )
 def test_grad_ckpt_flag_forms(flags, value):
     assert train.get_args(["--data_dir", "d", *flags]).grad_ckpt == value
+
+
+def test_grad_ckpt_is_on_or_off(capsys):
+    """--grad_ckpt auto (a trial step to see whether a GPU needs it) was cut: argparse refuses it in one line."""
+    with pytest.raises(SystemExit) as e:
+        train.get_args(["--data_dir", "d", "--grad_ckpt", "auto"])
+    assert e.value.code == 2
+    # quoted or not, depending on the Python version
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert re.search(r"argument --grad_ckpt: invalid choice: 'auto' \(choose from '?on'?, '?off'?\)$", last), last
