@@ -518,7 +518,11 @@ def load_stats(path, dataset_name=None, key="action", dim=None):
     """The action (or proprio) block of a dataset_statistics.json; dataset_name picks one when it holds several.
     Its min, max, q01 and q99 must be `dim` (default: as many as min) finite values each, min <= max, q01 <= q99."""
     with open(path) as f:
-        stats = json.load(f)
+        try:
+            stats = json.load(f)
+        # a JSONDecodeError does not name the file
+        except ValueError as e:
+            raise DataError(f"{path}: not JSON ({e})") from None
     if dataset_name is None and len(stats) == 1:
         dataset_name = next(iter(stats))
     entry = stats.get(dataset_name)

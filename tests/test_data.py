@@ -113,6 +113,9 @@ def test_stats_match_numpy_and_save_load(demo, tmp_path):
     path.write_text(json.dumps({"action": {"min": [0]}}))
     with pytest.raises(data.DataError, match="dataset_statistics.json"):
         data.load_stats(path)
+    path.write_text('{"place_shoe": {"action": ')  # cut off
+    with pytest.raises(data.DataError, match=f"^{path}: not JSON \\(Expecting value: line 1 column 27"):
+        data.load_stats(path)
 
 
 def test_dataset_uses_given_stats(demo):

@@ -561,6 +561,11 @@ def truncate(ckpt):
         ('chunk "8"', edit_args(lambda a: a.update(chunk="8")), "chunk '8', but the checkpoint was trained with 8"),
         ("keys missing", edit_args(lambda a: [a.pop("norm"), a.pop("vla_path")]), "args.json: no vla_path, norm"),
         ("args.json corrupt", lambda ckpt: (ckpt / "args.json").write_text("{"), "corrupt .*args.json"),
+        (
+            "statistics corrupt",
+            lambda ckpt: (ckpt / "dataset_statistics.json").write_text("{"),
+            "dataset_statistics.json: not JSON",
+        ),
         ("adapter truncated", truncate, "corrupt safetensors file .*adapter_model.safetensors"),
         (
             "adapter rank",
