@@ -47,7 +47,7 @@ def run_a(tiny_dir, demo_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def run_p(tiny_dir, demo_dir, tmp_path_factory):
     """4 steps with OFT's other levers: proprioception (the demo has no `state`: action[t]), offset 1, full attention,
-    and OFT+'s FiLM."""
+    and OFT+'s FiLM; activations recomputed in backward (--grad_ckpt on)."""
     out = tmp_path_factory.mktemp("run_p")
     r = run_train(train_flags(tiny_dir, demo_dir, out, *P_FLAGS, "--max_steps", 4))
     assert r.returncode == 0, r.stderr[-3000:]

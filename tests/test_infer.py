@@ -124,7 +124,8 @@ def bad_predict_input(case, frames):
         ("float tensor", "got Tensor of float32 \\(256, 256, 3\\)"),
         ("None frame", "left_wrist_image: expected .* got NoneType"),
         ("one camera", "for head_camera_image, left_wrist_image, got cameras head_camera_image"),
-        ("a list", "expected a dict camera name -> frame .* got list"),
+        # a list is several environments: each must be a dict of frames
+        ("a list", "expected a dict camera name -> frame for head_camera_image, left_wrist_image, got ndarray$"),
         ("None instruction", "instruction as a non-blank str or bytes, got None"),
         ("int instruction", "got 3"),
         ("blank instruction", "got '  '"),
@@ -423,7 +424,7 @@ def test_infer_says_when_the_episode_is_one_the_checkpoint_trained_on(run_a, dem
     trained = [p for p in demo if p not in run["val_episode_files"]]
     assert len(trained) == 5 and all(infer.trained_on(run, p) for p in trained)
     assert not infer.trained_on(run, run["val_episode_files"][0])
-    moved = shutil.copy(trained[0], tmp_path / os.path.basename(trained[0]))
+    moved = shutil.copy(trained[0], str(tmp_path / os.path.basename(trained[0])))
     assert infer.trained_on(run, moved)
     edited = tmp_path / "edited" / os.path.basename(trained[0])
     edited.parent.mkdir()
