@@ -55,6 +55,13 @@ def test_q99_dataset_round_trip_clips(demo):
     np.testing.assert_allclose(data.unnormalize(s["actions"].numpy(), ds.stats, "q99"), expect, atol=1e-5)
 
 
+def test_action_names():
+    """RoboTwin's and ALOHA's 14 joints by name (left arm, then right), any other width as dim_0, dim_1, ..."""
+    assert data.action_names(14) == data.ACTION_NAMES and data.ACTION_NAMES[6::7] == ["left_gripper", "right_gripper"]
+    assert data.action_names(7) == ["dim_0", "dim_1", "dim_2", "dim_3", "dim_4", "dim_5", "dim_6"]
+    assert data.action_names(1) == ["dim_0"]
+
+
 def test_normalize_modes_zero_range_mask_and_types():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 4))
