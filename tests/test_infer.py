@@ -239,7 +239,8 @@ def test_batched_predict_equals_one_environment_at_a_time(run, request):
 def test_act_replans_each_environment_and_predicts_only_for_those_that_need_it(policy, val_episode):
     """Three environments, execute 3: each one's actions are those it gets alone; act predicts only for the
     environments whose plan is used up (needs_frames), so a simulator renders only those, and passes None for the
-    others."""
+    others. One environment starting a new episode (forget) is re-planned alone; one given no frames where it needed
+    a chunk (no episode running) is skipped, its row NaN."""
     every3 = infer.Policy(policy.vla, policy.stats, policy.args, policy.device, execute=3)
     episode = data.read_episode(val_episode, every3.cameras)
     starts = [0, 30, 60]
@@ -250,7 +251,7 @@ def test_act_replans_each_environment_and_predicts_only_for_those_that_need_it(p
     alone = []
     for env in range(3):
         every3.reset()
-        alone.append([every3.act(frames(env, t), TEXTS[env]) for t in range(8)])
+        alone.append([every3.act(frames(env, t), TEXTS[env]) for t in range(10)])
     calls = []
 
     def counting(images, instruction=None, state=None):
@@ -267,13 +268,22 @@ def test_act_replans_each_environment_and_predicts_only_for_those_that_need_it(p
         assert [chunk is not None for chunk in every3.last_chunks] == need
     assert calls == [3, 3, 3] and together[0].shape == (3, 14)
     np.testing.assert_allclose(np.stack(together, 1), np.array(alone)[:, :7], rtol=0, atol=1e-5)
-    # environment 1 starts a new episode (its plan dropped): only it is predicted for, the others go on with theirs
-    every3.plans[1].clear()
+    # environment 1 starts a new episode: only it is predicted for, the others go on with their plans
+    every3.forget(1)
     assert every3.needs_frames() == [False, True, False]
     step7 = every3.act([None, frames(1, 0), None], TEXTS)
     assert calls[-1] == 1 and [chunk is not None for chunk in every3.last_chunks] == [False, True, False]
     np.testing.assert_allclose(step7[[0, 2]], np.array(alone)[[0, 2], 7], rtol=0, atol=1e-5)
     np.testing.assert_allclose(step7[1], alone[1][0], rtol=0, atol=1e-5)
+    assert every3.needs_frames() == [False, False, False]
+    every3.act([None, None, None], TEXTS)
+    # step 9: environments 0 and 2 need a chunk, but 2 has no episode running: skipped, NaN, and still in need
+    assert every3.needs_frames() == [True, False, True]
+    step9 = every3.act([frames(0, 9), None, None], TEXTS)
+    assert calls[-1] == 1 and [chunk is not None for chunk in every3.last_chunks] == [True, False, False]
+    np.testing.assert_allclose(step9[0], alone[0][9], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(step9[1], alone[1][2], rtol=0, atol=1e-5)
+    assert np.isnan(step9[2]).all() and every3.needs_frames()[2]
 
 
 @pytest.mark.slow
@@ -296,6 +306,11 @@ def test_act_ensembles_each_environment_as_alone(policy, val_episode):
         together.append(ensembled.act([frames(0, t), frames(1, t)], TEXTS[:2]))
     np.testing.assert_allclose(np.stack(together, 1), np.array(alone), rtol=0, atol=1e-5)
     assert np.abs(np.array(alone)[0, 4] - policy.predict(frames(0, 4), TEXTS[0])[0]).max() > 1e-6  # an average
+    # environment 1 starts a new episode: its ensemble starts over, environment 0's goes on
+    ensembled.forget(1)
+    step5 = ensembled.act([frames(0, 5), frames(1, 0)], TEXTS[:2])
+    np.testing.assert_allclose(step5[1], alone[1][0], rtol=0, atol=1e-5)
+    assert np.abs(step5[0] - policy.predict(frames(0, 5), TEXTS[0])[0]).max() > 1e-6
 
 
 @pytest.mark.slow
@@ -309,7 +324,7 @@ def test_several_environments_refuse_bad_input_in_one_line(policy, val_episode):
         (lambda: several.predict([frames] * 3, ["a", "b"]), "predict: 2 instructions for 3 environments"),
         (lambda: several.predict([frames] * 2, "x", [None] * 3), "predict: 3 states for 2 environments"),
         (
-            lambda: several.act([frames, None, frames], "x"),
+            lambda: several.predict([frames, None, frames], "x"),
             "predict: expected a dict camera name -> frame for head_camera_image, left_wrist_image, got NoneType",
         ),
     ]
