@@ -28,10 +28,15 @@ def interrupted_loads(load, delays):
     Ctrl-C does), ended: {outcome: count}."""
     outcomes = collections.Counter()
     previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    # an interrupt between torch's `with torch.no_grad()` setting the grad mode and entering the block never restores
+    # it (a race of any asynchronous exception, harmless in a process that Ctrl-C ends): restored here, so that the
+    # tests after these ones still train
+    grad = torch.is_grad_enabled()
     try:
         for delay in delays:
-            signal.setitimer(signal.ITIMER_REAL, delay)
+            # armed inside the try: an alarm of 0.5 ms may fire before the first load starts
             try:
+                signal.setitimer(signal.ITIMER_REAL, delay)
                 while True:
                     load()
             except KeyboardInterrupt:
@@ -42,6 +47,7 @@ def interrupted_loads(load, delays):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        torch.set_grad_enabled(grad)
     return outcomes
 
 

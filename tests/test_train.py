@@ -232,6 +232,9 @@ def test_nan_loss_stops_without_saving(tiny_dir, demo_dir, tmp_path):
         ),
         (["--data_dir", "/nonexistent/episodes"], "/nonexistent/episodes: no such file or directory"),
         (["--bidirectional"], "unrecognized arguments: --bidirectional"),
+        # cut: no run used or favoured them
+        (["--attention", "queries"], "argument --attention: invalid choice: 'queries'"),
+        (["--warmup_steps", "10"], "unrecognized arguments: --warmup_steps 10"),
         (["--dist_timeout", "0"], "--dist_timeout must be positive, got 0.0"),
     ],
 )
