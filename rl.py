@@ -158,6 +158,12 @@ def parse_schedule(text):
 def add_flags(p):
     p.add_argument("--checkpoint", help="the supervised checkpoint RL starts from (step_NNNNNN or a policy folder)")
     p.add_argument("--out_dir", default="out/rl")
+    p.add_argument(
+        "--log",
+        choices=["none", "tensorboard", "wandb"],
+        default="none",
+        help="also log each iteration to TensorBoard or W&B, as train.py --log (metrics.jsonl either way)",
+    )
     p.add_argument("--resume", help="'auto': the newest checkpoint in --out_dir (its flags are the defaults), or one")
     p.add_argument("--sim", choices=["aloha", "robotwin"], default="aloha")
     p.add_argument("--task", default="transfer_cube", help="aloha: transfer_cube or insertion; robotwin: place_shoe...")
@@ -223,7 +229,7 @@ def add_flags(p):
 
 # what may differ from the saved flags when resuming; every other flag must be the run's own
 MAY_CHANGE = {"iterations", "save_interval", "keep_last", "progress", "resume", "device", "threads", "dist_timeout"}
-MAY_CHANGE |= {"preempt_signals", "eval_interval", "eval_episodes", "eval_execute", "eval_ensemble", "out_dir"}
+MAY_CHANGE |= {"preempt_signals", "eval_interval", "eval_episodes", "eval_execute", "eval_ensemble", "out_dir", "log"}
 POSITIVE = ["iterations", "envs", "episodes", "steps", "execute", "ppo_epochs", "minibatches", "micro_batch"]
 POSITIVE += ["bc_batch", "sil_batch", "sil_buffer", "save_interval", "eval_episodes", "eval_execute"]
 POSITIVE += ["init_std", "min_std", "max_std", "lr", "std_lr", "max_grad_norm", "dist_timeout"]
@@ -1164,7 +1170,7 @@ def main(argv=None):
         if resume:
             start, next_seed, buffer = restore(ctx, resume, pool, ctx.helper)
         # a resumed run drops the rows after its checkpoint; a fresh one those of an attempt that saved nothing
-        metrics = train.Metrics(args.out_dir, start if resume else -1, proc)
+        metrics = train.Metrics(args.out_dir, start if resume else -1, proc, vars(args))
         lo, hi = rollout_seeds(args, proc.world)
         train.log(
             f"{args.algo} on {args.task} from {os.path.realpath(source)}: {args.iterations} iterations x "
