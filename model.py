@@ -821,9 +821,11 @@ def trained_base(ckpt_dir, run):
     """The base a checkpoint trained on: args.json's vla_path, a hub id or an absolute path as train.py records it;
     a relative one (a policy shipped inside a repository) is relative to the checkpoint's own directory."""
     path = os.path.expanduser(run["vla_path"])
-    if os.path.isabs(path) or is_hub_id(path):
+    beside = os.path.join(ckpt_dir, path)
+    # owner/name is a hub id unless the checkpoint has such a folder beside it
+    if os.path.isabs(path) or (is_hub_id(path) and not os.path.isdir(beside)):
         return path
-    return os.path.normpath(os.path.join(ckpt_dir, path))
+    return os.path.normpath(beside)
 
 
 def load_trained(vla, ckpt_dir):
