@@ -85,7 +85,11 @@ class Policy:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if dtype is None:
+            # the dtype it trained in (train.py --dtype; auto: bfloat16 on a GPU): a 7B model trained in bfloat16
+            # on a CPU would not fit in memory as float32
+            bf16 = run["dtype"] == "bfloat16" or (run["dtype"] == "auto" and device.type == "cuda")
+            dtype = torch.bfloat16 if bf16 else torch.float32
         merged = model.is_export(ckpt_dir)
         # the adapter is checked against its config, and the base against it, before the base loads
         base = ckpt_dir if merged else model.check_base(ckpt_dir, vla_path or model.trained_base(ckpt_dir, run))
@@ -299,12 +303,12 @@ def load_episode(args, run):
     """The episode, checked and read as the checkpoint trained (its cameras, keys, colour order), and the
     instruction to give it."""
     cameras = run["cameras"].split(",")
-    keys = {k: run.get(k, v) for k, v in dict(action_key="action", state_key=None, instruction=None).items()}
+    keys = {k: run[k] for k in ("action_key", "state_key", "instruction")}
     try:
         data.check_episodes([args.episode], cameras, run["chunk"], run["action_dim"], run["action_offset"], **keys)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    episode = data.read_episode(args.episode, cameras, run.get("swap_red_blue", False), **keys)
+    episode = data.read_episode(args.episode, cameras, run["swap_red_blue"], **keys)
     if args.instruction in ("seen", "unseen") and not episode[args.instruction]:
         sys.exit(f'error: {args.episode} has no {args.instruction} instructions; pass --instruction "text"')
     if args.instruction in ("seen", "unseen"):

@@ -705,7 +705,8 @@ POLICY_FILES = ["action_head.safetensors", "dataset_statistics.json", "args.json
 TRAINER_STATE = "trainer_state.pt"
 CHECKPOINT_FILES = ADAPTER_FILES + POLICY_FILES + [TRAINER_STATE]
 # what args.json must hold for a policy to run
-POLICY_ARGS = ["vla_path", "cameras", "chunk", "action_dim", "action_offset", "norm", "frame_sizes"]
+POLICY_ARGS = ["vla_path", "cameras", "chunk", "action_dim", "action_offset", "norm", "frame_sizes", "dtype"]
+POLICY_ARGS += ["action_key", "state_key", "instruction", "swap_red_blue"]
 
 
 def save_trained(vla, ckpt_dir):

@@ -559,7 +559,7 @@ def show_run(record, train_set, val_set, args, proc):
     global_batch = args.batch_size * args.grad_accum * proc.world
     # data_files is one line per episode: args.json holds it
     shown = {k: v for k, v in record.items() if k != "data_files"}
-    log(json.dumps(shown | {"global_batch": global_batch}, indent=1))
+    log(json.dumps(shown, indent=1))
     val = len(val_set.paths) if val_set else 0
     log(
         f"train: {len(train_set.paths)} episodes, {len(train_set)} samples | val: {val} episodes | "
