@@ -307,7 +307,7 @@ def load_report(path, settings, entry, what, overwrite):
             f"error: --out {os.path.dirname(path)} holds another evaluation (it differs in {', '.join(differ)}): "
             "pass another --out, or --overwrite to replace it"
         )
-    report["settings"] |= settings
+    # the settings stay those of the first evaluation written there; each entry's own subject is its "what"
     return report
 
 

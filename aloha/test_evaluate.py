@@ -151,6 +151,8 @@ def test_an_interrupted_evaluation_resumes_its_missing_seeds(checkpoint, demos, 
     assert r.returncode == 0, r.stderr[-3000:]
     both = json.loads((tmp_path / "report.json").read_text())
     assert both["policy"] == report["policy"] and [e["seed"] for e in both["baseline"]["per_episode"]] == [1000, 1001]
+    # the report's settings stay the policy evaluation's (the baseline's subject is in its own entry)
+    assert both["settings"]["checkpoint"] == str(checkpoint) and "demos in" in both["baseline"]["what"]
     other = tmp_path / "other"
     shutil.copytree(checkpoint, other)
     r = run("--checkpoint", other, "--episodes", 2, "--steps", 8, "--out", tmp_path)

@@ -8,6 +8,7 @@ base, and still succeeds closed loop where it did when it was measured.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,9 +90,10 @@ def test_a_shipped_policy_refuses_another_base(small_checkpoint, tmp_path):
 
 
 def test_the_reference_policy_ships_with_its_files():
-    """aloha/policies/transfer_cube: the files a policy needs, its base named relative to itself, and the demos it
-    trained on described (task, scene, seeds) so that evaluate.py renders what it saw."""
-    assert sorted(os.listdir(SHIPPED)) == sorted(model.ADAPTER_FILES + model.POLICY_FILES + ["README.md"])
+    """aloha/policies/transfer_cube: the files a policy needs, its base named relative to itself, the demos it
+    trained on described (task, scene, seeds) so that evaluate.py renders what it saw, and its measured report."""
+    shipped = model.ADAPTER_FILES + model.POLICY_FILES + ["README.md", "closed_loop.json"]
+    assert sorted(os.listdir(SHIPPED)) == sorted(shipped)
     run = model.check_checkpoint(SHIPPED)
     assert run["vla_path"] == "../../../out/tiny-openvla"
     attrs = run["episode_attrs"]
@@ -99,6 +101,9 @@ def test_the_reference_policy_ships_with_its_files():
     assert min(attrs["seed"]) == 0 and max(attrs["seed"]) == 199
     size = sum(os.path.getsize(os.path.join(SHIPPED, f)) for f in os.listdir(SHIPPED))
     assert size < 4e6
+    report = json.loads(open(os.path.join(SHIPPED, "closed_loop.json")).read())
+    assert report["settings"]["seeds"] == list(range(1000, 1100)) and report["settings"]["ensemble"]
+    assert report["policy"]["success"] == sum(e["success"] for e in report["policy"]["per_episode"])
 
 
 @pytest.mark.slow
@@ -108,7 +113,7 @@ def test_the_reference_policy_loads_in_a_fresh_clone_and_hands_the_cube_over(tin
     policy_dir = fresh_clone(tmp_path, tiny_dir, SHIPPED)
     monkeypatch.chdir(tmp_path)
     readme = open(os.path.join(SHIPPED, "README.md")).read()
-    seed = int(readme.split("succeeds on unseen seed ")[1].split(" ")[0])
+    seed = int(re.search(r"succeeds on unseen seed (\d+)", readme)[1])
     r = subprocess.run(
         [sys.executable, os.path.join(ROOT, "aloha", "evaluate.py"), "--checkpoint", policy_dir, "--episodes", "1"]
         + ["--seed", str(seed), "--ensemble", "--envs", "1", "--gif", "0", "--out", str(tmp_path / "eval")],
