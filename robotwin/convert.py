@@ -196,9 +196,12 @@ def main(argv=None):
         else:
             instructions = os.path.join(args.src, "instructions", f"episode{n}.json") if layout == "A" else None
             jobs.append((n, layout, path, instructions, args.out, args.size))
+    # spawn, not Linux's default fork: a process that already runs threads (torch's, a tracker's, a test runner's)
+    # can fork a child that waits forever on a lock some other thread held at the fork
+    context = multiprocessing.get_context("spawn")
     try:
         with (
-            multiprocessing.Pool(max(1, min(args.workers, len(jobs)))) as pool,
+            context.Pool(max(1, min(args.workers, len(jobs)))) as pool,
             Progress(total=len(episodes), done=skipped, unit="episode") as progress,
         ):
             for k, (line, problems) in enumerate(pool.imap_unordered(convert_episode, jobs), skipped + 1):
