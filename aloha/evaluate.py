@@ -372,6 +372,8 @@ def evaluate_checkpoint(ckpt, args, seeds, out, baseline=None):
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "report.json")
     report = None
+    # never more simulators than episodes: each is a process that imports MuJoCo (seconds of start-up for nothing)
+    n_envs = min(args.envs, len(seeds))
     if ckpt:
         train_args = model.check_checkpoint(ckpt)
         cameras = check_policy_inputs(train_args, ckpt, args.task)
@@ -388,12 +390,12 @@ def evaluate_checkpoint(ckpt, args, seeds, out, baseline=None):
         what = f"{os.path.realpath(ckpt)}, execute {args.execute}, ensemble {args.ensemble}, {instruction!r}"
         report = load_report(path, settings, "policy", what, args.overwrite)
         print(f"camera zoom {zoom}, {'stock' if stock else 'fast'} render ({ckpt}'s demos)")
-        with envs.SimPool(args.envs, args.task, cameras, not stock, zoom) as pool:
+        with envs.SimPool(n_envs, args.task, cameras, not stock, zoom) as pool:
             policy = infer.Policy.from_checkpoint(
                 ckpt, device=args.device, vla_path=args.vla_path, execute=args.execute, ensemble=args.ensemble
             )
             proprio = bool(policy.vla.proprio_dim)
-            act = policy_actor(policy, instruction, proprio, args.envs)
+            act = policy_actor(policy, instruction, proprio, n_envs)
             report = evaluate_entry(
                 report, "policy", what, seeds, pool, act, policy.needs_frames, args, args.gif, "policy"
             )
@@ -404,10 +406,10 @@ def evaluate_checkpoint(ckpt, args, seeds, out, baseline=None):
             settings["zoom"] = args.zoom if args.zoom is not None else 1.0
         report = report or load_report(path, settings, "baseline", what, args.overwrite)
         gif_camera = {"top": ("top", (240, 320))}
-        with envs.SimPool(args.envs, args.task, gif_camera, True, 1.0) as pool:
+        with envs.SimPool(n_envs, args.task, gif_camera, True, 1.0) as pool:
 
             def no_frames():
-                return [False] * args.envs
+                return [False] * n_envs
 
             report = evaluate_entry(
                 report, "baseline", what, seeds, pool, baseline_actor(mean), no_frames, args, 0, "baseline"
