@@ -55,6 +55,7 @@ def test_merge_cli(tiny_dir, tmp_path):
     stats = data.compute_stats([np.random.default_rng(0).normal(size=(50, 14))])
     run = dict(vla_path=tiny_dir, cameras="head_camera_image", chunk=8, action_dim=14, action_offset=0, norm="bounds")
     run["frame_sizes"] = {"head_camera_image": [224, 224]}
+    run.update(dtype="float32", action_key="action", state_key=None, instruction=None, swap_red_blue=False)
     model.write_checkpoint(str(tmp_path / "ckpt"), vla, dict(action_stats=stats), run)
     assert sorted(os.listdir(tmp_path / "ckpt")) == sorted(model.ADAPTER_FILES + model.POLICY_FILES)
     assert model.check_checkpoint(str(tmp_path / "ckpt")) == run
