@@ -923,8 +923,9 @@ def end_process(end):
     if code is None:
         code = 0
     if not isinstance(code, int):
-        # sys.exit("error: ..."): print the message as Python would, exit 1
-        print(code, file=sys.stderr)
+        # sys.exit("error: ..."): print the message as Python would, exit 1. One write: a piped stderr writes through,
+        # and print's two writes (the text, then the newline) of ranks failing together interleave on the same line
+        sys.stderr.write(f"{code}\n")
         code = 1
     sys.stdout.flush()
     os._exit(code)

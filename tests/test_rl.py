@@ -153,7 +153,7 @@ def test_one_iteration_writes_a_checkpoint_every_command_loads(start, tmp_path):
     r = run("rl.py", "--checkpoint", ckpt, "--out_dir", out, "--iterations", 1, *FAST, *evaluation)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert any(ln.startswith("iter 1/1 | success 0.00 (0/4) | stage 0.00 | std 0.100 | groups 0/2 |") for ln in lines)
+    assert any(ln.startswith("iter 1/1 | success 0.00 (0/4) | stage 0.00 | std 0.010 | groups 0/2 |") for ln in lines)
     # the mean on the evaluation seeds, before the first iteration and after the last, through evaluate.py's loop
     evals = [ln for ln in lines if ln.startswith("eval iter")]
     assert evals == [
@@ -170,7 +170,7 @@ def test_one_iteration_writes_a_checkpoint_every_command_loads(start, tmp_path):
     rl_ckpt = out / "step_000001"
     assert sorted(os.listdir(rl_ckpt)) == sorted(model.ADAPTER_FILES + model.POLICY_FILES + [rl.RL_STATE, rl.STD_FILE])
     std = json.loads((rl_ckpt / rl.STD_FILE).read_text())
-    assert std["std"] == pytest.approx([0.1] * 14)
+    assert std["std"] == pytest.approx([0.01] * 14)
 
     # self-imitation always updates (here on the demo alone: no success yet): its checkpoint holds new weights
     out = tmp_path / "sil"
@@ -258,7 +258,7 @@ def test_resumed_equals_straight(start, tmp_path, monkeypatch, algo):
     if algo == "grpo":
         assert sum(r["groups_kept"] for r in rows[0]) > 0 and rows[0][-1]["bc_loss"] > 0
         # the learned std moved
-        assert (sa["log_std"] - math.log(0.1)).abs().max() > 1e-4
+        assert (sa["log_std"] - math.log(0.01)).abs().max() > 1e-4
     else:
         assert rows[0][-1]["buffer"] > 0 and sa["buffers"][0]
 
