@@ -309,6 +309,26 @@ def test_bad_input_gets_one_line(start, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_ranks_under_torchrun(start, tmp_path):
+    """torchrun with 2 CPU ranks (gloo): each rank rolls out its own seeds on its own simulators, the gradients are
+    all-reduced by hand, and the save checks that both ranks hold the same weights. sil, so that an update happens
+    (the 2-step policy never succeeds in 30 steps: it trains on the demonstrations)."""
+    ckpt, demos = start
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    flags = ["--checkpoint", ckpt, "--algo", "sil", "--demos", demos, *FAST, "--iterations", 1, "--out_dir", out]
+    r = subprocess.run(
+        [*launcher, "rl.py", *map(str, flags)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    # 4 episodes on each of the 2 ranks, rank 0 on the first 2 seeds of the iteration's block
+    assert row["step"] == 1 and row["episodes"] == 8 and row["seeds"][0] == 20000
+    assert json.loads((out / "step_000001" / "args.json").read_text())["rl"]["world_size"] == 2
+    assert max_diff(trained_weights(out / "step_000001"), trained_weights(ckpt)) > 0
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_the_resumed_run_ends_as_a_straight_one(start, tmp_path):
     """SIGTERM mid-run: the last finished iteration is saved (the one in progress is dropped or finished), exit 75;
     --resume auto then ends with the weights of an uninterrupted run."""
