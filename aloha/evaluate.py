@@ -516,7 +516,10 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=1000, help="first seed (record.py starts at 0: these are unseen)")
     p.add_argument("--steps", type=int, default=record.EPISODE_LEN, help="control steps per episode at most")
     p.add_argument(
-        "--envs", type=int, default=default_envs(), help="simulators stepping in parallel (default: 4 a core)"
+        "--envs",
+        type=int,
+        default=default_envs(),
+        help="simulators stepping in parallel (default: 4 a core; never more than --episodes)",
     )
     p.add_argument("--execute", type=int, default=8, help="actions executed per chunk before re-planning")
     p.add_argument("--ensemble", action="store_true", help="temporal ensembling over overlapping chunks (ACT)")

@@ -223,6 +223,16 @@ def test_batched_predict_equals_one_environment_at_a_time(run, request):
         np.testing.assert_allclose(shared[i], alone(i, TEXTS[1]), rtol=0, atol=1e-5)
 
 
+def acts_alone(policy, frames, n_envs, steps):
+    """Each environment's episode acted alone, one after the other: [env][t] -> the action, the reference that acting
+    on all of them together must reproduce."""
+    alone = []
+    for env in range(n_envs):
+        policy.reset()
+        alone.append([policy.act(frames(env, t), TEXTS[env]) for t in range(steps)])
+    return alone
+
+
 @pytest.mark.slow
 def test_act_replans_each_environment_and_predicts_only_for_those_that_need_it(policy, val_episode):
     """Three environments, execute 3: each one's actions are those it gets alone; act predicts only for the
@@ -236,10 +246,7 @@ def test_act_replans_each_environment_and_predicts_only_for_those_that_need_it(p
     def frames(env, t):
         return frame_dict(episode, starts[env] + t, every3.cameras)
 
-    alone = []
-    for env in range(3):
-        every3.reset()
-        alone.append([every3.act(frames(env, t), TEXTS[env]) for t in range(10)])
+    alone = acts_alone(every3, frames, 3, 10)
     calls = []
 
     def counting(images, instruction=None, state=None):
@@ -283,10 +290,7 @@ def test_act_ensembles_each_environment_as_alone(policy, val_episode):
     def frames(env, t):
         return frame_dict(episode, starts[env] + t, ensembled.cameras)
 
-    alone = []
-    for env in range(2):
-        ensembled.reset()
-        alone.append([ensembled.act(frames(env, t), TEXTS[env]) for t in range(5)])
+    alone = acts_alone(ensembled, frames, 2, 5)
     ensembled.reset(envs=2)
     together = []
     for t in range(5):
