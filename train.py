@@ -116,8 +116,10 @@ def add_model_flags(p):
     p.add_argument("--no-grad_ckpt", dest="grad_ckpt", action="store_const", const="off")
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile the training forward (minutes of compilation first; faster steps after)",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the training forward (minutes of compilation first; faster steps after); "
+        "--no-compile undoes a recipe's --compile",
     )
     p.add_argument(
         "--dtype",

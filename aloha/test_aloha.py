@@ -147,7 +147,9 @@ def test_recorded_files_load_with_data_py(demos):
 @pytest.fixture(scope="module")
 def checkpoint(demos, tmp_path_factory):
     """The CPU recipe itself (train.sh, one process), cut to one step: its flags must still be train.py's. It runs
-    from another directory than the repository, given the demos, the run and the model as paths relative to it."""
+    from another directory than the repository, given the demos, the run and the model as paths relative to it.
+    --no-compile after OUT_DIR undoes the recipe's --compile (compiling would take most of the test's time); bf16 is
+    the recipe's dtype where the CPU computes it natively."""
     from demo import make_tiny
 
     tiny, out = make_tiny(str(tmp_path_factory.mktemp("tiny"))), tmp_path_factory.mktemp("run")
@@ -169,6 +171,7 @@ def checkpoint(demos, tmp_path_factory):
         1,
         "--eval_batches",
         1,
+        "--no-compile",
     )
     r = subprocess.run(
         ["bash", os.path.join(ROOT, "aloha", "train.sh"), *map(str, flags)],
@@ -188,6 +191,9 @@ def checkpoint(demos, tmp_path_factory):
         False,
     )
     assert (args["lr"], args["lr_decay_step"], args["vla_path"], args["world_size"]) == (2e-4, 8000, tiny, 1)
+    with open("/proc/cpuinfo") as f:
+        native_bf16 = bool(set(f.read().split()) & {"avx512_bf16", "amx_bf16"})
+    assert (args["compile"], args["dtype"]) == (False, "bfloat16" if native_bf16 else "auto")
     return out / "step_000001"
 
 

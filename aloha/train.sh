@@ -7,9 +7,9 @@
 #       --save_interval 2000 --batch_size 8 --grad_ckpt                   # the 7B model on GPUs (all of them)
 #   EVAL_EPISODES=20 bash aloha/train.sh DEMOS OUT                       # and each checkpoint closed loop, as it lands
 #
-# 10,000 steps at lr 2e-4 (decay at 8,000) on 200 demos: 50/100 closed loop, 94 min measured on 2 CPU cores
-# (about 75 on a quiet day, estimated from its 0.45 s a step).
-# Within an hour, --max_steps 5000 --lr_decay_step 4000: 32/100 (another training seed: 25/100; 400 demos: 33/100;
+# 10,000 steps at lr 2e-4 (decay at 8,000) on 200 demos: 43 min on 2 CPU cores with bf16 and torch.compile (the CPU
+# defaults below), 50/100 closed loop; in float32, eager: 94 min, 50/100 and 45/100 in two runs (docs/simulation.md).
+# Shorter, in float32 eager: --max_steps 5000 --lr_decay_step 4000: 32/100 (another training seed: 25/100; 400 demos: 33/100;
 # lr 5e-4: 28/100; --lora_rank 64: 18/100), 41-45 min. docs/simulation.md has every variation.
 #
 # No --proprio: with the joint state the policy replays the demonstrations without looking at the cube (in the
@@ -50,6 +50,17 @@ fi
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 export NPROC=${NPROC:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 2)}  # 2 CPU processes of one thread each
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# On the CPU the recipe compiles its forward and, where the CPU computes bf16 natively (AVX512-BF16 or AMX), runs the
+# frozen base in bf16 under autocast: 1.58x a step together (bench.py --what recipe; compile alone 1.35x; on a CPU
+# without native bf16 it would be emulated: unmeasured, so it is left out there). 10,000 steps took 43 min alone on
+# the machine (float32, eager: 94 min shared, about 75 estimated alone), closed loop 50/100 against the float32 run
+# shipped in aloha/policies/transfer_cube, 45/100 (p 0.33 paired). --no-compile or --dtype float32 after OUT_DIR undo
+# them. GPUs keep train.py's defaults (bf16 there already; compile unmeasured on a GPU).
+CPU_FLAGS=()
+if [ "$NGPU" = 0 ]; then
+  CPU_FLAGS=(--compile)
+  if grep -q -w -e avx512_bf16 -e amx_bf16 /proc/cpuinfo 2>/dev/null; then CPU_FLAGS+=(--dtype bfloat16); fi
+fi
 # EVAL_EPISODES=N: aloha/evaluate.py --checkpoints --watch beside training, each checkpoint on N unseen seeds as it
 # lands (the success curve in OUT/success_curve.json); it shares the CPU with training
 if [ -n "${EVAL_EPISODES:-}" ]; then
@@ -60,4 +71,4 @@ fi
 exec bash launch.sh --vla_path "$VLA_PATH" --data_dir "$DEMOS" --out_dir "$OUT" \
   --cameras observations/images/top --instruction "transfer the cube" \
   --max_steps 10000 --lr 2e-4 --lr_decay_step 8000 --save_interval 1000 --eval_interval 1000 --log_interval 50 \
-  --val_episodes 2 --attention full --no-image_aug --num_workers 0 "$@"
+  --val_episodes 2 --attention full --no-image_aug --num_workers 0 "${CPU_FLAGS[@]}" "$@"
