@@ -2,13 +2,14 @@
 # LeRobot's ACT trained by LeRobot's own training command (lerobot-train, lerobot 0.4.4) on a data set written by
 # aloha/act/to_lerobot.py, on the CPU, cut at a wall-clock budget: the peer of aloha/train.sh (aloha/act/README.md).
 #
-#   bash aloha/act/train_act.sh out/act/tc200_lerobot out/act/run                 # 94 minutes, as aloha/train.sh
+#   bash aloha/act/train_act.sh out/act/tc200_lerobot out/act/run                 # 44 minutes, as aloha/train.sh
 #   MINUTES=0 bash aloha/act/train_act.sh DATASET OUT --steps=20 --save_freq=10    # no time cut: a step count
 #   bash aloha/act/train_act.sh DATASET OUT --policy.optimizer_lr=1e-4             # any lerobot-train flag overrides
 #
-# Environment: MINUTES (wall-clock budget, default 94: aloha/train.sh's 10,000 steps measured on these 2 cores; 0 for
-# none), THREADS (torch threads, default 2: the two cores aloha/train.sh's two processes take), PRECISION (no or
-# bf16: accelerate's autocast, which lerobot-train's update_policy enters; default no, ACT's float32), SAVE_FREQ
+# Environment: MINUTES (wall-clock budget, default 44: aloha/train.sh's 10,000 steps measured on these 2 cores with its
+# CPU defaults, bf16 and compiled, 43 min 14 s; 0 for none), THREADS (torch threads, default 2: the two cores
+# aloha/train.sh's two processes take), PRECISION (bf16 or no: accelerate's autocast, which lerobot-train's
+# update_policy enters; default bf16, as aloha/train.sh on this CPU; no is ACT's float32), SAVE_FREQ
 # (steps between checkpoints, default 50: what the time cut can lose), KEEP_EVERY (older checkpoints kept, as
 # pretrained_model only, every this many steps; default 500), LEROBOT_VENV (default /work/lerobot-venv).
 # OMP_WAIT_POLICY defaults to PASSIVE: on a loaded machine two spinning OpenMP threads burned 10 CPU s a step
@@ -31,7 +32,7 @@ cd "$(dirname "$0")/../.."
 DATASET=${1:?usage: bash aloha/act/train_act.sh DATASET_ROOT OUT_DIR [lerobot-train flags]}
 OUT=${2:?usage: bash aloha/act/train_act.sh DATASET_ROOT OUT_DIR [lerobot-train flags]}
 shift 2
-MINUTES=${MINUTES:-94}
+MINUTES=${MINUTES:-44}
 THREADS=${THREADS:-2}
 SAVE_FREQ=${SAVE_FREQ:-50}
 KEEP_EVERY=${KEEP_EVERY:-500}
@@ -53,7 +54,7 @@ fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # lerobot 0.4.4 creates its Accelerator without a precision: accelerate reads this variable
-export ACCELERATE_MIXED_PRECISION=${PRECISION:-no}
+export ACCELERATE_MIXED_PRECISION=${PRECISION:-bf16}
 # with a time budget the step count only caps it (ACT's recipe has no learning-rate schedule to fit to it)
 STEPS=1000000
 if [ "$MINUTES" = 0 ]; then
