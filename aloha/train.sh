@@ -9,8 +9,8 @@
 #
 # 10,000 steps at lr 2e-4 (decay at 8,000) on 200 demos: 43 min on 2 CPU cores with bf16 and torch.compile (the CPU
 # defaults below), 50/100 closed loop; in float32, eager: 94 min, 50/100 and 45/100 in two runs (docs/simulation.md).
-# Shorter, in float32 eager: --max_steps 5000 --lr_decay_step 4000: 32/100 (another training seed: 25/100; 400 demos: 33/100;
-# lr 5e-4: 28/100; --lora_rank 64: 18/100), 41-45 min. docs/simulation.md has every variation.
+# Shorter, in float32 eager: --max_steps 5000 --lr_decay_step 4000: 32/100 (another training seed: 25/100;
+# 400 demos: 33/100; lr 5e-4: 28/100; --lora_rank 64: 18/100), 41-45 min. docs/simulation.md has every variation.
 #
 # No --proprio: with the joint state the policy replays the demonstrations without looking at the cube (in the
 # pilot 0 of 20 succeeded); without it the only way to the cube is through the camera.
@@ -52,10 +52,9 @@ export NPROC=${NPROC:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 2)}  # 2 CPU p
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # On the CPU the recipe compiles its forward and, where the CPU computes bf16 natively (AVX512-BF16 or AMX), runs the
 # frozen base in bf16 under autocast: 1.58x a step together (bench.py --what recipe; compile alone 1.35x; on a CPU
-# without native bf16 it would be emulated: unmeasured, so it is left out there). 10,000 steps took 43 min alone on
-# the machine (float32, eager: 94 min shared, about 75 estimated alone), closed loop 50/100 against the float32 run
-# shipped in aloha/policies/transfer_cube, 45/100 (p 0.33 paired). --no-compile or --dtype float32 after OUT_DIR undo
-# them. GPUs keep train.py's defaults (bf16 there already; compile unmeasured on a GPU).
+# without native bf16 it would be emulated: unmeasured, so it is left out there); the closed loop did not drop (the
+# numbers above). --no-compile or --dtype float32 after OUT_DIR undo them. GPUs keep train.py's defaults (bf16 there
+# already; compile unmeasured on a GPU).
 CPU_FLAGS=()
 if [ "$NGPU" = 0 ]; then
   CPU_FLAGS=(--compile)
