@@ -754,13 +754,13 @@ class Update:
     def rl(self, samples):
         """--ppo_epochs passes of --minibatches optimizer steps over the iteration's decisions (each rank its own,
         the loss normalized by the count over all ranks). With --target_kl, the first minibatch whose approximate
-        KL to the rollout policy (measured before its step) is above it ends the update. -> the logged means, or
-        None when no rank has a sample."""
+        KL to the rollout policy (measured before its step) is above it ends the update (its KL logged as stop_kl).
+        -> the logged means, or None when no rank has a sample."""
         args = self.args
         if all_reduce([len(samples)], self.proc)[0] == 0:
             return None
         old_log_std = self.std.log_std().detach().clone()
-        sums, bc, steps, seen = torch.zeros(4, dtype=torch.float64), 0.0, 0, 0.0
+        sums, bc, steps, seen, stop_kl = torch.zeros(4, dtype=torch.float64), 0.0, 0, 0.0, 0.0
         planned = []
         for _ in range(args.ppo_epochs):
             parts = torch.randperm(len(samples), generator=self.gen).tensor_split(args.minibatches)
@@ -771,6 +771,8 @@ class Update:
             part_sums, part_bc = self.minibatch([samples[j] for j in part], count, old_log_std)
             kl = all_reduce([part_sums[3]], self.proc)[0] / count
             if args.target_kl and kl > args.target_kl:
+                # logged: the approximate KL of the accepted minibatches alone would read 0 after a one-step update
+                stop_kl = kl
                 self.opt.zero_grad(set_to_none=True)
                 break
             sums, bc, seen = sums + part_sums, bc + part_bc, seen + count
@@ -779,7 +781,7 @@ class Update:
         sums = all_reduce(sums.tolist() + [bc], self.proc)
         n = max(seen, 1)
         row = {"pg_loss": sums[0] / n, "clip_frac": sums[1] / n, "kl": sums[2] / n, "approx_kl": sums[3] / n}
-        return row | {"bc_loss": sums[4] / max(steps * self.proc.world, 1), "opt_steps": steps}
+        return row | {"bc_loss": sums[4] / max(steps * self.proc.world, 1), "opt_steps": steps, "stop_kl": stop_kl}
 
     def sil(self, buffer):
         """Success-filtered self-imitation: --ppo_epochs x --minibatches supervised L1 steps on batches of the
@@ -946,6 +948,10 @@ def iteration_line(it, row, args):
             parts.append(f"clip {row['clip_frac']:.3f} | approx kl {row['approx_kl']:.4f} | pg {row['pg_loss']:.4f}")
             parts.append(f"kl to start {row['kl']:.4f}" if args.kl_coef else "")
             parts.append(f"bc {row['bc_loss']:.4f}" if args.bc_coef else "")
+            if row["stop_kl"]:
+                parts.append(
+                    f"stopped by --target_kl at approx kl {row['stop_kl']:.4f} (steps taken: {row['opt_steps']})"
+                )
         else:
             parts.append("no update (no group with signal)")
     parts.append(f"{row['seconds']:.0f} s (rollouts {row['rollout_s']:.0f})")

@@ -264,6 +264,23 @@ def test_resumed_equals_straight(start, tmp_path, monkeypatch, algo):
 
 
 @pytest.mark.slow
+def test_target_kl_ends_the_update_and_says_where(start, tmp_path, monkeypatch, capsys):
+    """A --target_kl below any step's KL: each update takes its first step (measured at KL 0, before any step)
+    and stops at the second minibatch, whose KL is logged, not hidden in a mean of 0."""
+    ckpt, _ = start
+    monkeypatch.setattr(rl, "succeeded", succeed_by_noise)
+    flags = ["--checkpoint", ckpt, *FAST, "--lr", 1e-4, "--target_kl", 1e-9, "--out_dir", tmp_path / "run"]
+    rl_main([*flags, "--iterations", 2])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    updated = [r for r in rows if r["groups_kept"]]
+    assert updated, "no group had a signal: the test saw no update"
+    for r in updated:
+        assert r["opt_steps"] == 1 and r["approx_kl"] == 0 and r["stop_kl"] > 1e-9
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "stopped by --target_kl" in ln]
+    assert len(lines) == len(updated) and "(steps taken: 1)" in lines[0]
+
+
+@pytest.mark.slow
 def test_bad_input_gets_one_line(start, tmp_path):
     ckpt, demos = start
 
