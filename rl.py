@@ -7,7 +7,7 @@ simulators; GRPO, PPO or success-filtered self-imitation (the baseline) update L
     python rl.py --checkpoint CKPT --out_dir out/rl/ppo --algo ppo --reward stage                   # PPO
     python rl.py --checkpoint CKPT --out_dir out/rl/sil --algo sil                                  # the baseline
     python rl.py --out_dir out/rl/tc --resume auto                     # continue where it stopped, same flags
-    python aloha/evaluate.py --checkpoint out/rl/tc/step_000080 --ensemble   # every command loads its checkpoints
+    python aloha/evaluate.py --checkpoint out/rl/tc/step_000020 --ensemble   # every command loads its checkpoints
     torchrun --nproc_per_node 8 rl.py --sim robotwin ...                # RoboTwin on GPUs: docs/rl.md
 
 An iteration: each rank rolls out --episodes episodes on --envs simulators (GRPO: --episodes / --group seeds, each
