@@ -218,7 +218,12 @@ def add_flags(p):
     p.add_argument("--vla_path", help="the base, overriding the one the checkpoint names")
     p.add_argument("--grad_ckpt", action="store_true", help="recompute activations in backward (7B on small GPUs)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="auto: the dtype the checkpoint trained in",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the free cores)")
     p.add_argument("--seed", type=int, default=7, help="action noise and minibatch order")
     p.add_argument("--dist_timeout", type=float, default=30, help="minutes a rank waits for the others")
@@ -374,6 +379,12 @@ def source_record(args, resume):
     except (OSError, ValueError, RuntimeError) as e:
         flag = "--resume" if resume else "--checkpoint"
         sys.exit(f"error: {flag} {e}")
+    # --dtype auto: the dtype the checkpoint trained in, which Policy.from_checkpoint loads it in (auto: bfloat16 on
+    # a GPU). In another the frozen base computes other features, and the rollouts would explore around another
+    # policy than the one deployed: the bf16-trained insertion twin, run in float32, never touched the objects
+    # (stage 0 in 160 of 160 rollouts) where in bfloat16 it reaches stages 1-3.
+    if args.dtype == "auto":
+        args.dtype = run["dtype"]
     if args.sim == "aloha" and not run.get("instruction"):
         sys.exit(f"error: {source}: records no instruction (train.py --instruction), and ALOHA's simulator gives none")
     if max(args.execute, args.eval_execute) > run["chunk"]:
@@ -388,7 +399,9 @@ def run_record(run, base, args, world):
     record = {k: v for k, v in run.items() if k != "rl"}
     start = run.get("rl", {}).get("start", os.path.realpath(args.checkpoint))
     flags = vars(args) | {"checkpoint": start}
+    # the dtype RL ran in, which every command then loads the policy in
     record |= {"vla_path": os.path.abspath(base) if os.path.isdir(base) else base, "out_dir": args.out_dir}
+    record["dtype"] = args.dtype
     record |= {"max_steps": args.iterations, "rl": {"flags": flags, "start": start, "world_size": world}}
     return record
 
@@ -488,7 +501,7 @@ class Decision:
 
 class Episode:
     """One rollout: its index, seed and group, the steps run, the best stage, its decisions, and every action sent
-    (raw: to replay it; normalized and clipped: to imitate it)."""
+    (raw: to replay it; normalized: to imitate it)."""
 
     def __init__(self, index, seed, group):
         self.index, self.seed, self.group = index, seed, group
@@ -518,8 +531,8 @@ def forward(vla, seen, proc, aug=None):
 
 class Sampler:
     """The stochastic policy in rollouts: every environment whose plan is used up gets a chunk from one batched
-    forward pass; a Gaussian sample around its first `execute` actions is clipped to [-1, 1], unnormalized with the
-    checkpoint's statistics and executed open loop."""
+    forward pass; a Gaussian sample around its first `execute` actions is unnormalized with the checkpoint's
+    statistics, as Policy unnormalizes the mean, and executed open loop."""
 
     def __init__(self, vla, helper, std, gen, proc, execute):
         self.vla, self.helper, self.std, self.gen, self.proc, self.execute = vla, helper, std, gen, proc, execute
@@ -532,9 +545,13 @@ class Sampler:
         sample = mean + torch.exp(self.std.log_std().detach()) * noise
         for episode, s, m, x in zip(episodes.values(), seen, mean, sample):
             episode.decisions.append(Decision(s, m, x, episode.t))
-            clipped = x.clamp(-1, 1).numpy()
-            raw = data.unnormalize(clipped, self.helper.stats, self.helper.args["norm"])
-            episode.plan.extend(zip(raw, clipped))
+            # not clipped to [-1, 1]: that is the demonstrations' range, not the robot's, and Policy runs the mean
+            # unclipped. The shipped transfer-cube policy commands 7% of its actions beyond it (a quarter of its
+            # left gripper's and wrist rotation's, by up to 0.12): clipped, the rollouts explored another policy than the
+            # one deployed.
+            normalized = x.numpy()
+            raw = data.unnormalize(normalized, self.helper.stats, self.helper.args["norm"])
+            episode.plan.extend(zip(raw, normalized))
 
     def act(self, observations, running):
         """One control step of every running environment: {env: raw action}."""
@@ -543,9 +560,9 @@ class Sampler:
             self.plan(observations, empty)
         actions = {}
         for i, episode in running.items():
-            raw, clipped = episode.plan.popleft()
+            raw, normalized = episode.plan.popleft()
             episode.raw.append(raw)
-            episode.normalized.append(clipped)
+            episode.normalized.append(normalized)
             actions[i] = raw
         return actions
 

@@ -114,6 +114,29 @@ def test_std_learned_is_clamped_and_scheduled_is_linear():
     assert std.initial.exp()[0].item() == pytest.approx(0.2)
 
 
+def test_rollouts_run_the_sample_unclipped_as_policy_runs_the_mean(monkeypatch):
+    # a head whose mean leaves the demonstrations' range [-1, 1] (the shipped policy does so in 7% of its actions):
+    # the rollout executes exactly what infer.Policy would unnormalize, plus the noise, with nothing clipped
+    mean = torch.tensor([[[-1.2, 0.5], [1.3, -0.25]]])
+    monkeypatch.setattr(rl, "observe", lambda helper, obs: (None, "x", None))
+    monkeypatch.setattr(rl, "forward", lambda vla, seen, proc: mean)
+    stats = {"min": np.array([0.0, -2.0]), "max": np.array([1.0, 2.0]), "mask": np.array([True, True])}
+    stats |= {"q01": stats["min"], "q99": stats["max"]}
+    helper = rl.argparse.Namespace(stats=stats, args={"norm": "bounds"})
+    std = rl.argparse.Namespace(log_std=lambda: torch.full((2,), math.log(0.1)))
+    sampler = rl.Sampler(None, helper, std, torch.Generator().manual_seed(0), None, execute=2)
+    episode = rl.Episode(0, 20000, 0)
+    actions = [sampler.act({0: {}}, {0: episode})[0] for _ in range(2)]
+    noise = torch.randn((1, 2, 2), generator=torch.Generator().manual_seed(0))[0]
+    sample = (mean[0] + 0.1 * noise).numpy()
+    # bounds: x in [-1, 1] -> min + (x + 1) / 2 * (max - min)
+    expected = stats["min"] + (sample + 1) / 2 * (stats["max"] - stats["min"])
+    np.testing.assert_allclose(np.stack(actions), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.stack(episode.normalized), sample, rtol=1e-6, atol=1e-6)
+    assert np.abs(sample).max() > 1
+    assert episode.decisions[0].sample.numpy() == pytest.approx(sample)
+
+
 # -----------------------------------------------------------------------------
 # runs in the simulator
 
@@ -279,6 +302,27 @@ def test_target_kl_ends_the_update_and_says_where(start, tmp_path, monkeypatch, 
         assert r["opt_steps"] == 1 and r["approx_kl"] == 0 and r["stop_kl"] > 1e-9
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "stopped by --target_kl" in ln]
     assert len(lines) == len(updated) and "(steps taken: 1)" in lines[0]
+
+
+@pytest.mark.slow
+def test_dtype_auto_is_the_one_the_checkpoint_trained_in(start, tmp_path):
+    # a checkpoint trained under bf16 autocast is run by Policy in bfloat16: the rollouts must sample around that
+    # policy, and the RL checkpoint must record the dtype it trained in
+    ckpt = tmp_path / "bf16"
+    shutil.copytree(start[0], ckpt)
+    run_args = json.loads((ckpt / "args.json").read_text())
+    assert run_args["dtype"] == "auto"
+    (ckpt / "args.json").write_text(json.dumps(run_args | {"dtype": "bfloat16"}))
+    for typed, expected in [([], "bfloat16"), (["--dtype", "float32"], "float32")]:
+        args, _ = rl.get_args(["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "out"), *typed])
+        run, _, base = rl.source_record(args, None)
+        assert args.dtype == expected
+        assert rl.run_record(run, base, args, 1)["dtype"] == expected
+        assert rl.train.Process(args).dtype == getattr(torch, expected)
+    # a checkpoint trained with --dtype auto keeps auto: float32 here, bfloat16 on a GPU, as Policy loads it
+    args, _ = rl.get_args(["--checkpoint", str(start[0]), "--out_dir", str(tmp_path / "out")])
+    rl.source_record(args, None)
+    assert args.dtype == "auto" and rl.train.Process(args).dtype == torch.float32
 
 
 @pytest.mark.slow
