@@ -547,8 +547,8 @@ class Sampler:
             episode.decisions.append(Decision(s, m, x, episode.t))
             # not clipped to [-1, 1]: that is the demonstrations' range, not the robot's, and Policy runs the mean
             # unclipped. The shipped transfer-cube policy commands 7% of its actions beyond it (a quarter of its
-            # left gripper's and wrist rotation's, by up to 0.12): clipped, the rollouts explored another policy than the
-            # one deployed.
+            # left gripper's and wrist rotation's, by up to 0.12): clipped, the rollouts explored another policy
+            # than the one deployed.
             normalized = x.numpy()
             raw = data.unnormalize(normalized, self.helper.stats, self.helper.args["norm"])
             episode.plan.extend(zip(raw, normalized))
