@@ -1205,6 +1205,13 @@ def main(argv=None):
             f"{args.episodes} episodes x {proc.world} ranks on {args.envs} simulators each, seeds {lo}..{hi - 1}, "
             f"reward {args.reward}, std {args.std_schedule or f'learned from {args.init_std}'}"
         )
+        if proc.dtype == torch.bfloat16:
+            # measured on the tiny twin (docs/rl.md): under autocast the bf16 roundings of weights and activations
+            # flip with any change of the weights, so the ratio of an update measures rounding as much as learning
+            train.log(
+                "note: in bfloat16 every update also moves the mean by rounding (the tiny twin: about 0.0007, an "
+                "approximate KL near 1 a decision at std 0.01, at lr 2e-6 or 2e-8): watch the first update's approx kl"
+            )
         if args.eval_interval and start == 0:
             log_evaluation(ctx, 0, pool, metrics)
         loop(ctx, pool, start, next_seed, buffer, metrics)
