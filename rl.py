@@ -222,7 +222,7 @@ def add_flags(p):
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
-        help="auto: the dtype the checkpoint trained in",
+        help="auto: the checkpoint's --dtype, the one Policy loads it in",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the free cores)")
     p.add_argument("--seed", type=int, default=7, help="action noise and minibatch order")
@@ -399,8 +399,8 @@ def run_record(run, base, args, world):
     record = {k: v for k, v in run.items() if k != "rl"}
     start = run.get("rl", {}).get("start", os.path.realpath(args.checkpoint))
     flags = vars(args) | {"checkpoint": start}
-    # the dtype RL ran in, which every command then loads the policy in
     record |= {"vla_path": os.path.abspath(base) if os.path.isdir(base) else base, "out_dir": args.out_dir}
+    # the dtype RL ran in, which every command then loads the policy in
     record["dtype"] = args.dtype
     record |= {"max_steps": args.iterations, "rl": {"flags": flags, "start": start, "world_size": world}}
     return record
