@@ -9,6 +9,7 @@
 #
 # 10,000 steps at lr 2e-4 (decay at 8,000) on 200 demos: 43 min on 2 CPU cores with bf16 and torch.compile (the CPU
 # defaults below), 50/100 closed loop; in float32, eager: 94 min, 50/100 and 45/100 in two runs (docs/simulation.md).
+# Twice as long (--max_steps 20000 --lr_decay_step 16000, 89 min): 50/100 again, no better (docs/simulation.md).
 # Shorter, in float32 eager: --max_steps 5000 --lr_decay_step 4000: 32/100 (another training seed: 25/100;
 # 400 demos: 33/100; lr 5e-4: 28/100; --lora_rank 64: 18/100), 41-45 min. docs/simulation.md has every variation.
 #
