@@ -3,16 +3,17 @@ ACT's scripted demonstrations in the ALOHA simulator (gym-aloha), written in ACT
 
 $ python aloha/record.py out/aloha/transfer_cube --task transfer_cube --episodes 50 --seed 0 [--size 240x320]
 
-Per episode, as ACT's record_sim_episodes.py: a waypoint policy drives the end-effector (mocap) version of the task,
-its joint trajectory (the grippers replaced by their normalized command) is replayed in the joint-space task from the
-same object pose, and the replay's observations are stored. Only replays that reach reward 4 are kept; a failed one
-moves on to the next seed. OUT/episode_N.hdf5: observations/images/top (T, H, W, 3) uint8, observations/qpos and
-observations/qvel (T, 14), action (T, 14) float32, frame t being the observation before action[t]; root attributes
-sim=True, task, seed, object_pose, render, zoom. A file is written under a temporary name and renamed when whole, so a
-re-run skips finished episodes and redoes an interrupted one; it refuses episodes recorded with another --task, --size,
---stock_render, --compression or --zoom (use another OUT). A run holds OUT/.lock while it records: a second run into
-the same OUT is refused. A line per seed tried; on a terminal a progress bar with the ETA under them, in a log file
-each episode's line ends with the time elapsed and the ETA.
+Per episode, as ACT's record_sim_episodes.py: a waypoint policy drives the end-effector (mocap) version of the task, its
+joint trajectory (the grippers replaced by their normalized command) is replayed in the joint-space task from the same
+object pose, and the replay's observations are stored. Only replays that reach reward 4 are kept; a failed one moves on
+to the next seed. OUT/episode_N.hdf5: observations/images/top (T, H, W, 3) uint8 (and one such array per camera
+--cameras adds, e.g. --cameras top,left_wrist,right_wrist), observations/qpos and observations/qvel (T, 14), action (T,
+14) float32, frame t being the observation before action[t]; root attributes sim=True, task, seed, object_pose, render,
+zoom. A file is written under a temporary name and renamed when whole, so a re-run skips finished episodes and redoes an
+interrupted one; it refuses episodes recorded with another --task, --cameras, --size, --stock_render, --compression or
+--zoom (use another OUT). A run holds OUT/.lock while it records: a second run into the same OUT is refused. A line per
+seed tried; on a terminal a progress bar with the ETA under them, in a log file each episode's line ends with the time
+elapsed and the ETA.
 Rendering is headless: MUJOCO_GL=egl (the default here; Mesa's libegl1 + libgl1-mesa-dri) or MUJOCO_GL=osmesa
 (libosmesa6). The fast settings (no multisampling, no shadows) render about 10x faster than the stock scene.
 """
@@ -34,7 +35,7 @@ from progress import Progress
 
 TASKS = ("transfer_cube", "insertion")
 EPISODE_LEN = 400  # ACT's and LeRobot's episode length (gym-aloha registers 300, too short for insertion)
-CAMERAS = ("top",)  # the camera ACT's sim data sets record
+CAMERAS = ("top",)  # the camera ACT's sim data sets record (--cameras adds the wrists, for instance)
 # MuJoCo 3 weighs a weld's rotation by torquescale (google-deepmind/mujoco#1483): gym-aloha's XMLs predate that, and
 # with them the wrists do not follow the mocap orientation. sqrt(rotational / translational inverse weight) restores
 # mujoco 2.3.7's joint trajectories (within 0.0012 rad).
@@ -208,13 +209,13 @@ def replay(task, trajectory, pose, size, fast_render=True, cameras=CAMERAS, zoom
     return {k: np.stack(v) for k, v in obs.items()}, np.array(rewards)
 
 
-def write_episode(path, task, seed, pose, obs, actions, fast_render, compression, zoom=1.0):
+def write_episode(path, task, seed, pose, obs, actions, fast_render, compression, zoom=1.0, cameras=CAMERAS):
     tmp = path + ".tmp"
     with h5py.File(tmp, "w") as f:
         f.attrs.update(
             sim=True, task=task, seed=seed, object_pose=pose, render="fast" if fast_render else "stock", zoom=zoom
         )
-        for c in CAMERAS:
+        for c in cameras:
             f.create_dataset(
                 f"observations/images/{c}", data=obs[c], chunks=(1, *obs[c].shape[1:]), compression=compression
             )
@@ -222,6 +223,18 @@ def write_episode(path, task, seed, pose, obs, actions, fast_render, compression
         f["observations/qvel"] = obs["qvel"].astype(np.float32)
         f["action"] = actions.astype(np.float32)
     os.replace(tmp, path)
+
+
+def check_cameras(text, physics):
+    """--cameras as a tuple of the scene's camera names; an unknown or repeated name stops the run in one line."""
+    have = [physics.model.id2name(i, "camera") for i in range(physics.model.ncam)]
+    cameras = tuple(text.split(","))
+    unknown = [c for c in cameras if c not in have]
+    if unknown:
+        sys.exit(f"error: --cameras {text!r}: the scene has no camera {unknown[0]!r} (it has {', '.join(have)})")
+    if len(set(cameras)) < len(cameras):
+        sys.exit(f"error: --cameras {text!r}: a camera is named twice")
+    return cameras
 
 
 def parse_size(text, flag="--size"):
@@ -257,13 +270,16 @@ def lock_out(out):
 
 
 def episode_settings(f):
-    """The command-line settings an episode file was recorded with, as {flag: value} in the flags' own terms."""
-    top = f[f"observations/images/{CAMERAS[0]}"]
+    """The command-line settings an episode file was recorded with, as {flag: value} in the flags' own terms.
+    Cameras are compared as a sorted list: h5py lists a group's members in name order, not the order asked for."""
+    cameras = sorted(f["observations/images"])
+    first = f[f"observations/images/{cameras[0]}"]
     return {
         "--task": f.attrs.get("task"),
-        "--size": "x".join(map(str, top.shape[1:3])),
+        "--cameras": ",".join(cameras),
+        "--size": "x".join(map(str, first.shape[1:3])),
         "--stock_render": f.attrs.get("render") == "stock",
-        "--compression": top.compression or "none",
+        "--compression": first.compression or "none",
         "--zoom": float(f.attrs.get("zoom", 1.0)),
     }
 
@@ -273,6 +289,7 @@ def recorded_so_far(args, size, compression):
     settings asked for now; one with other settings stops the run, naming the file and the flag."""
     wanted = {
         "--task": args.task,
+        "--cameras": ",".join(sorted(args.cameras)),
         "--size": "x".join(map(str, size)),
         "--stock_render": args.stock_render,
         "--compression": compression or "none",
@@ -311,6 +328,12 @@ def parse_args(argv):
     p.add_argument("--episodes", type=int, default=50, help="successful episodes to keep")
     p.add_argument("--seed", type=int, default=0, help="the first seed tried; each try takes the next one")
     p.add_argument("--max_tries", type=int, default=0, help="give up after this many seeds (0: 2 x --episodes)")
+    p.add_argument(
+        "--cameras",
+        default=",".join(CAMERAS),
+        help="comma-separated simulator cameras to record, each as observations/images/NAME (the scene has "
+        "top, angle, front_close, left_pillar, right_pillar, left_wrist, right_wrist; ACT's sim data: top)",
+    )
     p.add_argument("--size", default="480x640", help="rendered frame size HEIGHTxWIDTH (ACT: 480x640)")
     p.add_argument(
         "--stock_render",
@@ -347,7 +370,7 @@ def record_episodes(args, size, compression, done, seed):
             trajectory, ee_rewards, pose = scripted_rollout(args.task, seed)
             t1 = time.time()
             trajectory = trajectory[:EPISODE_LEN]
-            obs, rewards = replay(args.task, trajectory, pose, size, not args.stock_render, zoom=args.zoom)
+            obs, rewards = replay(args.task, trajectory, pose, size, not args.stock_render, args.cameras, args.zoom)
             tries += 1
             line = (
                 f"seed {seed} | scripted max reward {ee_rewards.max()} | replay max reward {rewards.max()} | "
@@ -356,7 +379,7 @@ def record_episodes(args, size, compression, done, seed):
             if rewards.max() == 4:
                 path = os.path.join(args.out, f"episode_{done}.hdf5")
                 fast = not args.stock_render
-                write_episode(path, args.task, seed, pose, obs, trajectory, fast, compression, args.zoom)
+                write_episode(path, args.task, seed, pose, obs, trajectory, fast, compression, args.zoom, args.cameras)
                 done += 1
                 reached = int(np.argmax(rewards == 4)) + 1
                 size_mb = os.path.getsize(path) / 1e6
@@ -381,6 +404,7 @@ def main(argv=None):
     check_zoom(args.zoom)
     size, compression = parse_size(args.size), None if args.compression == "none" else args.compression
     physics, _ = make_sim(args.task)
+    args.cameras = check_cameras(args.cameras, physics)
     limit = (physics.model.vis.global_.offheight, physics.model.vis.global_.offwidth)
     if size[0] > limit[0] or size[1] > limit[1]:
         sys.exit(f"error: --size {args.size}: larger than the scene's offscreen buffer {limit[0]}x{limit[1]}")

@@ -319,6 +319,7 @@ def test_record_refuses_to_resume_at_another_zoom(demos):
         (["--compression", "gzip"], "with --compression lzf, not gzip"),
         (["--compression", "none"], "with --compression lzf, not none"),
         (["--task", "insertion"], "with --task transfer_cube, not insertion"),
+        (["--cameras", "top,left_wrist"], "with --cameras top, not left_wrist,top"),
     ],
 )
 def test_record_refuses_to_resume_with_other_settings(demos, tmp_path, flags, was):
@@ -331,6 +332,34 @@ def test_record_refuses_to_resume_with_other_settings(demos, tmp_path, flags, wa
         record.main([str(out), "--episodes", "2", "--seed", "5", "--size", size, *flags])
     assert str(e.value) == f"error: {out / 'episode_0.hdf5'} was recorded {was}: use another OUT"
     assert sorted(os.listdir(out)) == [".lock", "episode_0.hdf5"]
+
+
+def test_record_adds_wrist_cameras_that_evaluate_renders(demos, tmp_path):
+    """--cameras records each named camera beside the top one, the top frames the same as a top-only run's; a
+    checkpoint trained on them is fed the same cameras by evaluate.py; an unknown name is refused in one line."""
+    size = "x".join(map(str, SIZE))
+    record.main([str(tmp_path), "--episodes", "1", "--seed", "5", "--size", size, "--cameras", "right_wrist,top"])
+    with h5py.File(tmp_path / "episode_0.hdf5", "r") as f, h5py.File(demos / "episode_0.hdf5", "r") as g:
+        assert sorted(f["observations/images"]) == ["right_wrist", "top"]
+        wrist, top = f["observations/images/right_wrist"][()], f["observations/images/top"][()]
+        assert wrist.shape == top.shape == (400, *SIZE, 3) and wrist.dtype == np.uint8
+        np.testing.assert_array_equal(top, g["observations/images/top"][()])
+        np.testing.assert_array_equal(f["action"][()], g["action"][()])
+        # the wrist camera rides on the arm: its view changes more over the episode than the fixed top one's
+        assert np.abs(wrist[0].astype(int) - wrist[200]).mean() > np.abs(top[0].astype(int) - top[200]).mean()
+    cams = ["observations/images/top", "observations/images/right_wrist"]
+    ds = data.EpisodeDataset(str(tmp_path), cameras=cams, chunk=8, instruction="transfer the cube")
+    assert ds[0]["images"].shape[0] == 2
+    args = {"cameras": ",".join(cams), "frame_sizes": {c: list(SIZE) for c in cams}, "action_dim": 14}
+    assert evaluate.check_policy_inputs(args, "CKPT", "transfer_cube") == {
+        "observations/images/top": ("top", SIZE),
+        "observations/images/right_wrist": ("right_wrist", SIZE),
+    }
+    for cameras, why in [("top,wrist", "the scene has no camera 'wrist' (it has left_pillar"), ("top,top", "twice")]:
+        with pytest.raises(SystemExit) as e:
+            record.main([str(tmp_path / "bad"), "--cameras", cameras])
+        assert str(e.value).startswith(f"error: --cameras {cameras!r}: ") and why in str(e.value)
+    assert not os.path.exists(tmp_path / "bad")
 
 
 @pytest.mark.slow
