@@ -6,14 +6,14 @@ $ python aloha/record.py out/aloha/transfer_cube --task transfer_cube --episodes
 Per episode, as ACT's record_sim_episodes.py: a waypoint policy drives the end-effector (mocap) version of the task, its
 joint trajectory (the grippers replaced by their normalized command) is replayed in the joint-space task from the same
 object pose, and the replay's observations are stored. Only replays that reach reward 4 are kept; a failed one moves on
-to the next seed. OUT/episode_N.hdf5: observations/images/top (T, H, W, 3) uint8 (and one such array per camera
---cameras adds, e.g. --cameras top,left_wrist,right_wrist), observations/qpos and observations/qvel (T, 14), action (T,
-14) float32, frame t being the observation before action[t]; root attributes sim=True, task, seed, object_pose, render,
-zoom. A file is written under a temporary name and renamed when whole, so a re-run skips finished episodes and redoes an
-interrupted one; it refuses episodes recorded with another --task, --cameras, --size, --stock_render, --compression or
---zoom (use another OUT). A run holds OUT/.lock while it records: a second run into the same OUT is refused. A line per
-seed tried; on a terminal a progress bar with the ETA under them, in a log file each episode's line ends with the time
-elapsed and the ETA.
+to the next seed. OUT/episode_N.hdf5: observations/images/NAME (T, H, W, 3) uint8 for each camera of --cameras (ACT's
+top; or e.g. top,left_wrist,right_wrist), observations/qpos and observations/qvel (T, 14), action (T, 14) float32, frame
+t being the observation before action[t]; root attributes sim=True, task, seed, object_pose, render, zoom. A file is
+written under a temporary name and renamed when whole, so a re-run skips finished episodes and redoes an interrupted
+one; it refuses episodes recorded with another --task, --cameras, --size, --stock_render, --compression or --zoom (use
+another OUT). A run holds OUT/.lock while it records: a second run into the same OUT is refused. A line per seed tried;
+on a terminal a progress bar with the ETA under them, in a log file each episode's line ends with the time elapsed and
+the ETA.
 Rendering is headless: MUJOCO_GL=egl (the default here; Mesa's libegl1 + libgl1-mesa-dri) or MUJOCO_GL=osmesa
 (libosmesa6). The fast settings (no multisampling, no shadows) render about 10x faster than the stock scene.
 """
