@@ -95,7 +95,7 @@ def summarize(episodes):
 
 def sim_cameras(task):
     physics, _ = record.make_sim(task)
-    return [physics.model.id2name(i, "camera") for i in range(physics.model.ncam)], physics
+    return record.camera_names(physics), physics
 
 
 def check_policy_inputs(train_args, ckpt, task):

@@ -225,9 +225,14 @@ def write_episode(path, task, seed, pose, obs, actions, fast_render, compression
     os.replace(tmp, path)
 
 
+def camera_names(physics):
+    """The scene's cameras by name, in the model's order (record.py's --cameras and evaluate.py's checks)."""
+    return [physics.model.id2name(i, "camera") for i in range(physics.model.ncam)]
+
+
 def check_cameras(text, physics):
     """--cameras as a tuple of the scene's camera names; an unknown or repeated name stops the run in one line."""
-    have = [physics.model.id2name(i, "camera") for i in range(physics.model.ncam)]
+    have = camera_names(physics)
     cameras = tuple(text.split(","))
     unknown = [c for c in cameras if c not in have]
     if unknown:
