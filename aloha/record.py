@@ -6,11 +6,13 @@ $ python aloha/record.py out/aloha/transfer_cube --task transfer_cube --episodes
 Per episode, as ACT's record_sim_episodes.py: a waypoint policy drives the end-effector (mocap) version of the task, its
 joint trajectory (the grippers replaced by their normalized command) is replayed in the joint-space task from the same
 object pose, and the replay's observations are stored. Only replays that reach reward 4 are kept; a failed one moves on
-to the next seed. OUT/episode_N.hdf5: observations/images/NAME (T, H, W, 3) uint8 for each camera of --cameras (ACT's
-top; or e.g. top,left_wrist,right_wrist), observations/qpos and observations/qvel (T, 14), action (T, 14) float32, frame
-t being the observation before action[t]; root attributes sim=True, task, seed, object_pose, render, zoom. A file is
-written under a temporary name and renamed when whole, so a re-run skips finished episodes and redoes an interrupted
-one; it refuses episodes recorded with another --task, --cameras, --size, --stock_render, --compression or --zoom (use
+to the next seed. With --noise the replay's arms execute the targets plus a slow random walk and the file stores the
+targets: demonstrations that start from off the path and return to it (DART). OUT/episode_N.hdf5:
+observations/images/NAME (T, H, W, 3) uint8 for each camera of --cameras (ACT's top; or e.g.
+top,left_wrist,right_wrist), observations/qpos and observations/qvel (T, 14), action (T, 14) float32, frame t being the
+observation before action[t]; root attributes sim=True, task, seed, object_pose, render, zoom, noise. A file is written
+under a temporary name and renamed when whole, so a re-run skips finished episodes and redoes an interrupted one; it
+refuses episodes recorded with another --task, --cameras, --size, --stock_render, --compression, --zoom or --noise (use
 another OUT). A run holds OUT/.lock while it records: a second run into the same OUT is refused. A line per seed tried;
 on a terminal a progress bar with the ETA under them, in a log file each episode's line ends with the time elapsed and
 the ETA.
@@ -41,6 +43,10 @@ CAMERAS = ("top",)  # the camera ACT's sim data sets record (--cameras adds the 
 # mujoco 2.3.7's joint trajectories (within 0.0012 rad).
 WELD_TORQUESCALE = 19.95
 GRIPPER_CLOSE, GRIPPER_OPEN = 0.01844, 0.05800  # the puppet gripper's finger positions (gym-aloha's constants)
+# --noise's random walk forgets its past over this many control steps (1 s at 50 Hz): slow enough that the arm follows
+# it off the scripted path (the position servos would filter out noise drawn anew every 20 ms), fast enough to change
+# several times an episode
+NOISE_STEPS = 50
 
 
 def make_sim(task, end_effector=False, fast_render=True, weld_fix=True, zoom=1.0):
@@ -194,27 +200,43 @@ def scripted_rollout(task, seed, weld_fix=True, steps=EPISODE_LEN):
     return np.stack(trajectory), np.array(rewards), pose
 
 
-def replay(task, trajectory, pose, size, fast_render=True, cameras=CAMERAS, zoom=1.0):
-    """Replay joint targets in the joint-space task, recording what a policy would see before each action."""
+def joint_noise(std, steps, seed):
+    """(steps, 14) perturbations of the arm joints' targets for --noise (DART, Laskey et al. 2017): per joint an
+    Ornstein-Uhlenbeck walk from 0 whose stationary std is `std` rad and which forgets over NOISE_STEPS steps; the
+    grippers' columns stay 0. Drawn from the episode's seed, so a recording is repeatable."""
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: nothing else in a recording draws from the seed
+    keep = 1 - 1 / NOISE_STEPS
+    kick = std * np.sqrt(1 - keep**2)  # the walk's variance settles at kick^2 / (1 - keep^2) = std^2
+    noise = np.zeros((steps, 14))
+    for t in range(1, steps):
+        noise[t] = keep * noise[t - 1] + kick * rng.standard_normal(14)
+    noise[:, [6, 13]] = 0
+    return noise
+
+
+def replay(task, trajectory, pose, size, fast_render=True, cameras=CAMERAS, zoom=1.0, noise=None):
+    """Replay joint targets in the joint-space task, recording what a policy would see before each action.
+    noise: (T, 14) added to the targets the arms execute (--noise); the caller stores the targets without it."""
     physics, task_obj = make_sim(task, fast_render=fast_render, zoom=zoom)
     reset(physics, task_obj, pose)
+    if noise is None:
+        noise = np.zeros_like(trajectory)
     obs = {"qpos": [], "qvel": [], **{c: [] for c in cameras}}
     rewards = []
-    for action in trajectory:
+    for action, offset in zip(trajectory, noise):
         obs["qpos"].append(task_obj.get_qpos(physics))
         obs["qvel"].append(task_obj.get_qvel(physics))
         for c in cameras:
             obs[c].append(render(physics, size, c))
-        rewards.append(step(physics, task_obj, action))
+        rewards.append(step(physics, task_obj, action + offset))
     return {k: np.stack(v) for k, v in obs.items()}, np.array(rewards)
 
 
-def write_episode(path, task, seed, pose, obs, actions, fast_render, compression, zoom=1.0, cameras=CAMERAS):
+def write_episode(path, task, seed, pose, obs, actions, fast_render, compression, zoom=1.0, cameras=CAMERAS, noise=0.0):
     tmp = path + ".tmp"
     with h5py.File(tmp, "w") as f:
-        f.attrs.update(
-            sim=True, task=task, seed=seed, object_pose=pose, render="fast" if fast_render else "stock", zoom=zoom
-        )
+        render_mode = "fast" if fast_render else "stock"
+        f.attrs.update(sim=True, task=task, seed=seed, object_pose=pose, render=render_mode, zoom=zoom, noise=noise)
         for c in cameras:
             f.create_dataset(
                 f"observations/images/{c}", data=obs[c], chunks=(1, *obs[c].shape[1:]), compression=compression
@@ -286,6 +308,7 @@ def episode_settings(f):
         "--stock_render": f.attrs.get("render") == "stock",
         "--compression": first.compression or "none",
         "--zoom": float(f.attrs.get("zoom", 1.0)),
+        "--noise": float(f.attrs["noise"]),
     }
 
 
@@ -299,6 +322,7 @@ def recorded_so_far(args, size, compression):
         "--stock_render": args.stock_render,
         "--compression": compression or "none",
         "--zoom": args.zoom,
+        "--noise": args.noise,
     }
     done, seed = 0, args.seed
     for n in range(args.episodes):  # finished episodes are skipped; the next seed follows the last one used
@@ -322,7 +346,7 @@ def mismatch(path, flag, found, wanted):
     if flag == "--stock_render":
         was, asked = ("--stock_render", "the fast render") if found else ("the fast render", "--stock_render")
         return f"error: {path} was recorded with {was}, not {asked}: use another OUT"
-    preposition = "at" if flag in ("--size", "--zoom") else "with"
+    preposition = "at" if flag in ("--size", "--zoom", "--noise") else "with"
     return f"error: {path} was recorded {preposition} {flag} {found}, not {wanted}: use another OUT"
 
 
@@ -353,6 +377,14 @@ def parse_args(argv):
         "of the stock frame fills it: the cube covers more pixels (1: ACT's view)",
     )
     p.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="DART: the arms execute the scripted joint targets plus a slow random walk of this std in rad, "
+        "while the stored actions stay the scripted targets, so the demos show the way back to the path from "
+        "where the arm has drifted (0: ACT's demos; 0.02 moves the gripper about 1 cm)",
+    )
+    p.add_argument(
         "--compression",
         choices=["lzf", "gzip", "none"],
         default="lzf",
@@ -375,7 +407,13 @@ def record_episodes(args, size, compression, done, seed):
             trajectory, ee_rewards, pose = scripted_rollout(args.task, seed)
             t1 = time.time()
             trajectory = trajectory[:EPISODE_LEN]
-            obs, rewards = replay(args.task, trajectory, pose, size, not args.stock_render, args.cameras, args.zoom)
+            noise = joint_noise(args.noise, len(trajectory), seed)
+            fast = not args.stock_render
+            # the physics alone first (a fraction of a second against seconds of rendering): a replay that fails,
+            # as some do under --noise, is not rendered; MuJoCo repeats the same steps exactly when it is
+            _, rewards = replay(args.task, trajectory, pose, size, fast, (), args.zoom, noise)
+            if rewards.max() == 4:
+                obs, rewards = replay(args.task, trajectory, pose, size, fast, args.cameras, args.zoom, noise)
             tries += 1
             line = (
                 f"seed {seed} | scripted max reward {ee_rewards.max()} | replay max reward {rewards.max()} | "
@@ -383,8 +421,9 @@ def record_episodes(args, size, compression, done, seed):
             )
             if rewards.max() == 4:
                 path = os.path.join(args.out, f"episode_{done}.hdf5")
-                fast = not args.stock_render
-                write_episode(path, args.task, seed, pose, obs, trajectory, fast, compression, args.zoom, args.cameras)
+                write_episode(
+                    path, args.task, seed, pose, obs, trajectory, fast, compression, args.zoom, args.cameras, args.noise
+                )
                 done += 1
                 reached = int(np.argmax(rewards == 4)) + 1
                 size_mb = os.path.getsize(path) / 1e6
@@ -407,6 +446,8 @@ def main(argv=None):
     if args.episodes < 1:
         sys.exit(f"error: --episodes {args.episodes}: need at least 1")
     check_zoom(args.zoom)
+    if not 0 <= args.noise <= 0.2:
+        sys.exit(f"error: --noise {args.noise}: expected 0 (none) to 0.2 rad (0.02 moves the gripper about 1 cm)")
     size, compression = parse_size(args.size), None if args.compression == "none" else args.compression
     physics, _ = make_sim(args.task)
     args.cameras = check_cameras(args.cameras, physics)

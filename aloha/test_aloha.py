@@ -320,6 +320,7 @@ def test_record_refuses_to_resume_at_another_zoom(demos):
         (["--compression", "none"], "with --compression lzf, not none"),
         (["--task", "insertion"], "with --task transfer_cube, not insertion"),
         (["--cameras", "top,left_wrist"], "with --cameras top, not left_wrist,top"),
+        (["--noise", "0.02"], "at --noise 0.0, not 0.02"),
     ],
 )
 def test_record_refuses_to_resume_with_other_settings(demos, tmp_path, flags, was):
@@ -359,6 +360,46 @@ def test_record_adds_wrist_cameras_that_evaluate_renders(demos, tmp_path):
         with pytest.raises(SystemExit) as e:
             record.main([str(tmp_path / "bad"), "--cameras", cameras])
         assert str(e.value).startswith(f"error: --cameras {cameras!r}: ") and why in str(e.value)
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_joint_noise_is_a_slow_walk_of_the_asked_std():
+    """--noise's perturbation: 0 at the start and on the grippers, the asked std once settled, correlated over
+    NOISE_STEPS steps as an Ornstein-Uhlenbeck walk is (so the servoed arm follows it rather than filtering it out),
+    the same for a seed and another for the next."""
+    std, lag = 0.03, record.NOISE_STEPS
+    noise = record.joint_noise(std, 100_000, seed=5)
+    assert noise.shape == (100_000, 14) and not noise[:, [6, 13]].any() and not noise[0].any()
+    arms = np.delete(noise, [6, 13], axis=1)[1000:]  # past the walk's start from 0
+    assert abs(arms.std() / std - 1) < 0.03
+    correlation = np.mean(arms[:-lag] * arms[lag:]) / arms.var()
+    assert abs(correlation - (1 - 1 / lag) ** lag) < 0.04  # 0.364 at 50 steps; i.i.d. noise would give 0
+    np.testing.assert_array_equal(noise[:400], record.joint_noise(std, 400, seed=5))
+    other = record.joint_noise(std, 400, seed=6)
+    assert np.abs(np.delete(noise[1:400] - other[1:], [6, 13], axis=1)).min() > 0
+    assert not record.joint_noise(0.0, 400, seed=5).any()
+
+
+def test_record_noise_moves_the_arms_and_keeps_the_scripted_actions(demos, tmp_path):
+    """--noise (DART): the file stores the seed's scripted actions unchanged while the arms, executing them plus the
+    walk, were elsewhere (qpos and frames); the replay with the same walk reaches reward 4; the file names its noise.
+    A bad value is refused in one line before anything is recorded."""
+    size = "x".join(map(str, SIZE))
+    record.main([str(tmp_path / "n"), "--episodes", "1", "--seed", "5", "--size", size, "--noise", "0.01"])
+    with h5py.File(tmp_path / "n" / "episode_0.hdf5", "r") as f, h5py.File(demos / "episode_0.hdf5", "r") as g:
+        assert f.attrs["seed"] == g.attrs["seed"] == 5 and f.attrs["noise"] == 0.01 and g.attrs["noise"] == 0.0
+        actions, pose = f["action"][()], f.attrs["object_pose"]
+        np.testing.assert_array_equal(actions, g["action"][()])
+        moved = np.abs(f["observations/qpos"][()] - g["observations/qpos"][()])[:, [0, 1, 2, 3, 4, 5, 7, 8, 9]]
+        assert 0.002 < moved.mean() < 0.03  # the arms followed a walk of std 0.01 rad (not the grippers' columns)
+        assert np.abs(f["observations/images/top"][200].astype(int) - g["observations/images/top"][200]).max() > 0
+    walk = record.joint_noise(0.01, len(actions), 5)
+    _, rewards = record.replay("transfer_cube", actions, pose, SIZE, cameras=(), noise=walk)
+    assert rewards.max() == 4
+    for bad in ("-0.01", "0.5"):
+        with pytest.raises(SystemExit) as e:
+            record.main([str(tmp_path / "bad"), "--noise", bad])
+        assert str(e.value).startswith(f"error: --noise {float(bad)}: expected 0 (none) to 0.2 rad")
     assert not os.path.exists(tmp_path / "bad")
 
 
