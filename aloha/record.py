@@ -382,7 +382,8 @@ def parse_args(argv):
         default=0.0,
         help="DART: the arms execute the scripted joint targets plus a slow random walk of this std in rad, "
         "while the stored actions stay the scripted targets, so the demos show the way back to the path from "
-        "where the arm has drifted (0: ACT's demos; 0.02 moves the gripper about 1 cm)",
+        "where the arm has drifted (0: ACT's demos; 0.03 moves the gripper about 1.4 cm and about half the "
+        "replays then fail: raise --max_tries to 2.5 x --episodes)",
     )
     p.add_argument(
         "--compression",
@@ -447,7 +448,7 @@ def main(argv=None):
         sys.exit(f"error: --episodes {args.episodes}: need at least 1")
     check_zoom(args.zoom)
     if not 0 <= args.noise <= 0.2:
-        sys.exit(f"error: --noise {args.noise}: expected 0 (none) to 0.2 rad (0.02 moves the gripper about 1 cm)")
+        sys.exit(f"error: --noise {args.noise}: expected 0 (none) to 0.2 rad (0.03 moves the gripper about 1.4 cm)")
     size, compression = parse_size(args.size), None if args.compression == "none" else args.compression
     physics, _ = make_sim(args.task)
     args.cameras = check_cameras(args.cameras, physics)
