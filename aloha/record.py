@@ -43,6 +43,7 @@ CAMERAS = ("top",)  # the camera ACT's sim data sets record (--cameras adds the 
 # mujoco 2.3.7's joint trajectories (within 0.0012 rad).
 WELD_TORQUESCALE = 19.95
 GRIPPER_CLOSE, GRIPPER_OPEN = 0.01844, 0.05800  # the puppet gripper's finger positions (gym-aloha's constants)
+GRIPPERS = [6, 13]  # the grippers' columns of the 14-D joint vector (left arm 0-6, right arm 7-13)
 # --noise's random walk forgets its past over this many control steps (1 s at 50 Hz): slow enough that the arm follows
 # it off the scripted path (the position servos would filter out noise drawn anew every 20 ms), fast enough to change
 # several times an episode
@@ -190,7 +191,7 @@ def scripted_rollout(task, seed, weld_fix=True, steps=EPISODE_LEN):
 
     def joints():
         q = task_obj.get_qpos(physics)
-        q[[6, 13]] = (physics.data.ctrl[[0, 2]] - GRIPPER_CLOSE) / (GRIPPER_OPEN - GRIPPER_CLOSE)
+        q[GRIPPERS] = (physics.data.ctrl[[0, 2]] - GRIPPER_CLOSE) / (GRIPPER_OPEN - GRIPPER_CLOSE)
         return q
 
     trajectory, rewards = [joints()], []
@@ -210,7 +211,7 @@ def joint_noise(std, steps, seed):
     noise = np.zeros((steps, 14))
     for t in range(1, steps):
         noise[t] = keep * noise[t - 1] + kick * rng.standard_normal(14)
-    noise[:, [6, 13]] = 0
+    noise[:, GRIPPERS] = 0
     return noise
 
 

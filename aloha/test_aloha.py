@@ -369,14 +369,14 @@ def test_joint_noise_is_a_slow_walk_of_the_asked_std():
     the same for a seed and another for the next."""
     std, lag = 0.03, record.NOISE_STEPS
     noise = record.joint_noise(std, 100_000, seed=5)
-    assert noise.shape == (100_000, 14) and not noise[:, [6, 13]].any() and not noise[0].any()
-    arms = np.delete(noise, [6, 13], axis=1)[1000:]  # past the walk's start from 0
+    assert noise.shape == (100_000, 14) and not noise[:, record.GRIPPERS].any() and not noise[0].any()
+    arms = np.delete(noise, record.GRIPPERS, axis=1)[1000:]  # past the walk's start from 0
     assert abs(arms.std() / std - 1) < 0.03
     correlation = np.mean(arms[:-lag] * arms[lag:]) / arms.var()
     assert abs(correlation - (1 - 1 / lag) ** lag) < 0.04  # 0.364 at 50 steps; i.i.d. noise would give 0
     np.testing.assert_array_equal(noise[:400], record.joint_noise(std, 400, seed=5))
     other = record.joint_noise(std, 400, seed=6)
-    assert np.abs(np.delete(noise[1:400] - other[1:], [6, 13], axis=1)).min() > 0
+    assert np.abs(np.delete(noise[1:400] - other[1:], record.GRIPPERS, axis=1)).min() > 0
     assert not record.joint_noise(0.0, 400, seed=5).any()
 
 
@@ -390,7 +390,7 @@ def test_record_noise_moves_the_arms_and_keeps_the_scripted_actions(demos, tmp_p
         assert f.attrs["seed"] == g.attrs["seed"] == 5 and f.attrs["noise"] == 0.01 and g.attrs["noise"] == 0.0
         actions, pose = f["action"][()], f.attrs["object_pose"]
         np.testing.assert_array_equal(actions, g["action"][()])
-        moved = np.abs(f["observations/qpos"][()] - g["observations/qpos"][()])[:, [0, 1, 2, 3, 4, 5, 7, 8, 9]]
+        moved = np.delete(np.abs(f["observations/qpos"][()] - g["observations/qpos"][()]), record.GRIPPERS, axis=1)
         assert 0.002 < moved.mean() < 0.03  # the arms followed a walk of std 0.01 rad (not the grippers' columns)
         assert np.abs(f["observations/images/top"][200].astype(int) - g["observations/images/top"][200]).max() > 0
     walk = record.joint_noise(0.01, len(actions), 5)
