@@ -180,6 +180,14 @@ def add_flags(p):
     # measured from the shipped transfer-cube policy (docs/rl.md): at 0.1 no rollout of 48 succeeded (the policy alone:
     # about half); at 0.01 they succeed about as often as the mean does
     p.add_argument("--init_std", type=float, default=0.01, help="initial std, normalized units ([-1, 1] is the range)")
+    # measured on transfer cube (docs/rl.md): per-action noise of std 0.01 decides which rollouts of a group succeed
+    # no more than noise of 1e-5 does; an offset held for the episode moves the grasp itself
+    p.add_argument(
+        "--noise",
+        choices=["action", "episode"],
+        default="action",
+        help="action: a fresh sample for every action; episode: one offset per episode, added to all its actions",
+    )
     p.add_argument("--std_schedule", help="linear:A:B: a fixed std from A to B over the run instead of a learned one")
     p.add_argument("--min_std", type=float, default=0.005)
     p.add_argument("--max_std", type=float, default=1.0)
@@ -506,6 +514,8 @@ class Episode:
     def __init__(self, index, seed, group):
         self.index, self.seed, self.group = index, seed, group
         self.t, self.best, self.skipped = 0, 0, False
+        # --noise episode: the one standard-normal draw (D,) every action of the episode is offset by
+        self.held = None
         self.decisions, self.plan, self.raw, self.normalized = [], deque(), [], []
 
     def finish(self, execute):
@@ -534,14 +544,28 @@ class Sampler:
     forward pass; a Gaussian sample around its first `execute` actions is unnormalized with the checkpoint's
     statistics, as Policy unnormalizes the mean, and executed open loop."""
 
-    def __init__(self, vla, helper, std, gen, proc, execute):
+    def __init__(self, vla, helper, std, gen, proc, execute, noise="action"):
         self.vla, self.helper, self.std, self.gen, self.proc, self.execute = vla, helper, std, gen, proc, execute
+        self.noise = noise
+
+    def draw(self, shape, episodes):
+        """Standard-normal noise (B, k, D) for the episodes' chunks. action: a fresh draw for every action. episode:
+        each episode's own draw (D,), taken at its first chunk and repeated for every action it runs, so the arm is
+        pushed one way for a whole episode (a perturbation that changes where it grasps, where action noise of
+        the same std averages out within a chunk). Each action's marginal is the same Gaussian either way, and that
+        is the log-probability the update uses."""
+        if self.noise == "action":
+            return torch.randn(shape, generator=self.gen)
+        for episode in episodes:
+            if episode.held is None:
+                episode.held = torch.randn(shape[-1], generator=self.gen)
+        return torch.stack([e.held.expand(shape[1:]) for e in episodes])
 
     @torch.no_grad()
     def plan(self, observations, episodes):
         seen = [observe(self.helper, observations[i]) for i in episodes]
         mean = forward(self.vla, seen, self.proc).cpu()[:, : self.execute]
-        noise = torch.randn(mean.shape, generator=self.gen)
+        noise = self.draw(mean.shape, list(episodes.values()))
         sample = mean + torch.exp(self.std.log_std().detach()) * noise
         for episode, s, m, x in zip(episodes.values(), seen, mean, sample):
             episode.decisions.append(Decision(s, m, x, episode.t))
@@ -1040,7 +1064,7 @@ def build(args, run, source, base, demos, proc):
     helper = infer.Policy(vla, stats, run, proc.device, execute=args.execute, proprio_stats=proprio_stats)
     ctx = argparse.Namespace(args=args, proc=proc, vla=vla, std=std, opt=opt, gen=gen, source=source, helper=helper)
     ctx.stats, ctx.proprio_stats, ctx.run = stats, proprio_stats, run_record(run, base, args, proc.world)
-    ctx.sampler = Sampler(vla, helper, std, gen, proc, args.execute)
+    ctx.sampler = Sampler(vla, helper, std, gen, proc, args.execute, args.noise)
     ctx.update = Update(vla, std, opt, trainable, ref, demos, args, proc, gen)
     ctx.trainable = trainable
     return ctx

@@ -137,6 +137,32 @@ def test_rollouts_run_the_sample_unclipped_as_policy_runs_the_mean(monkeypatch):
     assert episode.decisions[0].sample.numpy() == pytest.approx(sample)
 
 
+def test_episode_noise_is_one_offset_held_for_each_episode(monkeypatch):
+    # --noise episode: two episodes, three chunks each; every action an episode runs is its mean plus std times one
+    # draw of its own, taken from the generator at its first chunk in the order the episodes start
+    means = iter(torch.arange(3 * 2 * 2 * 3, dtype=torch.float32).reshape(3, 2, 2, 3) / 10)
+    monkeypatch.setattr(rl, "observe", lambda helper, obs: (None, "x", None))
+    monkeypatch.setattr(rl, "forward", lambda vla, seen, proc: next(means))
+    stats = {"min": -np.ones(3), "max": np.ones(3), "mask": np.array([True] * 3)}
+    stats |= {"q01": stats["min"], "q99": stats["max"]}
+    helper = rl.argparse.Namespace(stats=stats, args={"norm": "bounds"})
+    std = rl.argparse.Namespace(log_std=lambda: torch.full((3,), math.log(0.1)))
+    sampler = rl.Sampler(None, helper, std, torch.Generator().manual_seed(0), None, execute=2, noise="episode")
+    episodes = {0: rl.Episode(0, 20000, 0), 1: rl.Episode(1, 20000, 0)}
+    for _ in range(6):
+        sampler.act({0: {}, 1: {}}, episodes)
+    gen = torch.Generator().manual_seed(0)
+    held = [torch.randn(3, generator=gen) for _ in range(2)]
+    for i, episode in episodes.items():
+        assert len(episode.decisions) == 3
+        for d in episode.decisions:
+            np.testing.assert_allclose(d.sample - d.mean, 0.1 * held[i].expand(2, 3), atol=1e-6)
+        # bounds with min -1, max 1: the raw action is the normalized one
+        mean = torch.cat([d.mean for d in episode.decisions]).numpy()
+        np.testing.assert_allclose(np.stack(episode.raw), mean + 0.1 * held[i].numpy(), atol=1e-6)
+    assert (held[0] - held[1]).abs().min() > 1e-3
+
+
 # -----------------------------------------------------------------------------
 # runs in the simulator
 
