@@ -114,17 +114,23 @@ def test_std_learned_is_clamped_and_scheduled_is_linear():
     assert std.initial.exp()[0].item() == pytest.approx(0.2)
 
 
+def fake_sampler(monkeypatch, chunks, stats, noise):
+    """A Sampler of 2-action plans at std 0.1 (generator seed 0) whose forward pass returns chunks() (B, k, D) and
+    whose checkpoint statistics are stats (bounds normalization; q01 / q99 copied from min / max)."""
+    monkeypatch.setattr(rl, "observe", lambda helper, obs: (None, "x", None))
+    monkeypatch.setattr(rl, "forward", lambda vla, seen, proc: chunks())
+    stats = stats | {"q01": stats["min"], "q99": stats["max"]}
+    helper = rl.argparse.Namespace(stats=stats, args={"norm": "bounds"})
+    std = rl.argparse.Namespace(log_std=lambda: torch.full((len(stats["min"]),), math.log(0.1)))
+    return rl.Sampler(None, helper, std, torch.Generator().manual_seed(0), None, execute=2, noise=noise)
+
+
 def test_rollouts_run_the_sample_unclipped_as_policy_runs_the_mean(monkeypatch):
     # a head whose mean leaves the demonstrations' range [-1, 1] (the shipped policy does so in 7% of its actions):
     # the rollout executes exactly what infer.Policy would unnormalize, plus the noise, with nothing clipped
     mean = torch.tensor([[[-1.2, 0.5], [1.3, -0.25]]])
-    monkeypatch.setattr(rl, "observe", lambda helper, obs: (None, "x", None))
-    monkeypatch.setattr(rl, "forward", lambda vla, seen, proc: mean)
     stats = {"min": np.array([0.0, -2.0]), "max": np.array([1.0, 2.0]), "mask": np.array([True, True])}
-    stats |= {"q01": stats["min"], "q99": stats["max"]}
-    helper = rl.argparse.Namespace(stats=stats, args={"norm": "bounds"})
-    std = rl.argparse.Namespace(log_std=lambda: torch.full((2,), math.log(0.1)))
-    sampler = rl.Sampler(None, helper, std, torch.Generator().manual_seed(0), None, execute=2)
+    sampler = fake_sampler(monkeypatch, lambda: mean, stats, noise="action")
     episode = rl.Episode(0, 20000, 0)
     actions = [sampler.act({0: {}}, {0: episode})[0] for _ in range(2)]
     noise = torch.randn((1, 2, 2), generator=torch.Generator().manual_seed(0))[0]
@@ -141,13 +147,8 @@ def test_episode_noise_is_one_offset_held_for_each_episode(monkeypatch):
     # --noise episode: two episodes, three chunks each; every action an episode runs is its mean plus std times one
     # draw of its own, taken from the generator at its first chunk in the order the episodes start
     means = iter(torch.arange(3 * 2 * 2 * 3, dtype=torch.float32).reshape(3, 2, 2, 3) / 10)
-    monkeypatch.setattr(rl, "observe", lambda helper, obs: (None, "x", None))
-    monkeypatch.setattr(rl, "forward", lambda vla, seen, proc: next(means))
     stats = {"min": -np.ones(3), "max": np.ones(3), "mask": np.array([True] * 3)}
-    stats |= {"q01": stats["min"], "q99": stats["max"]}
-    helper = rl.argparse.Namespace(stats=stats, args={"norm": "bounds"})
-    std = rl.argparse.Namespace(log_std=lambda: torch.full((3,), math.log(0.1)))
-    sampler = rl.Sampler(None, helper, std, torch.Generator().manual_seed(0), None, execute=2, noise="episode")
+    sampler = fake_sampler(monkeypatch, lambda: next(means), stats, noise="episode")
     episodes = {0: rl.Episode(0, 20000, 0), 1: rl.Episode(1, 20000, 0)}
     for _ in range(6):
         sampler.act({0: {}, 1: {}}, episodes)
