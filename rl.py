@@ -398,6 +398,11 @@ def source_record(args, resume):
         sys.exit(f"error: {source}: records no instruction (train.py --instruction), and ALOHA's simulator gives none")
     if max(args.execute, args.eval_execute) > run["chunk"]:
         sys.exit(f"error: --execute and --eval_execute must be at most the checkpoint's chunk, {run['chunk']}")
+    # rollouts give a --proprio policy the simulator's joint state; a located one takes where the objects start
+    if run.get("proprio") and run.get("state_key") == evaluate.LOCATED_KEY:
+        sys.exit(
+            f"error: {source} takes {evaluate.LOCATED_KEY} as its state: rl.py rolls out joint-state policies only"
+        )
     return run, source, base
 
 
@@ -872,7 +877,8 @@ def evaluate_seeds(vla, pool, run, stats, proprio_stats, args, proc):
         proprio_stats=proprio_stats,
         envs=pool.n,
     )
-    act = evaluate.policy_actor(policy, run["instruction"], bool(vla.proprio_dim), pool.n)
+    state = evaluate.qpos_state if vla.proprio_dim else None
+    act = evaluate.policy_actor(policy, run["instruction"], state, pool.n)
     results = evaluate.run_episodes(seeds, pool, act, policy.needs_frames, argparse.Namespace(steps=args.steps))
     everyone = [results]
     if proc.ddp:

@@ -14,7 +14,10 @@ only when the policy reads one. Every episode's physics depend on its seed alone
 the episodes (the batched forward agrees with a single one within 1e-5). Frames are rendered at the checkpoint's
 training frame size with the scene settings its demos were recorded with (record.py's attributes, which training
 keeps in args.json as episode_attrs: fast or stock rendering, camera zoom), so the policy sees what it was trained
-on; the state is the simulator's agent_pos (qpos) when the checkpoint was trained with --proprio.
+on; the state is the simulator's agent_pos (qpos) when the checkpoint was trained with --proprio. A checkpoint trained
+on where the objects start (--state_key observations/object_xy: a located policy) is given what a locator
+(aloha/locate.py: --locator, or locator.pt beside the checkpoint) reads from each episode's first frame, held for the
+episode; with --oracle, the simulator's own positions instead (what a perfect locator would give).
 The baseline replays the mean of the demonstrations' action trajectories open loop: what a policy that never looks
 scores.
 Writes OUT/report.json after every episode (settings, every episode, success rate with its 95% Wilson interval, the
@@ -41,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import envs  # noqa: E402  (the same folder: sys.path[0] when run as a script)
 import infer  # noqa: E402
+import locate  # noqa: E402
 import model  # noqa: E402
 import record  # noqa: E402
 import train  # noqa: E402
@@ -123,6 +127,74 @@ def check_policy_inputs(train_args, ckpt, task):
     return out
 
 
+# the state of a located policy: where the task's objects start (record.py stores it; aloha/locate.py reads it)
+LOCATED_KEY = "observations/object_xy"
+
+
+def state_reader(train_args, args, ckpt, cameras, scene):
+    """What the checkpoint is given as its state: -> read(observation, episode) -> state, or None without --proprio.
+    The simulator's joint state, or for a located checkpoint where the objects start, read once per episode (from
+    its first frame by the locator, or from the simulator with --oracle). Refuses a locator that reads another task,
+    camera, frame size or scene than this evaluation renders."""
+    located = train_args.get("proprio") and train_args.get("state_key") == LOCATED_KEY
+    if (args.locator or args.oracle) and not located:
+        sys.exit(f"error: --locator and --oracle are for a checkpoint trained on {LOCATED_KEY}; {ckpt} is not")
+    if not train_args.get("proprio"):
+        return None, "none"
+    if train_args.get("state_key") not in (LOCATED_KEY, "observations/qpos"):
+        sys.exit(
+            f"error: checkpoint {ckpt} takes {train_args.get('state_key')} as its state; the simulator gives "
+            f"observations/qpos or {LOCATED_KEY}"
+        )
+    if not located:
+        return qpos_state, "qpos"
+    if args.oracle:
+        return held(lambda obs, seed: record.object_xy(args.task, record.object_pose(args.task, seed))), "oracle"
+    path = args.locator or os.path.join(ckpt, "locator.pt")
+    if not os.path.exists(path):
+        sys.exit(
+            f"error: checkpoint {ckpt} is told where the objects start ({LOCATED_KEY}): give --locator (written by "
+            "aloha/locate.py), or --oracle for the simulator's positions"
+        )
+    try:
+        net, saved = locate.load(path)
+    except ValueError as e:
+        sys.exit(f"error: --locator {e}")
+    camera, size = IMAGE_PREFIX + saved["camera"], tuple(saved["size"])
+    if saved["task"] != args.task:
+        sys.exit(f"error: --locator {path} reads {saved['task']} scenes, not {args.task}")
+    if camera not in cameras or cameras[camera][1] != size:
+        sees = ", ".join(f"{c} {h}x{w}" for c, (_, (h, w)) in cameras.items())
+        sys.exit(f"error: --locator {path} reads {camera} {size[0]}x{size[1]}; checkpoint {ckpt} sees {sees}")
+    if (saved["zoom"], saved["fast_render"]) != (scene[0], not scene[1]):
+        sys.exit(
+            f"error: --locator {path} read scenes of zoom {saved['zoom']}, fast render {saved['fast_render']}; this "
+            f"evaluation renders zoom {scene[0]}, fast render {not scene[1]}"
+        )
+
+    @torch.no_grad()
+    def read(obs, seed):
+        return net(torch.from_numpy(np.ascontiguousarray(obs["images"][camera][None])))[0].numpy()
+
+    return held(read), f"locator {os.path.realpath(path)} ({saved['val_error_cm']['mean']} cm)"
+
+
+def qpos_state(obs, episode):
+    """The simulator's joint state, what a --proprio checkpoint trained on observations/qpos is given."""
+    return obs["qpos"]
+
+
+def held(read):
+    """A state read at an episode's first step, read(observation, seed), and held for the rest of it."""
+
+    def state(obs, episode):
+        if episode.held_state is None:
+            episode.held_state = read(obs, episode.seed)
+        return episode.held_state
+
+    return state
+
+
 def as_set(value):
     """An episode attribute as args.json keeps it: one value (all episodes agree) or a list of the distinct ones."""
     if value is None:
@@ -191,6 +263,8 @@ class Episode:
         self.index, self.seed, self.t, self.best, self.t0 = index, seed, 0, 0, time.time()
         self.gif = [] if gif else None
         self.chunk_seconds = []
+        # a located policy's state, read at the first step (evaluate.held)
+        self.held_state = None
 
     def result(self):
         r = {"seed": self.seed, "max_reward": int(self.best), "success": self.best == 4, "steps": self.t}
@@ -250,17 +324,18 @@ def run_episodes(seeds, pool, act, needs_frames, args, gifs=0, on_done=None):
     return results
 
 
-def policy_actor(policy, instruction, proprio, n):
+def policy_actor(policy, instruction, state, n):
     """act(observations, running) for run_episodes: one batched Policy.act over all environments (an environment
-    without frames this step, or without an episode, is given None and skipped), timing each chunk it predicts."""
+    without frames this step, or without an episode, is given None and skipped), timing each chunk it predicts.
+    state(observation, episode) -> the state policy is given (state_reader), or None for none."""
     policy.reset(envs=n)
     started = {}
 
     def act(observations, running):
         images, states = [None] * n, [None] * n
-        for i, obs in observations.items():
-            images[i] = obs["images"]
-            states[i] = obs["qpos"] if proprio else None
+        for i, episode in running.items():
+            images[i] = observations[i]["images"]
+            states[i] = state(observations[i], episode) if state else None
         for i, episode in running.items():
             # a new episode in this environment: its old plan must go
             if started.get(i) is not episode:
@@ -387,15 +462,16 @@ def evaluate_checkpoint(ckpt, args, seeds, out, baseline=None):
         if reused:
             span = f"{reused[0]}..{reused[-1]}"
             print(f"warning: {len(reused)} of these seeds ({span}) made the checkpoint's training demos: not unseen")
+        state, state_what = state_reader(train_args, args, ckpt, cameras, (zoom, stock))
         what = f"{os.path.realpath(ckpt)}, execute {args.execute}, ensemble {args.ensemble}, {instruction!r}"
+        what += f", state {state_what}"
         report = load_report(path, settings, "policy", what, args.overwrite)
         print(f"camera zoom {zoom}, {'stock' if stock else 'fast'} render ({ckpt}'s demos)")
         with envs.SimPool(n_envs, args.task, cameras, not stock, zoom) as pool:
             policy = infer.Policy.from_checkpoint(
                 ckpt, device=args.device, vla_path=args.vla_path, execute=args.execute, ensemble=args.ensemble
             )
-            proprio = bool(policy.vla.proprio_dim)
-            act = policy_actor(policy, instruction, proprio, n_envs)
+            act = policy_actor(policy, instruction, state, n_envs)
             report = evaluate_entry(
                 report, "policy", what, seeds, pool, act, policy.needs_frames, args, args.gif, "policy"
             )
@@ -523,6 +599,11 @@ def get_args(argv=None):
     )
     p.add_argument("--execute", type=int, default=8, help="actions executed per chunk before re-planning")
     p.add_argument("--ensemble", action="store_true", help="temporal ensembling over overlapping chunks (ACT)")
+    p.add_argument(
+        "--locator",
+        help=f"a located checkpoint's (trained on {LOCATED_KEY}) aloha/locate.py file; default: CKPT/locator.pt",
+    )
+    p.add_argument("--oracle", action="store_true", help="a located checkpoint told the simulator's true positions")
     p.add_argument("--instruction", help="default: the one the checkpoint was trained with")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--vla_path", help="base model, overriding the one named in the checkpoint's args.json")

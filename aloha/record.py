@@ -10,12 +10,13 @@ to the next seed. With --noise the replay's arms execute the targets plus a slow
 targets: demonstrations that start from off the path and return to it (DART). OUT/episode_N.hdf5:
 observations/images/NAME (T, H, W, 3) uint8 for each camera of --cameras (ACT's top; or e.g.
 top,left_wrist,right_wrist), observations/qpos and observations/qvel (T, 14), action (T, 14) float32, frame t being the
-observation before action[t]; root attributes sim=True, task, seed, object_pose, render, zoom, noise. A file is written
-under a temporary name and renamed when whole, so a re-run skips finished episodes and redoes an interrupted one; it
-refuses episodes recorded with another --task, --cameras, --size, --stock_render, --compression, --zoom or --noise (use
-another OUT). A run holds OUT/.lock while it records: a second run into the same OUT is refused. A line per seed tried;
-on a terminal a progress bar with the ETA under them, in a log file each episode's line ends with the time elapsed and
-the ETA.
+observation before action[t]; observations/object_xy (T, 2 per object) float32, where the objects start (the same
+row in every frame: the state of a policy told where they are, and aloha/locate.py's labels); root attributes sim=True,
+task, seed, object_pose, render, zoom, noise. A file is written under a temporary name and renamed when whole, so a
+re-run skips finished episodes and redoes an interrupted one; it refuses episodes recorded with another --task,
+--cameras, --size, --stock_render, --compression, --zoom or --noise (use another OUT). A run holds OUT/.lock while it
+records: a second run into the same OUT is refused. A line per seed tried; on a terminal a progress bar with the ETA
+under them, in a log file each episode's line ends with the time elapsed and the ETA.
 Rendering is headless: MUJOCO_GL=egl (the default here; Mesa's libegl1 + libgl1-mesa-dri) or MUJOCO_GL=osmesa
 (libosmesa6). The fast settings (no multisampling, no shadows) render about 10x faster than the stock scene.
 """
@@ -79,6 +80,15 @@ def object_pose(task, seed):
     from gym_aloha.utils import sample_box_pose, sample_insertion_pose
 
     return sample_box_pose(seed) if task == "transfer_cube" else np.concatenate(sample_insertion_pose(seed))
+
+
+def object_xy(task, pose):
+    """Where the task's objects start on the table, from object_pose: x, y in metres of the cube (transfer_cube), or
+    of the peg then the socket (insertion; each pose is x, y, z and a quaternion)."""
+    pose = np.asarray(pose, np.float32)
+    if task == "transfer_cube":
+        return pose[:2]
+    return np.concatenate([pose[0:2], pose[7:9]])
 
 
 def reset(physics, task_obj, pose):
@@ -245,6 +255,8 @@ def write_episode(path, task, seed, pose, obs, actions, fast_render, compression
         f["observations/qpos"] = obs["qpos"].astype(np.float32)
         f["observations/qvel"] = obs["qvel"].astype(np.float32)
         f["action"] = actions.astype(np.float32)
+        # where the objects start, repeated for every frame: data.py reads a state per frame
+        f["observations/object_xy"] = np.tile(object_xy(task, pose), (len(actions), 1))
     os.replace(tmp, path)
 
 

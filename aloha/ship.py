@@ -12,7 +12,8 @@ The base's config fingerprint, which the head records, must match the base found
 
 $ python aloha/ship.py out/aloha/s10k_r/step_010000 transfer_cube --base out/tiny-openvla [--demos out/aloha/tc200]
 
---demos records the demos' episode attributes (task, scene settings, seeds) when the checkpoint predates their
+--locator FILE ships a located policy's aloha/locate.py file beside it (locator.pt, which evaluate.py reads by
+default). --demos records the demos' episode attributes (task, scene settings, seeds) when the checkpoint predates their
 record in args.json. Nothing already shipped under NAME is replaced without --overwrite.
 """
 
@@ -24,6 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import locate  # noqa: E402  (the same folder: sys.path[0] when run as a script)
 import model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,16 +49,21 @@ def in_repository(path):
     return path
 
 
-def ship(ckpt, name, base, demos=None, overwrite=False, policies=POLICIES):
-    """Copy ckpt's policy files to policies/name; -> that directory."""
+def ship(ckpt, name, base, demos=None, overwrite=False, policies=POLICIES, locator=None):
+    """Copy ckpt's policy files (and a located policy's locator, as locator.pt) to policies/name; -> that
+    directory."""
     run = model.check_checkpoint(ckpt)
     model.check_base(ckpt, base)
+    if locator:
+        locate.load(locator)
     out = os.path.join(policies, name)
     if os.path.exists(out) and os.listdir(out) and not overwrite:
         raise ValueError(f"{out} already holds a policy: pass --overwrite to replace it")
     os.makedirs(out, exist_ok=True)
     for f in model.ADAPTER_FILES + model.POLICY_FILES:
         shutil.copy(os.path.join(ckpt, f), out)
+    if locator:
+        shutil.copy(locator, os.path.join(out, "locator.pt"))
     # the base by a path relative to the policy; the run's own paths relative to the repository, not this machine
     run["vla_path"] = os.path.relpath(os.path.abspath(base), out)
     for key in ("data_dir", "out_dir", "val_data_dir"):
@@ -80,9 +87,10 @@ def main(argv=None):
     p.add_argument("--base", default=os.path.join(ROOT, "out", "tiny-openvla"), help="the base it trained on")
     p.add_argument("--demos", help="record these demos' episode attributes in args.json")
     p.add_argument("--overwrite", action="store_true", help="replace a policy already shipped under NAME")
+    p.add_argument("--locator", help="a located policy's aloha/locate.py file, shipped beside it as locator.pt")
     args = p.parse_args(argv)
     try:
-        out = ship(args.checkpoint, args.name, args.base, args.demos, args.overwrite)
+        out = ship(args.checkpoint, args.name, args.base, args.demos, args.overwrite, locator=args.locator)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))

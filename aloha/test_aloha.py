@@ -66,6 +66,23 @@ def test_sim_steps_exactly_as_gym_alohas_env(task):
     np.testing.assert_array_equal(obs["pixels"]["top"], record.render(physics, (480, 640)))
 
 
+@pytest.mark.parametrize("task", ["transfer_cube", "insertion"])
+def test_object_xy_is_where_gym_aloha_puts_the_objects(task):
+    """record.object_xy, the state a located policy is given, is the x, y of the cube (or the peg and the socket)
+    bodies gym-aloha's reset(seed) places, for seeds of every use (demos, evaluation, rollouts)."""
+    import gym_aloha  # noqa: F401  (registers the envs)
+    import gymnasium as gym
+
+    name = {"transfer_cube": "AlohaTransferCube-v0", "insertion": "AlohaInsertion-v0"}[task]
+    bodies = {"transfer_cube": ["box"], "insertion": ["peg", "socket"]}[task]
+    env = gym.make(f"gym_aloha/{name}", obs_type="pixels_agent_pos")
+    for seed in [0, 1042, 20007]:
+        env.reset(seed=seed)
+        xpos = env.unwrapped._env.physics.named.data.xpos
+        placed = np.concatenate([xpos[b][:2] for b in bodies])
+        np.testing.assert_allclose(record.object_xy(task, record.object_pose(task, seed)), placed, atol=1e-6)
+
+
 def test_weld_fix_makes_the_scripted_demo_succeed():
     """Without the torquescale fix the wrist ignores the mocap orientation (MuJoCo 3): the cube is never handed
     over; with it the right arm picks it and the left takes it (reward 4) near step 291, as on mujoco 2.3.7."""
@@ -124,6 +141,9 @@ def test_recorded_files_have_acts_layout(demos):
             assert top.dtype == np.uint8 and top.shape == (400, *SIZE, 3) and top.chunks == (1, *SIZE, 3)
             for k in ["observations/qpos", "observations/qvel", "action"]:
                 assert f[k].dtype == np.float32 and f[k].shape == (400, 14)
+            # where the cube starts, in every frame
+            where = record.object_xy("transfer_cube", record.object_pose("transfer_cube", seed))
+            np.testing.assert_array_equal(f["observations/object_xy"][()], np.tile(where, (400, 1)))
             # frame t shows the state before action[t]; the replay tracks the targets closely
             assert np.abs(f["observations/qpos"][1:, :6] - f["action"][:-1, :6]).mean() < 0.05
             # the recorded trajectory still reaches reward 4 when replayed from the stored pose

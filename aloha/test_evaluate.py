@@ -13,10 +13,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import envs
 import evaluate
 import infer
+import locate
 import record
 import train
 
@@ -59,6 +61,21 @@ def run_dir(demos, tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(run_dir):
     return run_dir / "step_000002"
+
+
+@pytest.fixture(scope="module")
+def located_checkpoint(demos, tiny_dir, tmp_path_factory):
+    """One step of the recipe's flags on where the cube starts (a located policy) and a random locator for it."""
+    out = tmp_path_factory.mktemp("located")
+    flags = ["--vla_path", tiny_dir, "--data_dir", demos, "--out_dir", out, "--cameras", "observations/images/top"]
+    flags += ["--instruction", "transfer the cube", "--attention", "full", "--no-image_aug", "--num_workers", "0"]
+    flags += ["--val_episodes", "0", "--batch_size", "2", "--lora_rank", "4", "--max_steps", "1"]
+    flags += ["--proprio", "--state_key", "observations/object_xy"]
+    train.main(list(map(str, flags)))
+    torch.manual_seed(0)
+    scene = {"camera": "top", "size": list(SIZE), "zoom": 1.0, "fast_render": True, "val_error_cm": {"mean": 9.9}}
+    locate.save(str(out / "locator.pt"), locate.Locator("transfer_cube"), "transfer_cube", scene)
+    return out / "step_000001"
 
 
 def reference_actions(checkpoint, seed, steps, ensemble):
@@ -171,6 +188,42 @@ def test_checkpoints_of_a_run_give_a_success_curve(run_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_located_checkpoint_is_given_what_its_locator_reads(located_checkpoint, tmp_path, monkeypatch):
+    """Every state an episode's chunks are predicted from is the locator's reading of that episode's first frame
+    (rendered as in the single-process loop); with --oracle, the simulator's own start positions."""
+    states = []
+    act = infer.Policy.act
+
+    def recording(self, images, instruction=None, state=None):
+        states.append([None if s is None else np.array(s) for s in state])
+        return act(self, images, instruction, state)
+
+    monkeypatch.setattr(infer.Policy, "act", recording)
+    net, _ = locate.load(str(located_checkpoint.parent / "locator.pt"))
+    expected = {}
+    for seed in (1000, 1001):
+        physics, task_obj = record.make_sim("transfer_cube")
+        record.reset(physics, task_obj, record.object_pose("transfer_cube", seed))
+        with torch.no_grad():
+            expected[seed] = net(torch.from_numpy(record.render(physics, SIZE, "top")[None].copy()))[0].numpy()
+    flags = ["--checkpoint", located_checkpoint, "--episodes", 2, "--steps", 12, "--envs", 1, "--gif", 0]
+    flags += ["--execute", 4, "--locator", located_checkpoint.parent / "locator.pt"]
+    evaluate.main(list(map(str, flags + ["--out", tmp_path / "located"])))
+    # one environment: the first episode's 3 chunks, then the second's
+    assert len(states) == 24 and all(len(s) == 1 for s in states)
+    for step, (s,) in enumerate(states):
+        np.testing.assert_allclose(s, expected[1000 + step // 12], atol=1e-6)
+    assert not np.allclose(expected[1000], expected[1001])
+    report = json.loads((tmp_path / "located" / "report.json").read_text())
+    assert "state locator " in report["policy"]["what"] and report["settings"]["locator"]
+    states.clear()
+    evaluate.main(list(map(str, flags[:-2] + ["--oracle", "--out", tmp_path / "oracle"])))
+    for step, (s,) in enumerate(states):
+        seed = 1000 + step // 12
+        np.testing.assert_array_equal(s, record.object_xy("transfer_cube", record.object_pose("transfer_cube", seed)))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -191,6 +244,38 @@ def test_bad_input_is_one_line(case, message, run_dir, checkpoint, demo_dir, tmp
     }[case]
     r = run(*argv, "--out", tmp_path / "out")
     assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_locator", "is told where the objects start (observations/object_xy): give --locator"),
+        ("locator_task", "reads insertion scenes, not transfer_cube"),
+        ("locator_size", "reads observations/images/top 240x320; checkpoint "),
+        ("locator_zoom", "read scenes of zoom 2.0, fast render True; this evaluation renders zoom 1.0"),
+        ("oracle_qpos", "error: --locator and --oracle are for a checkpoint trained on observations/object_xy"),
+    ],
+)
+def test_a_locator_that_does_not_fit_is_refused_in_one_line(case, message, located_checkpoint, checkpoint, tmp_path):
+    """Before any simulator starts or the model loads."""
+    scene = {"camera": "top", "size": list(SIZE), "zoom": 1.0, "fast_render": True}
+    locate.save(str(tmp_path / "insertion.pt"), locate.Locator("insertion"), "insertion", scene)
+    locate.save(
+        str(tmp_path / "big.pt"), locate.Locator("transfer_cube"), "transfer_cube", scene | {"size": [240, 320]}
+    )
+    locate.save(str(tmp_path / "zoom.pt"), locate.Locator("transfer_cube"), "transfer_cube", scene | {"zoom": 2.0})
+    argv = {
+        "no_locator": ["--checkpoint", located_checkpoint],
+        "locator_task": ["--checkpoint", located_checkpoint, "--locator", tmp_path / "insertion.pt"],
+        "locator_size": ["--checkpoint", located_checkpoint, "--locator", tmp_path / "big.pt"],
+        "locator_zoom": ["--checkpoint", located_checkpoint, "--locator", tmp_path / "zoom.pt"],
+        "oracle_qpos": ["--checkpoint", checkpoint, "--oracle"],
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(list(map(str, argv + ["--out", tmp_path / "out"])))
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "report.json").exists()
 
 
 def test_train_sh_refuses_fewer_demos_than_its_validation_split_needs(demos, tmp_path):

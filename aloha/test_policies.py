@@ -15,9 +15,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
 import infer
+import locate
 import model
 import record
 import ship
@@ -77,6 +79,22 @@ def test_ship_writes_a_policy_that_loads_from_anywhere(small_checkpoint, tiny_di
     np.testing.assert_allclose(shipped, original, atol=1e-6)
     with pytest.raises(ValueError, match="already holds a policy: pass --overwrite"):
         ship.ship(str(small_checkpoint), "tc", str(base), policies=str(policies))
+
+
+@pytest.mark.slow
+def test_ship_puts_a_located_policys_locator_beside_it(small_checkpoint, tiny_dir, tmp_path):
+    scene = {"camera": "top", "size": [48, 64], "zoom": 1.0, "fast_render": True}
+    locate.save(str(tmp_path / "loc.pt"), locate.Locator("transfer_cube"), "transfer_cube", scene)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    policies = str(tmp_path / "p")
+    with pytest.raises(ValueError, match="not a locator written by aloha/locate.py"):
+        ship.ship(str(small_checkpoint), "tc", tiny_dir, policies=policies, locator=str(tmp_path / "other.pt"))
+    assert not os.path.exists(policies)
+    out = ship.ship(str(small_checkpoint), "tc", tiny_dir, policies=policies, locator=str(tmp_path / "loc.pt"))
+    assert sorted(os.listdir(out)) == sorted(model.ADAPTER_FILES + model.POLICY_FILES + ["locator.pt"])
+    frames = torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8)
+    shipped, original = locate.load(os.path.join(out, "locator.pt"))[0], locate.load(str(tmp_path / "loc.pt"))[0]
+    assert torch.equal(shipped(frames), original(frames))
 
 
 @pytest.mark.slow

@@ -15,6 +15,11 @@
 #
 # No --proprio: with the joint state the policy replays the demonstrations without looking at the cube (in the
 # pilot 0 of 20 succeeded); without it the only way to the cube is through the camera.
+# A located policy is told where the cube starts instead (record.py's observations/object_xy, a state that says
+# nothing about the arms), read at run time from the first frame by aloha/locate.py's CNN (docs/simulation.md):
+#   bash aloha/train.sh DEMOS OUT --proprio --state_key observations/object_xy
+#   python aloha/locate.py out/aloha/locator.pt && python aloha/evaluate.py --checkpoint OUT/step_010000 \
+#       --locator out/aloha/locator.pt
 set -euo pipefail
 DEMOS=${1:?usage: bash aloha/train.sh DEMOS_DIR OUT_DIR [train.py flags]}
 OUT=${2:?usage: bash aloha/train.sh DEMOS_DIR OUT_DIR [train.py flags]}

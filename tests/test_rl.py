@@ -394,6 +394,16 @@ def test_bad_input_gets_one_line(start, tmp_path):
     assert error("--checkpoint", edited).startswith(
         f"error: checkpoint {edited} needs camera '{cam}', which the simulator does not render (it has "
     )
+    # a located policy (one step told where the cube starts): rollouts would feed it the joint state
+    flags = ["--vla_path", args["vla_path"], "--data_dir", demos, "--out_dir", tmp_path / "located", "--proprio"]
+    flags += ["--state_key", "observations/object_xy", "--cameras", "observations/images/top", "--max_steps", 1]
+    flags += ["--instruction", "transfer the cube", "--val_episodes", 0, "--batch_size", 2, "--lora_rank", 4]
+    r = run("train.py", *flags, "--save_interval", 1, "--num_workers", 0)
+    assert r.returncode == 0, r.stderr[-2000:]
+    located = tmp_path / "located" / "step_000001"
+    assert error("--checkpoint", located) == (
+        f"error: {located} takes observations/object_xy as its state: rl.py rolls out joint-state policies only"
+    )
     assert not os.path.exists(tmp_path / "out")
 
 
