@@ -27,6 +27,7 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "aloha", "policies", "transfer_cube")
+LOCATED = os.path.join(ROOT, "aloha", "policies", "transfer_cube_located")
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +56,11 @@ def small_checkpoint(tiny_dir, tmp_path_factory):
 def fresh_clone(tmp_path, tiny_dir, policy):
     """A repository's layout in tmp_path: the policy shipped under aloha/policies/, the tiny twin in out/."""
     clone = tmp_path / "clone"
-    shutil.copytree(policy, clone / "aloha" / "policies" / "transfer_cube")
+    shipped = clone / "aloha" / "policies" / os.path.basename(policy)
+    shutil.copytree(policy, shipped)
     (clone / "out").mkdir()
     os.symlink(tiny_dir, clone / "out" / "tiny-openvla")
-    return clone / "aloha" / "policies" / "transfer_cube"
+    return shipped
 
 
 @pytest.mark.slow
@@ -144,3 +146,40 @@ def test_the_reference_policy_loads_in_a_fresh_clone_and_hands_the_cube_over(tin
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["policy"]["per_episode"][0]["success"], report["policy"]["per_episode"]
     assert evaluate.summarize(report["policy"]["per_episode"])["success"] == 1
+
+
+def test_the_located_policy_ships_with_its_locator():
+    """aloha/policies/transfer_cube_located: the policy told where the cube starts, the locator that reads it from
+    the top frame beside it (for the same camera, frame size and scene), and its measured report."""
+    shipped = model.ADAPTER_FILES + model.POLICY_FILES + ["README.md", "closed_loop.json", "locator.pt"]
+    assert sorted(os.listdir(LOCATED)) == sorted(shipped)
+    run = model.check_checkpoint(LOCATED)
+    assert run["proprio"] and run["state_key"] == evaluate.LOCATED_KEY
+    _, saved = locate.load(os.path.join(LOCATED, "locator.pt"))
+    assert saved["task"] == run["episode_attrs"]["task"] == "transfer_cube"
+    assert saved["size"] == run["frame_sizes"]["observations/images/top"] and saved["camera"] == "top"
+    assert saved["first_scene"] >= locate.LOWEST_SCENE and saved["val_error_cm"]["mean"] < 1
+    report = json.loads(open(os.path.join(LOCATED, "closed_loop.json")).read())
+    assert report["settings"]["seeds"] == list(range(1000, 1100)) and report["settings"]["locator"]
+    assert report["policy"]["success"] == sum(e["success"] for e in report["policy"]["per_episode"])
+
+
+@pytest.mark.slow
+def test_the_located_policy_hands_the_cube_over_in_a_fresh_clone(tiny_dir, tmp_path, monkeypatch):
+    """The same one command as the reference policy: its locator is found beside it, and the unseen seed its
+    README names succeeds."""
+    policy_dir = fresh_clone(tmp_path, tiny_dir, LOCATED)
+    monkeypatch.chdir(tmp_path)
+    readme = open(os.path.join(LOCATED, "README.md")).read()
+    seed = int(re.search(r"succeeds on unseen seed (\d+)", readme)[1])
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "aloha", "evaluate.py"), "--checkpoint", policy_dir, "--episodes", "1"]
+        + ["--seed", str(seed), "--execute", "8", "--envs", "1", "--gif", "0", "--out", str(tmp_path / "eval")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert "locator.pt" in report["policy"]["what"] and report["policy"]["per_episode"][0]["success"]
