@@ -132,10 +132,10 @@ LOCATED_KEY = "observations/object_xy"
 
 
 def state_reader(train_args, args, ckpt, cameras, scene):
-    """What the checkpoint is given as its state: -> read(observation, episode) -> state, or None without --proprio.
-    The simulator's joint state, or for a located checkpoint where the objects start, read once per episode (from
-    its first frame by the locator, or from the simulator with --oracle). Refuses a locator that reads another task,
-    camera, frame size or scene than this evaluation renders."""
+    """What the checkpoint is given as its state: -> (state(observation, episode), or None without --proprio; the
+    source's name for the report). The simulator's joint state, or for a located checkpoint where the objects
+    start, read once per episode (from its first frame by the locator, or from the simulator with --oracle).
+    Refuses a locator that reads another task, camera, frame size or scene than this evaluation renders."""
     located = train_args.get("proprio") and train_args.get("state_key") == LOCATED_KEY
     if (args.locator or args.oracle) and not located:
         sys.exit(f"error: --locator and --oracle are for a checkpoint trained on {LOCATED_KEY}; {ckpt} is not")
