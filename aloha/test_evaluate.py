@@ -46,15 +46,19 @@ def demos(tmp_path_factory):
     return out
 
 
+def train_recipe(tiny_dir, demos, out, steps, *flags):
+    """train.py in this process with the recipe's flags, small: batch 2, LoRA rank 4, a checkpoint every step."""
+    recipe = ["--vla_path", tiny_dir, "--data_dir", demos, "--out_dir", out, "--cameras", "observations/images/top"]
+    recipe += ["--instruction", "transfer the cube", "--attention", "full", "--no-image_aug", "--num_workers", "0"]
+    recipe += ["--val_episodes", "0", "--batch_size", "2", "--lora_rank", "4", "--max_steps", steps]
+    train.main(list(map(str, recipe + ["--save_interval", "1", "--log_interval", "1", *flags])))
+
+
 @pytest.fixture(scope="module")
 def run_dir(demos, tiny_dir, tmp_path_factory):
     """Two checkpoints (steps 1 and 2) of the recipe's flags, one process."""
     out = tmp_path_factory.mktemp("run")
-    flags = ["--vla_path", tiny_dir, "--data_dir", demos, "--out_dir", out, "--cameras", "observations/images/top"]
-    flags += ["--instruction", "transfer the cube", "--attention", "full", "--no-image_aug", "--num_workers", "0"]
-    flags += ["--val_episodes", "0", "--batch_size", "2", "--lora_rank", "4", "--max_steps", "2"]
-    flags += ["--save_interval", "1", "--log_interval", "1"]
-    train.main(list(map(str, flags)))
+    train_recipe(tiny_dir, demos, out, 2)
     return out
 
 
@@ -67,11 +71,7 @@ def checkpoint(run_dir):
 def located_checkpoint(demos, tiny_dir, tmp_path_factory):
     """One step of the recipe's flags on where the cube starts (a located policy) and a random locator for it."""
     out = tmp_path_factory.mktemp("located")
-    flags = ["--vla_path", tiny_dir, "--data_dir", demos, "--out_dir", out, "--cameras", "observations/images/top"]
-    flags += ["--instruction", "transfer the cube", "--attention", "full", "--no-image_aug", "--num_workers", "0"]
-    flags += ["--val_episodes", "0", "--batch_size", "2", "--lora_rank", "4", "--max_steps", "1"]
-    flags += ["--proprio", "--state_key", "observations/object_xy"]
-    train.main(list(map(str, flags)))
+    train_recipe(tiny_dir, demos, out, 1, "--proprio", "--state_key", "observations/object_xy")
     torch.manual_seed(0)
     scene = {"camera": "top", "size": list(SIZE), "zoom": 1.0, "fast_render": True, "val_error_cm": {"mean": 9.9}}
     locate.save(str(out / "locator.pt"), locate.Locator("transfer_cube"), "transfer_cube", scene)

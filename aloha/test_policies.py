@@ -126,24 +126,30 @@ def test_the_reference_policy_ships_with_its_files():
     assert report["policy"]["success"] == sum(e["success"] for e in report["policy"]["per_episode"])
 
 
-@pytest.mark.slow
-def test_the_reference_policy_loads_in_a_fresh_clone_and_hands_the_cube_over(tiny_dir, tmp_path, monkeypatch):
-    """After the one documented command (the tiny twin in out/), the shipped policy loads from any directory and
-    succeeds closed loop on an unseen seed where its measurement saw it succeed."""
-    policy_dir = fresh_clone(tmp_path, tiny_dir, SHIPPED)
-    monkeypatch.chdir(tmp_path)
-    readme = open(os.path.join(SHIPPED, "README.md")).read()
+def evaluate_in_a_fresh_clone(tmp_path, tiny_dir, policy, flags):
+    """evaluate.py, run from outside a fresh clone holding the shipped policy, on the one unseen seed its README
+    says it succeeds on (with flags, how it was scored). -> the report."""
+    policy_dir = fresh_clone(tmp_path, tiny_dir, policy)
+    readme = open(os.path.join(policy, "README.md")).read()
     seed = int(re.search(r"succeeds on unseen seed (\d+)", readme)[1])
     r = subprocess.run(
         [sys.executable, os.path.join(ROOT, "aloha", "evaluate.py"), "--checkpoint", policy_dir, "--episodes", "1"]
-        + ["--seed", str(seed), "--ensemble", "--envs", "1", "--gif", "0", "--out", str(tmp_path / "eval")],
+        + ["--seed", str(seed), *flags, "--envs", "1", "--gif", "0", "--out", str(tmp_path / "eval")],
         capture_output=True,
         text=True,
+        cwd=tmp_path,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
         timeout=900,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    return json.loads((tmp_path / "eval" / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_reference_policy_loads_in_a_fresh_clone_and_hands_the_cube_over(tiny_dir, tmp_path):
+    """After the one documented command (the tiny twin in out/), the shipped policy loads from any directory and
+    succeeds closed loop on an unseen seed where its measurement saw it succeed."""
+    report = evaluate_in_a_fresh_clone(tmp_path, tiny_dir, SHIPPED, ["--ensemble"])
     assert report["policy"]["per_episode"][0]["success"], report["policy"]["per_episode"]
     assert evaluate.summarize(report["policy"]["per_episode"])["success"] == 1
 
@@ -165,21 +171,8 @@ def test_the_located_policy_ships_with_its_locator():
 
 
 @pytest.mark.slow
-def test_the_located_policy_hands_the_cube_over_in_a_fresh_clone(tiny_dir, tmp_path, monkeypatch):
+def test_the_located_policy_hands_the_cube_over_in_a_fresh_clone(tiny_dir, tmp_path):
     """The same one command as the reference policy: its locator is found beside it, and the unseen seed its
     README names succeeds."""
-    policy_dir = fresh_clone(tmp_path, tiny_dir, LOCATED)
-    monkeypatch.chdir(tmp_path)
-    readme = open(os.path.join(LOCATED, "README.md")).read()
-    seed = int(re.search(r"succeeds on unseen seed (\d+)", readme)[1])
-    r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "aloha", "evaluate.py"), "--checkpoint", policy_dir, "--episodes", "1"]
-        + ["--seed", str(seed), "--execute", "8", "--envs", "1", "--gif", "0", "--out", str(tmp_path / "eval")],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    report = evaluate_in_a_fresh_clone(tmp_path, tiny_dir, LOCATED, ["--execute", "8"])
     assert "locator.pt" in report["policy"]["what"] and report["policy"]["per_episode"][0]["success"]
