@@ -176,7 +176,8 @@ def state_reader(train_args, args, ckpt, cameras, scene):
     def read(obs, seed):
         return net(torch.from_numpy(np.ascontiguousarray(obs["images"][camera][None])))[0].numpy()
 
-    return held(read), f"locator {os.path.realpath(path)} ({saved['val_error_cm']['mean']} cm)"
+    error = ", ".join(f"{name} {e['mean']} cm" for name, e in saved["val_error_cm"].items())
+    return held(read), f"locator {os.path.realpath(path)} ({error})"
 
 
 def qpos_state(obs, episode):

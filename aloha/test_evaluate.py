@@ -73,7 +73,13 @@ def located_checkpoint(demos, tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("located")
     train_recipe(tiny_dir, demos, out, 1, "--proprio", "--state_key", "observations/object_xy")
     torch.manual_seed(0)
-    scene = {"camera": "top", "size": list(SIZE), "zoom": 1.0, "fast_render": True, "val_error_cm": {"mean": 9.9}}
+    scene = {
+        "camera": "top",
+        "size": list(SIZE),
+        "zoom": 1.0,
+        "fast_render": True,
+        "val_error_cm": {"cube": {"mean": 9.9}},
+    }
     locate.save(str(out / "locator.pt"), locate.Locator("transfer_cube"), "transfer_cube", scene)
     return out / "step_000001"
 

@@ -60,6 +60,15 @@ def test_positions_round_trip_and_gradients_reach_every_parameter():
     assert not missing
 
 
+def test_the_error_is_summarized_per_object_in_object_xy_order():
+    """A locator that reads the socket and misses the peg must say so, not hide it in a pooled median."""
+    errors = np.array([[1.0, 0.1], [3.0, 0.3], [8.0, 0.2]])  # (scenes, peg then socket), cm
+    summary = locate.error_summary(errors, "insertion")
+    assert list(summary) == ["peg", "socket"]
+    assert summary["peg"] == {"mean": 4.0, "median": 3.0, "p90": 7.0, "max": 8.0}
+    assert summary["socket"] == {"mean": 0.2, "median": 0.2, "p90": 0.28, "max": 0.3}
+
+
 @pytest.mark.slow
 def test_a_short_run_writes_a_locator_that_reproduces_its_error(tmp_path, capsys):
     """Twelve scenes, three steps: the file loads, names what it reads, and its recorded validation error is what
@@ -71,8 +80,8 @@ def test_a_short_run_writes_a_locator_that_reproduces_its_error(tmp_path, capsys
     assert saved["task"] == "transfer_cube" and saved["camera"] == "top" and saved["size"] == [48, 64]
     assert saved["zoom"] == 1.0 and saved["fast_render"] and saved["val_seeds"] == [30008, 30011]
     frames, xy = locate.render_scenes("transfer_cube", list(range(30008, 30012)), "top", (48, 64), True, 1.0, 2)
-    again = locate.error_summary(locate.errors_cm(net, frames, xy))
-    assert again == saved["val_error_cm"]
+    again = locate.error_summary(locate.errors_cm(net, frames, xy), "transfer_cube")
+    assert again == saved["val_error_cm"] and list(again) == ["cube"]
     with pytest.raises(SystemExit, match="exists: pass --overwrite"):
         locate.main([str(out), "--scenes", "8", "--steps", "3"])
 

@@ -164,7 +164,7 @@ def test_the_located_policy_ships_with_its_locator():
     _, saved = locate.load(os.path.join(LOCATED, "locator.pt"))
     assert saved["task"] == run["episode_attrs"]["task"] == "transfer_cube"
     assert saved["size"] == run["frame_sizes"]["observations/images/top"] and saved["camera"] == "top"
-    assert saved["first_scene"] >= locate.LOWEST_SCENE and saved["val_error_cm"]["mean"] < 1
+    assert saved["first_scene"] >= locate.LOWEST_SCENE and saved["val_error_cm"]["cube"]["mean"] < 1
     report = json.loads(open(os.path.join(LOCATED, "closed_loop.json")).read())
     assert report["settings"]["seeds"] == list(range(1000, 1100)) and report["settings"]["locator"]
     assert report["policy"]["success"] == sum(e["success"] for e in report["policy"]["per_episode"])
