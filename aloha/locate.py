@@ -2,6 +2,7 @@
 Where the objects start, read from a camera frame: the first stage of the two-stage (located) ALOHA policy.
 
 $ python aloha/locate.py out/aloha/locator.pt --task transfer_cube          # 4,000 scenes, 6,000 steps: ~14 min
+$ python aloha/locate.py out/aloha/locator_ins.pt --task insertion         # 32 keypoints: ~40 min beside other work
 $ python aloha/locate.py out/aloha/locator.pt --scenes 200 --steps 300      # a quick look (several cm off)
 
 A policy trained with `--proprio --state_key observations/object_xy` is told where the task's objects start
@@ -10,14 +11,16 @@ simulator knows that, a robot's cameras do not: this trains a small CNN that rea
 episode, and evaluate.py feeds a located checkpoint what the CNN reads (--locator, or locator.pt beside the
 checkpoint). The labels are free: each scene is a fresh reset of the simulator (seeds --first_scene upward, never
 the seeds of record.py's demos or evaluate.py's episodes), its first frame rendered as evaluate.py renders it and
-labelled with record.object_xy. After training, the error on --val_scenes further fresh scenes is printed and kept
-in the file.
+labelled with record.object_xy. After training, the error per object on --val_scenes further fresh scenes is
+printed and kept in the file, with a blind reader's (each object's mean position) beside it: an object read no better
+than blind has not been found.
 
 The network (32k parameters): four convolutions to K heat maps at a quarter of the frame's half-resolution, a
 spatial soft-argmax (each map's expected image x, y: a keypoint), a linear map from the 2K keypoint coordinates to
 the objects' x, y normalized to [-1, 1] over the range gym-aloha draws them from. Measured (docs/simulation.md):
 4,000 scenes and 6,000 steps read the cube to 1.4 cm on average; 3,000 steps to 3.3 cm; the demos' own frames
-(200 scenes) to 6.5 cm. The located policy scored 96/100 fed the first, 41/100 fed the second.
+(200 scenes) to 6.5 cm. The located policy scored 96/100 fed the first, 41/100 fed the second. Insertion's peg, a
+thin red bar, needs more keypoints than the cube (KEYPOINTS below).
 
 OUT (a torch.save dict): state_dict, the task, the camera and frame size it reads, the scene settings (zoom,
 render), the training settings and the validation error in cm.
@@ -45,6 +48,9 @@ RANGES = {
 # the objects record.object_xy gives, in its order: the error is measured and reported per object (pooled, a locator
 # that reads the socket to 0.3 cm and misses the peg by 6 cm showed a 0.8 cm median)
 OBJECTS = {"transfer_cube": ("cube",), "insertion": ("peg", "socket")}
+# heat maps (keypoints) per task, measured (docs/simulation.md): 8 read the cube to 0.56 cm; on insertion 8 read the
+# socket and never the thin peg (5.8 cm, the blind reader's error), 16 read the peg to 1.05 cm and 32 to 0.33 cm
+KEYPOINTS = {"transfer_cube": 8, "insertion": 32}
 # record.py's demos start at seed 0 and evaluate.py's episodes at 1000: a locator's scenes start far above both
 FIRST_SCENE = 30000
 LOWEST_SCENE = 10000
@@ -55,8 +61,10 @@ LR, LR_DROP_AT = 1e-3, 0.73
 class Locator(nn.Module):
     """frames (B, H, W, 3) uint8 -> (B, 2 per object) x, y in metres on the table."""
 
-    def __init__(self, task, keypoints=8):
+    def __init__(self, task, keypoints=None):
         super().__init__()
+        if keypoints is None:
+            keypoints = KEYPOINTS[task]
         lo, hi = RANGES[task]
         self.register_buffer("lo", torch.tensor(lo))
         self.register_buffer("hi", torch.tensor(hi))
@@ -173,7 +181,7 @@ def get_args(argv=None):
     p.add_argument("--val_scenes", type=int, default=200, help="further scenes, after those, to measure the error")
     p.add_argument("--steps", type=int, default=6000, help="Adam steps")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--keypoints", type=int, default=8, help="heat maps, each giving one image x, y")
+    p.add_argument("--keypoints", type=int, help="heat maps, each an image x, y (default: the task's KEYPOINTS)")
     p.add_argument("--seed", type=int, default=0, help="the network's initialization and batches")
     p.add_argument("--camera", default="top", help="the simulator camera it reads (the policy must see it too)")
     p.add_argument("--size", default="240x320", help="frame HxW: the checkpoint's for that camera")
@@ -190,7 +198,8 @@ def check_args(args):
     if os.path.exists(args.out) and not args.overwrite:
         sys.exit(f"error: {args.out} exists: pass --overwrite to replace it, or another path")
     for flag in ("scenes", "val_scenes", "steps", "batch_size", "keypoints"):
-        if getattr(args, flag) < 1:
+        # --keypoints None: the task's default
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             sys.exit(f"error: --{flag} {getattr(args, flag)}: must be at least 1")
     if args.first_scene < LOWEST_SCENE:
         sys.exit(

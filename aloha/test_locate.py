@@ -60,6 +60,14 @@ def test_positions_round_trip_and_gradients_reach_every_parameter():
     assert not missing
 
 
+def test_each_task_gets_its_measured_keypoints_unless_told():
+    # 8 never found insertion's peg; 32 read it to 0.33 cm (docs/simulation.md)
+    assert locate.Locator("transfer_cube").out.in_features == 2 * 8
+    assert locate.Locator("insertion").out.in_features == 2 * 32
+    assert locate.Locator("insertion", 4).out.in_features == 2 * 4
+    assert locate.get_args(["loc.pt", "--task", "insertion"]).keypoints is None
+
+
 def test_the_error_is_summarized_per_object_in_object_xy_order():
     """A locator that reads the socket and misses the peg must say so, not hide it in a pooled median."""
     errors = np.array([[1.0, 0.1], [3.0, 0.3], [8.0, 0.2]])  # (scenes, peg then socket), cm
@@ -93,6 +101,7 @@ def test_a_short_run_writes_a_locator_that_reproduces_its_error(tmp_path, capsys
         (["--task", "stack"], "--task 'stack': unknown task"),
         (["--camera", "front"], "--camera 'front': the scene has no such camera (it has "),
         (["--steps", "0"], "--steps 0: must be at least 1"),
+        (["--keypoints", "0"], "--keypoints 0: must be at least 1"),
     ],
 )
 def test_bad_input_is_one_line(flags, message, tmp_path):
