@@ -28,6 +28,7 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "aloha", "policies", "transfer_cube")
 LOCATED = os.path.join(ROOT, "aloha", "policies", "transfer_cube_located")
+INSERTION = os.path.join(ROOT, "aloha", "policies", "insertion_located")
 
 
 @pytest.fixture(scope="module")
@@ -154,25 +155,34 @@ def test_the_reference_policy_loads_in_a_fresh_clone_and_hands_the_cube_over(tin
     assert evaluate.summarize(report["policy"]["per_episode"])["success"] == 1
 
 
-def test_the_located_policy_ships_with_its_locator():
-    """aloha/policies/transfer_cube_located: the policy told where the cube starts, the locator that reads it from
-    the top frame beside it (for the same camera, frame size and scene), and its measured report."""
+@pytest.mark.parametrize("policy, task", [(LOCATED, "transfer_cube"), (INSERTION, "insertion")])
+def test_a_located_policy_ships_with_its_locator(policy, task):
+    """aloha/policies/*_located: the policy told where the objects start, the locator that reads them from the top
+    frame beside it (for the same task, camera, frame size and scene, every object read under 1 cm), and its
+    measured report."""
     shipped = model.ADAPTER_FILES + model.POLICY_FILES + ["README.md", "closed_loop.json", "locator.pt"]
-    assert sorted(os.listdir(LOCATED)) == sorted(shipped)
-    run = model.check_checkpoint(LOCATED)
+    assert sorted(os.listdir(policy)) == sorted(shipped)
+    run = model.check_checkpoint(policy)
     assert run["proprio"] and run["state_key"] == evaluate.LOCATED_KEY
-    _, saved = locate.load(os.path.join(LOCATED, "locator.pt"))
-    assert saved["task"] == run["episode_attrs"]["task"] == "transfer_cube"
+    _, saved = locate.load(os.path.join(policy, "locator.pt"))
+    assert saved["task"] == run["episode_attrs"]["task"] == task
     assert saved["size"] == run["frame_sizes"]["observations/images/top"] and saved["camera"] == "top"
-    assert saved["first_scene"] >= locate.LOWEST_SCENE and saved["val_error_cm"]["cube"]["mean"] < 1
-    report = json.loads(open(os.path.join(LOCATED, "closed_loop.json")).read())
+    assert saved["first_scene"] >= locate.LOWEST_SCENE
+    assert list(saved["val_error_cm"]) == list(locate.OBJECTS[task])
+    assert all(error["mean"] < 1 for error in saved["val_error_cm"].values()), saved["val_error_cm"]
+    report = json.loads(open(os.path.join(policy, "closed_loop.json")).read())
     assert report["settings"]["seeds"] == list(range(1000, 1100)) and report["settings"]["locator"]
+    assert report["settings"]["task"] == task
     assert report["policy"]["success"] == sum(e["success"] for e in report["policy"]["per_episode"])
 
 
 @pytest.mark.slow
-def test_the_located_policy_hands_the_cube_over_in_a_fresh_clone(tiny_dir, tmp_path):
+@pytest.mark.parametrize(
+    "policy, flags",
+    [(LOCATED, ["--execute", "8"]), (INSERTION, ["--task", "insertion", "--execute", "8"])],
+)
+def test_a_located_policy_succeeds_in_a_fresh_clone(policy, flags, tiny_dir, tmp_path):
     """The same one command as the reference policy: its locator is found beside it, and the unseen seed its
-    README names succeeds."""
-    report = evaluate_in_a_fresh_clone(tmp_path, tiny_dir, LOCATED, ["--execute", "8"])
+    README names succeeds (transfer cube: handed over; insertion: the peg touches the pin)."""
+    report = evaluate_in_a_fresh_clone(tmp_path, tiny_dir, policy, flags)
     assert "locator.pt" in report["policy"]["what"] and report["policy"]["per_episode"][0]["success"]
