@@ -198,9 +198,10 @@ def check_args(args):
     if os.path.exists(args.out) and not args.overwrite:
         sys.exit(f"error: {args.out} exists: pass --overwrite to replace it, or another path")
     for flag in ("scenes", "val_scenes", "steps", "batch_size", "keypoints"):
-        # --keypoints None: the task's default
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            sys.exit(f"error: --{flag} {getattr(args, flag)}: must be at least 1")
+        value = getattr(args, flag)
+        # --keypoints None: the task's default (KEYPOINTS)
+        if value is not None and value < 1:
+            sys.exit(f"error: --{flag} {value}: must be at least 1")
     if args.first_scene < LOWEST_SCENE:
         sys.exit(
             f"error: --first_scene {args.first_scene}: below {LOWEST_SCENE}, where record.py's demos and "
