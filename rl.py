@@ -167,6 +167,12 @@ def add_flags(p):
     p.add_argument("--resume", help="'auto': the newest checkpoint in --out_dir (its flags are the defaults), or one")
     p.add_argument("--sim", choices=["aloha", "robotwin"], default="aloha")
     p.add_argument("--task", default="transfer_cube", help="aloha: transfer_cube or insertion; robotwin: place_shoe...")
+    p.add_argument(
+        "--locator",
+        help="aloha, a located checkpoint: the aloha/locate.py file that reads where the objects start (default: "
+        "CKPT/locator.pt), as evaluate.py --locator",
+    )
+    p.add_argument("--oracle", action="store_true", help="aloha, a located checkpoint: the simulator's positions")
     p.add_argument("--algo", choices=ALGOS, default="grpo", help="sil: success-filtered self-imitation")
     p.add_argument("--reward", choices=["success", "stage"], default="success", help="stage: max stage / 4")
     # 20 x 16: the budget of the measured comparison (docs/rl.md), 320 rollouts, 12-16 minutes on 2 cores
@@ -306,6 +312,8 @@ def check_args(args):
     parse_schedule(args.std_schedule)
     if args.sim == "robotwin" and args.eval_interval:
         sys.exit("error: --eval_interval: with --sim robotwin evaluate with RoboTwin's eval.sh (docs/rl.md)")
+    if args.sim == "robotwin" and (args.locator or args.oracle):
+        sys.exit("error: --locator and --oracle are for ALOHA's located checkpoints (--sim aloha)")
     if args.sim == "robotwin" and not args.robotwin_root:
         sys.exit("error: --sim robotwin needs --robotwin_root, the RoboTwin checkout")
 
@@ -398,11 +406,6 @@ def source_record(args, resume):
         sys.exit(f"error: {source}: records no instruction (train.py --instruction), and ALOHA's simulator gives none")
     if max(args.execute, args.eval_execute) > run["chunk"]:
         sys.exit(f"error: --execute and --eval_execute must be at most the checkpoint's chunk, {run['chunk']}")
-    # rollouts give a --proprio policy the simulator's joint state; a located one takes where the objects start
-    if run.get("proprio") and run.get("state_key") == evaluate.LOCATED_KEY:
-        sys.exit(
-            f"error: {source} takes {evaluate.LOCATED_KEY} as its state: rl.py rolls out joint-state policies only"
-        )
     return run, source, base
 
 
@@ -471,14 +474,48 @@ def aloha_pool(args, run, source):
     cameras = evaluate.check_policy_inputs(run, source, args.task)
     scene = argparse.Namespace(task=args.task, zoom=None, stock_render=False)
     zoom, stock, demo_seeds = evaluate.scene_settings(run, scene, source)
+    # the state evaluate.py gives the checkpoint (the joint state; where the objects start for a located one),
+    # resolved here so that a missing or unfitting locator is refused before anything starts
+    state, _ = evaluate.state_reader(run, args, source, cameras, (zoom, stock))
 
     def make():
         pool = envs.SimPool(args.envs, args.task, cameras, not stock, zoom)
         # gym-aloha's stages; 4 is success
         pool.max_stage = 4
-        return pool
+        return StatePool(pool, state) if state else pool
 
     return make, demo_seeds
+
+
+class StatePool:
+    """A simulator pool whose observations carry, as "qpos", the state the checkpoint takes (evaluate.state_reader):
+    for a located checkpoint where the objects start, read from each episode's first frame by its locator (or the
+    simulator's positions, --oracle) and held, after the joint state if it was trained on both. The rollouts, the
+    replay after a resume and the evaluation all read "qpos", so each gives the policy what evaluate.py gives it."""
+
+    def __init__(self, pool, state):
+        self.pool, self.state, self.n, self.max_stage = pool, state, pool.n, pool.max_stage
+        # per environment, its episode as evaluate.held reads it: the seed and the state read at its first step
+        self.episodes = {}
+
+    def reset(self, seeds, render):
+        observations = self.pool.reset(seeds, render)
+        for i, seed in seeds.items():
+            self.episodes[i] = argparse.Namespace(seed=seed, held_state=None)
+        return {i: self.stated(i, obs) for i, obs in observations.items()}
+
+    def step(self, actions, render):
+        stepped = self.pool.step(actions, render)
+        return {i: (reward, self.stated(i, obs)) for i, (reward, obs) in stepped.items()}
+
+    def stated(self, i, obs):
+        return obs | {"qpos": self.state(obs, self.episodes[i])}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.pool.__exit__(*exc)
 
 
 def robotwin_pool(args, run, source):

@@ -17,7 +17,8 @@ keeps in args.json as episode_attrs: fast or stock rendering, camera zoom), so t
 on; the state is the simulator's agent_pos (qpos) when the checkpoint was trained with --proprio. A checkpoint trained
 on where the objects start (--state_key observations/object_xy: a located policy) is given what a locator
 (aloha/locate.py: --locator, or locator.pt beside the checkpoint) reads from each episode's first frame, held for the
-episode; with --oracle, the simulator's own positions instead (what a perfect locator would give).
+episode; with --oracle, the simulator's own positions instead (what a perfect locator would give). One trained on
+observations/qpos_object_xy is given the joint state followed by that reading.
 The baseline replays the mean of the demonstrations' action trajectories open loop: what a policy that never looks
 scores.
 Writes OUT/report.json after every episode (settings, every episode, success rate with its 95% Wilson interval, the
@@ -127,33 +128,47 @@ def check_policy_inputs(train_args, ckpt, task):
     return out
 
 
-# the state of a located policy: where the task's objects start (record.py stores it; aloha/locate.py reads it)
+# the states of a located policy: where the task's objects start (record.py stores it; aloha/locate.py reads it),
+# alone or after the joint state (record.py stores that too: the joint state is what made insertion precise)
 LOCATED_KEY = "observations/object_xy"
+QPOS_LOCATED_KEY = "observations/qpos_object_xy"
+STATE_KEYS = ("observations/qpos", LOCATED_KEY, QPOS_LOCATED_KEY)
 
 
 def state_reader(train_args, args, ckpt, cameras, scene):
     """What the checkpoint is given as its state: -> (state(observation, episode), or None without --proprio; the
-    source's name for the report). The simulator's joint state, or for a located checkpoint where the objects
-    start, read once per episode (from its first frame by the locator, or from the simulator with --oracle).
-    Refuses a locator that reads another task, camera, frame size or scene than this evaluation renders."""
-    located = train_args.get("proprio") and train_args.get("state_key") == LOCATED_KEY
+    source's name for the report). The simulator's joint state; for a located checkpoint where the objects start,
+    read once per episode (from its first frame by the locator, or from the simulator with --oracle), after the
+    joint state for one trained on QPOS_LOCATED_KEY."""
+    key = train_args.get("state_key")
+    located = train_args.get("proprio") and key in (LOCATED_KEY, QPOS_LOCATED_KEY)
     if (args.locator or args.oracle) and not located:
-        sys.exit(f"error: --locator and --oracle are for a checkpoint trained on {LOCATED_KEY}; {ckpt} is not")
+        sys.exit(
+            f"error: --locator and --oracle are for a checkpoint trained on {LOCATED_KEY} or {QPOS_LOCATED_KEY}; "
+            f"{ckpt} is not"
+        )
     if not train_args.get("proprio"):
         return None, "none"
-    if train_args.get("state_key") not in (LOCATED_KEY, "observations/qpos"):
-        sys.exit(
-            f"error: checkpoint {ckpt} takes {train_args.get('state_key')} as its state; the simulator gives "
-            f"observations/qpos or {LOCATED_KEY}"
-        )
+    if key not in STATE_KEYS:
+        sys.exit(f"error: checkpoint {ckpt} takes {key} as its state; the simulator gives {', '.join(STATE_KEYS)}")
     if not located:
         return qpos_state, "qpos"
+    where, name = start_reader(key, args, ckpt, cameras, scene)
+    if key == QPOS_LOCATED_KEY:
+        return after_qpos(where), "qpos + " + name
+    return where, name
+
+
+def start_reader(key, args, ckpt, cameras, scene):
+    """Where the objects start, held per episode: -> (state(observation, episode), the source's name). The
+    simulator's positions (--oracle) or the locator's reading of the first frame; refuses a locator that reads
+    another task, camera, frame size or scene than this evaluation renders."""
     if args.oracle:
         return held(lambda obs, seed: record.object_xy(args.task, record.object_pose(args.task, seed))), "oracle"
     path = args.locator or os.path.join(ckpt, "locator.pt")
     if not os.path.exists(path):
         sys.exit(
-            f"error: checkpoint {ckpt} is told where the objects start ({LOCATED_KEY}): give --locator (written by "
+            f"error: checkpoint {ckpt} is told where the objects start ({key}): give --locator (written by "
             "aloha/locate.py), or --oracle for the simulator's positions"
         )
     try:
@@ -178,6 +193,15 @@ def state_reader(train_args, args, ckpt, cameras, scene):
 
     error = ", ".join(f"{name} {e['mean']} cm" for name, e in saved["val_error_cm"].items())
     return held(read), f"locator {os.path.realpath(path)} ({error})"
+
+
+def after_qpos(where):
+    """The joint state, then where the objects start: the state of a checkpoint trained on QPOS_LOCATED_KEY."""
+
+    def state(obs, episode):
+        return np.concatenate([obs["qpos"], where(obs, episode)]).astype(np.float32)
+
+    return state
 
 
 def qpos_state(obs, episode):

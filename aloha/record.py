@@ -11,12 +11,13 @@ targets: demonstrations that start from off the path and return to it (DART). OU
 observations/images/NAME (T, H, W, 3) uint8 for each camera of --cameras (ACT's top; or e.g.
 top,left_wrist,right_wrist), observations/qpos and observations/qvel (T, 14), action (T, 14) float32, frame t being the
 observation before action[t]; observations/object_xy (T, 2 per object) float32, where the objects start (the same
-row in every frame: the state of a policy told where they are, and aloha/locate.py's labels); root attributes sim=True,
-task, seed, object_pose, render, zoom, noise. A file is written under a temporary name and renamed when whole, so a
-re-run skips finished episodes and redoes an interrupted one; it refuses episodes recorded with another --task,
---cameras, --size, --stock_render, --compression, --zoom or --noise (use another OUT). A run holds OUT/.lock while it
-records: a second run into the same OUT is refused. A line per seed tried; on a terminal a progress bar with the ETA
-under them, in a log file each episode's line ends with the time elapsed and the ETA.
+row in every frame: the state of a policy told where they are, and aloha/locate.py's labels) and
+observations/qpos_object_xy, the two side by side (T, 14 + 2 per object: a located policy that feels its arms too);
+root attributes sim=True, task, seed, object_pose, render, zoom, noise. A file is written under a temporary name and
+renamed when whole, so a re-run skips finished episodes and redoes an interrupted one; it refuses episodes recorded
+with another --task, --cameras, --size, --stock_render, --compression, --zoom or --noise (use another OUT). A run
+holds OUT/.lock while it records: a second run into the same OUT is refused. A line per seed tried; on a terminal a
+progress bar with the ETA under them, in a log file each episode's line ends with the time elapsed and the ETA.
 Rendering is headless: MUJOCO_GL=egl (the default here; Mesa's libegl1 + libgl1-mesa-dri) or MUJOCO_GL=osmesa
 (libosmesa6). The fast settings (no multisampling, no shadows) render about 10x faster than the stock scene.
 """
@@ -257,6 +258,8 @@ def write_episode(path, task, seed, pose, obs, actions, fast_render, compression
         f["action"] = actions.astype(np.float32)
         # where the objects start, repeated for every frame: data.py reads a state per frame
         f["observations/object_xy"] = np.tile(object_xy(task, pose), (len(actions), 1))
+        # and after the joint state: the state of a located policy that also knows where its arms are
+        f["observations/qpos_object_xy"] = np.concatenate([f["observations/qpos"], f["observations/object_xy"]], 1)
     os.replace(tmp, path)
 
 

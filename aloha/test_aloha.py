@@ -144,6 +144,9 @@ def test_recorded_files_have_acts_layout(demos):
             # where the cube starts, in every frame
             where = record.object_xy("transfer_cube", record.object_pose("transfer_cube", seed))
             np.testing.assert_array_equal(f["observations/object_xy"][()], np.tile(where, (400, 1)))
+            # and after the joint state of each frame
+            both = np.concatenate([f["observations/qpos"][()], np.tile(where, (400, 1))], 1)
+            np.testing.assert_array_equal(f["observations/qpos_object_xy"][()], both)
             # frame t shows the state before action[t]; the replay tracks the targets closely
             assert np.abs(f["observations/qpos"][1:, :6] - f["action"][:-1, :6]).mean() < 0.05
             # the recorded trajectory still reaches reward 4 when replayed from the stored pose

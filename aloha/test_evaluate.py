@@ -253,6 +253,40 @@ def test_bad_input_is_one_line(case, message, run_dir, checkpoint, demo_dir, tmp
 
 
 @pytest.mark.slow
+def test_a_checkpoint_on_qpos_and_where_objects_start_is_given_both(demos, tiny_dir, tmp_path, monkeypatch):
+    """Trained on observations/qpos_object_xy: every chunk's state is the simulator's joint state at that step (the
+    reset pose at the first chunk, then moving), followed by where the objects start (here --oracle), held."""
+    train_recipe(tiny_dir, demos, tmp_path, 1, "--proprio", "--state_key", evaluate.QPOS_LOCATED_KEY)
+    states = []
+    act = infer.Policy.act
+
+    def recording(self, images, instruction=None, state=None):
+        states.append(np.array(state[0]))
+        return act(self, images, instruction, state)
+
+    monkeypatch.setattr(infer.Policy, "act", recording)
+    physics, task_obj = record.make_sim("transfer_cube")
+    record.reset(physics, task_obj, record.object_pose("transfer_cube", 1000))
+    start = task_obj.get_qpos(physics)
+    flags = ["--checkpoint", tmp_path / "step_000001", "--episodes", 2, "--steps", 12, "--envs", 1, "--gif", 0]
+    evaluate.main(list(map(str, flags + ["--execute", 4, "--oracle", "--out", tmp_path / "oracle"])))
+    assert len(states) == 24 and all(s.shape == (16,) and s.dtype == np.float32 for s in states)
+    for step, s in enumerate(states):
+        seed = 1000 + step // 12
+        np.testing.assert_array_equal(
+            s[14:], record.object_xy("transfer_cube", record.object_pose("transfer_cube", seed))
+        )
+    np.testing.assert_allclose(states[0][:14], start, atol=1e-6)
+    np.testing.assert_allclose(states[12][:14], start, atol=1e-6)
+    assert np.abs(states[11][:14] - start).max() > 1e-3
+    report = json.loads((tmp_path / "oracle" / "report.json").read_text())
+    assert "state qpos + oracle" in report["policy"]["what"]
+    # without --oracle or a locator it is refused in one line, as a checkpoint on where the objects start alone
+    with pytest.raises(SystemExit, match=r"^error: .*is told where the objects start \(observations/qpos_object_xy\)"):
+        evaluate.main(list(map(str, flags + ["--out", tmp_path / "none"])))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, message",
     [

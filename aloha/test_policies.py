@@ -163,7 +163,7 @@ def test_a_located_policy_ships_with_its_locator(policy, task):
     shipped = model.ADAPTER_FILES + model.POLICY_FILES + ["README.md", "closed_loop.json", "locator.pt"]
     assert sorted(os.listdir(policy)) == sorted(shipped)
     run = model.check_checkpoint(policy)
-    assert run["proprio"] and run["state_key"] == evaluate.LOCATED_KEY
+    assert run["proprio"] and run["state_key"] in (evaluate.LOCATED_KEY, evaluate.QPOS_LOCATED_KEY)
     _, saved = locate.load(os.path.join(policy, "locator.pt"))
     assert saved["task"] == run["episode_attrs"]["task"] == task
     assert saved["size"] == run["frame_sizes"]["observations/images/top"] and saved["camera"] == "top"

@@ -394,17 +394,85 @@ def test_bad_input_gets_one_line(start, tmp_path):
     assert error("--checkpoint", edited).startswith(
         f"error: checkpoint {edited} needs camera '{cam}', which the simulator does not render (it has "
     )
-    # a located policy (one step told where the cube starts): rollouts would feed it the joint state
-    flags = ["--vla_path", args["vla_path"], "--data_dir", demos, "--out_dir", tmp_path / "located", "--proprio"]
-    flags += ["--state_key", "observations/object_xy", "--cameras", "observations/images/top", "--max_steps", 1]
+    # --oracle is for a located checkpoint
+    assert error("--checkpoint", ckpt, "--oracle") == (
+        f"error: --locator and --oracle are for a checkpoint trained on observations/object_xy or "
+        f"observations/qpos_object_xy; {ckpt} is not"
+    )
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_state_pool_gives_the_state_evaluate_gives_and_holds_it_per_episode():
+    """StatePool: each observation's "qpos" becomes the checkpoint's state (here the joint state, then a reading of
+    the episode's first observation), read again when an environment starts its next episode."""
+    import evaluate
+
+    class Pool:
+        n, max_stage = 2, 4
+
+        def reset(self, seeds, render):
+            return {i: {"qpos": np.full(2, 10.0 * s), "images": s} for i, s in seeds.items()}
+
+        def step(self, actions, render):
+            return {i: (0.0, {"qpos": np.asarray(a, np.float32)}) for i, a in actions.items()}
+
+    reads = []
+
+    def read(obs, seed):
+        reads.append(seed)
+        return np.array([obs["images"], seed], np.float32)
+
+    pool = rl.StatePool(Pool(), evaluate.after_qpos(evaluate.held(read)))
+    first = pool.reset({0: 3, 1: 5}, {0: True, 1: True})
+    np.testing.assert_array_equal(first[0]["qpos"], [30, 30, 3, 3])
+    np.testing.assert_array_equal(first[1]["qpos"], [50, 50, 5, 5])
+    stepped = pool.step({0: [1, 2], 1: [7, 8]}, {0: False, 1: False})
+    assert stepped[0][0] == 0.0
+    np.testing.assert_array_equal(stepped[0][1]["qpos"], [1, 2, 3, 3])
+    np.testing.assert_array_equal(stepped[1][1]["qpos"], [7, 8, 5, 5])
+    again = pool.reset({1: 9}, {1: True})
+    np.testing.assert_array_equal(again[1]["qpos"], [90, 90, 9, 9])
+    assert reads == [3, 5, 9]
+
+
+@pytest.mark.slow
+def test_a_located_checkpoint_rolls_out_on_its_joints_and_where_the_objects_start(start, tmp_path, monkeypatch):
+    """A checkpoint on observations/qpos_object_xy: without a locator or --oracle refused in one line; with --oracle
+    every decision's state is the simulator's joint state then where that episode's cube starts."""
+    import evaluate
+    import record
+
+    ckpt, demos = start
+    run_args = json.loads((ckpt / "args.json").read_text())
+    flags = ["--vla_path", run_args["vla_path"], "--data_dir", demos, "--out_dir", tmp_path / "located", "--proprio"]
+    flags += ["--state_key", evaluate.QPOS_LOCATED_KEY, "--cameras", "observations/images/top", "--max_steps", 1]
     flags += ["--instruction", "transfer the cube", "--val_episodes", 0, "--batch_size", 2, "--lora_rank", 4]
     r = run("train.py", *flags, "--save_interval", 1, "--num_workers", 0)
     assert r.returncode == 0, r.stderr[-2000:]
     located = tmp_path / "located" / "step_000001"
-    assert error("--checkpoint", located) == (
-        f"error: {located} takes observations/object_xy as its state: rl.py rolls out joint-state policies only"
+    with pytest.raises(SystemExit) as e:
+        rl_main(["--checkpoint", located, "--out_dir", tmp_path / "refused"])
+    assert str(e.value) == (
+        f"error: checkpoint {located} is told where the objects start (observations/qpos_object_xy): give --locator "
+        "(written by aloha/locate.py), or --oracle for the simulator's positions"
     )
-    assert not os.path.exists(tmp_path / "out")
+    assert not (tmp_path / "refused").exists()
+    seen = []
+    observe = rl.observe
+
+    def recording(helper, obs):
+        seen.append(np.array(obs["qpos"]))
+        return observe(helper, obs)
+
+    monkeypatch.setattr(rl, "observe", recording)
+    rl_main(["--checkpoint", located, "--oracle", *FAST, "--iterations", 1, "--out_dir", tmp_path / "rl"])
+    starts = {s: record.object_xy("transfer_cube", record.object_pose("transfer_cube", s)) for s in (20000, 20001)}
+    # 4 episodes of 30 steps, a chunk every 8: 16 decisions, each on 14 joints and the cube's x, y
+    assert len(seen) == 16 and all(x.shape == (16,) for x in seen)
+    tails = [tuple(x[14:]) for x in seen]
+    assert {tuple(v) for v in starts.values()} == set(tails)
+    assert len({tuple(x[:14]) for x in seen}) > 2
+    assert (tmp_path / "rl" / "step_000001" / "args.json").exists()
 
 
 @pytest.mark.slow
